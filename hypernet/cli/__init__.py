@@ -1,0 +1,62 @@
+"""`python -m hypernet …` / `lorarar …`.
+
+Each subcommand lives in its own module with `add_parser(subparsers)`; that function sets
+`func` on the parser. Command modules import only argparse at module level so that `--help`
+is instant; the heavy work is imported inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import LoraRarError
+
+# module name (inside hypernet.cli) for each subcommand, in help order
+COMMAND_MODULES = ("merge", "inspect", "convert", "bench", "judge", "ziplora", "train")
+
+log = logging.getLogger("hypernet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorarar",
+        description="LoRA.rar: merge a subject LoRA and a style LoRA with a hypernetwork.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue  # a command whose module is not part of this build
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoraRarError as exc:
+        # One clear line for expected failures (bad files, mismatches); tracebacks with -v.
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,23 @@
+"""Exception types. Every expected failure is a LoraRarError subclass whose message names the
+file or input, what was expected and what was found; the CLI prints it as one line and the
+ComfyUI nodes re-raise it as the node's error message."""
+
+
+class LoraRarError(Exception):
+    """Base class for expected, user-facing errors."""
+
+
+class LoraFormatError(LoraRarError, ValueError):
+    """A LoRA file that cannot be read or is not what it claims to be."""
+
+
+class LoraMismatchError(LoraRarError, ValueError):
+    """Two LoRAs (or a LoRA and a hypernetwork) that cannot be combined."""
+
+
+class HypernetError(LoraRarError, ValueError):
+    """A hypernetwork checkpoint with the wrong layout, shapes or hash."""
+
+
+class OutputExistsError(LoraRarError, FileExistsError):
+    """Refusing to overwrite an existing file."""

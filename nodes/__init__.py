@@ -1,0 +1,31 @@
+"""ComfyUI glue (V3 API). Thin: every node delegates to `hypernet`.
+
+Each topic module `nodes_<topic>.py` exposes `NODES`, a list of io.ComfyNode classes. This
+package is only ever imported relatively from the pack's root `__init__` (ComfyUI has a
+top-level module called `nodes`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+log = logging.getLogger(__name__)
+
+TOPIC_MODULES = ("nodes_lora", "nodes_merge", "nodes_judge", "nodes_train")
+
+
+class LoraRarExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .paths import register_model_folder
+
+        register_model_folder()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        node_list: list[type[io.ComfyNode]] = []
+        for name in TOPIC_MODULES:
+            module = importlib.import_module(f".{name}", __name__)
+            node_list.extend(module.NODES)
+        return node_list
