@@ -21,3 +21,11 @@ class HypernetError(LoraRarError, ValueError):
 
 class OutputExistsError(LoraRarError, FileExistsError):
     """Refusing to overwrite an existing file."""
+
+
+class JudgeInputError(LoraRarError, ValueError):
+    """MLLM judge: an image, folder or setting that cannot be judged as given."""
+
+
+class JudgeBackendError(LoraRarError, RuntimeError):
+    """MLLM judge: the model server or local model failed (after any retries)."""

@@ -1,0 +1,129 @@
+"""Known hypernetwork checkpoints (weights/catalog.json): find them locally, or download them
+only when the user explicitly asks, verifying size and sha256 and stating the license.
+
+The official LoRA.rar checkpoints are CC BY-NC-SA 4.0 third-party data: never shipped here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HypernetError
+from .model import HyperNetwork, load_hypernet
+from .safetensors_io import atomic_write, sha256_file
+
+log = logging.getLogger(__name__)
+
+CATALOG_PATH = Path(__file__).resolve().parents[1] / "weights" / "catalog.json"
+PACK_WEIGHTS_DIR = CATALOG_PATH.parent
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    title: str
+    file: str
+    url: str
+    sha256: str
+    bytes: int
+    license: str
+    license_url: str
+    base_family: str
+    widths: tuple[int, ...]
+
+
+def load_catalog(path: Path = CATALOG_PATH) -> dict[str, CatalogEntry]:
+    data = json.loads(path.read_text())
+    entries = {}
+    for raw in data["checkpoints"]:
+        raw = dict(raw, widths=tuple(raw["widths"]))
+        entries[raw["name"]] = CatalogEntry(**raw)
+    return entries
+
+
+def user_cache_dir() -> Path:
+    """`$LORARAR_CACHE`, else `$XDG_CACHE_HOME/lorarar`, else `~/.cache/lorarar`."""
+    if env := os.environ.get("LORARAR_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lorarar"
+
+
+def default_search_dirs() -> list[Path]:
+    return [PACK_WEIGHTS_DIR, user_cache_dir()]
+
+
+def find_checkpoint(spec: str, search_dirs: Iterable[Path] = ()) -> tuple[Path | None, CatalogEntry | None]:
+    """`spec` is a file path or a catalog name. Returns (path or None if not present, entry)."""
+    catalog = load_catalog()
+    entry = catalog.get(spec)
+    if entry is None:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            by_file = {e.file: e for e in catalog.values()}
+            return path, by_file.get(path.name)
+        raise HypernetError(
+            f"hypernetwork {spec!r}: not a file and not a known name (known: {', '.join(catalog)})")
+    for folder in [*search_dirs, *default_search_dirs()]:
+        candidate = Path(folder) / entry.file
+        if candidate.is_file():
+            return candidate, entry
+    return None, entry
+
+
+def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
+             url: str | None = None, progress: Callable[[int, int], None] | None = None,
+             timeout: float = 60.0) -> Path:
+    """Download `entry` into `dest_dir` after the user accepted its license; verify and rename."""
+    if not accept_license:
+        raise HypernetError(
+            f"{entry.title} is licensed {entry.license} ({entry.license_url}). Downloading it "
+            "needs your explicit agreement (--download / the node's download switch)")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / entry.file
+    url = url or entry.url
+    log.info("downloading %s (%d bytes, license %s) from %s", entry.name, entry.bytes, entry.license, url)
+
+    def fetch(tmp: Path) -> None:
+        done = 0
+        with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as out:
+            while chunk := response.read(1 << 16):
+                done += len(chunk)
+                if done > entry.bytes:
+                    raise HypernetError(f"{url}: more than the expected {entry.bytes} bytes; aborted")
+                out.write(chunk)
+                if progress:
+                    progress(done, entry.bytes)
+        if done != entry.bytes:
+            raise HypernetError(f"{url}: got {done} bytes, expected {entry.bytes}")
+        actual = sha256_file(tmp)
+        if actual != entry.sha256:
+            raise HypernetError(f"{url}: sha256 {actual} does not match the catalog's {entry.sha256}")
+
+    return atomic_write(target, fetch, force=True)
+
+
+def resolve_hypernet(spec: str, search_dirs: Iterable[Path] = (), allow_download: bool = False,
+                     download_dir: Path | None = None) -> HyperNetwork:
+    """Load a hypernetwork by catalog name or path; catalog files are sha256-verified."""
+    search_dirs = list(search_dirs)
+    path, entry = find_checkpoint(spec, search_dirs)
+    if path is None:
+        assert entry is not None
+        if not allow_download:
+            places = ", ".join(str(d) for d in [*search_dirs, *default_search_dirs()])
+            raise HypernetError(
+                f"hypernetwork {entry.name} ({entry.file}) not found in {places}. Put the file "
+                f"there, or download it explicitly (license: {entry.license})")
+        path = download(entry, download_dir or user_cache_dir(), accept_license=True)
+    model = load_hypernet(path, expected_sha256=entry.sha256 if entry else None)
+    if entry:
+        model.config.name, model.config.license = entry.name, entry.license
+        model.config.base_family = entry.base_family
+    return model

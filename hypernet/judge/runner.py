@@ -1,0 +1,119 @@
+"""Asking all questions of a judgement concurrently, through the cache, then scoring them."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .backends import Backend
+from .cache import AnswerCache, cache_key
+from .protocol import ImageJob, Question, build_questions, check_mode, score_jobs, summarize
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (questions answered, questions in total)
+PAIR_KEYS = ("method", "subject", "style")
+METHOD_KEYS = ("method",)
+
+
+@dataclass
+class JudgeResult:
+    settings: dict
+    records: list[dict]
+    by_pair: list[dict] = field(default_factory=list)
+    by_method: list[dict] = field(default_factory=list)
+    questions: int = 0
+    asked: int = 0  # questions sent to the backend in this run (the rest came from the cache)
+
+    def to_json(self) -> dict:
+        return {
+            "settings": self.settings,
+            "questions": self.questions,
+            "asked_this_run": self.asked,
+            "summary_by_method": self.by_method,
+            "summary_by_pair": self.by_pair,
+            "records": self.records,
+        }
+
+
+def ask_all(
+    questions: Sequence[Question],
+    backend: Backend,
+    cache: AnswerCache | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[str], int]:
+    """Answers in question order, and how many were actually sent to the backend.
+
+    Progress is reported from the calling thread, so a callback may raise (ComfyUI's progress
+    bar raises on user interrupt) and stop the run; nothing queued is sent after that.
+    """
+    config = backend.config
+    keys = [cache_key(config.model, config.temperature, config.max_tokens, q.prompt, q.images)
+            for q in questions]
+    answers: dict[str, str] = {}
+    todo: dict[str, Question] = {}  # identical questions are asked once
+    for key, question in zip(keys, questions):
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            answers[key] = cached
+        else:
+            todo.setdefault(key, question)
+    total = len(questions)
+    report = progress or (lambda done, total: None)
+    done = total - sum(1 for key in keys if key in todo)
+    report(done, total)
+    if todo:
+        log.info("judge: %d question(s), %d from cache, %d to ask (%d in flight)",
+                 total, total - len(todo), len(todo), backend.max_concurrency)
+        waiting = Counter(keys)  # how many questions each asked key answers
+        pool = ThreadPoolExecutor(max_workers=min(backend.max_concurrency, len(todo)))
+        try:
+            pending = {pool.submit(backend.ask, q.prompt, q.images): key for key, q in todo.items()}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    key = pending.pop(future)
+                    answers[key] = future.result()  # re-raises the backend's error
+                    if cache is not None:
+                        cache.put(key, answers[key], config.model)
+                    done += waiting[key]
+                    report(done, total)
+        finally:
+            # On error or interrupt: drop everything not yet started; wait for requests in
+            # flight so no thread outlives the call.
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [answers[key] for key in keys], len(todo)
+
+
+def judge(
+    jobs: Sequence[ImageJob],
+    backend: Backend,
+    mode: str = "yesno",
+    threshold: float = 50.0,
+    use_names: bool = True,
+    cache: AnswerCache | None = None,
+    progress: Progress | None = None,
+) -> JudgeResult:
+    """Run the paper's protocol on `jobs` and aggregate per pair and per method."""
+    check_mode(mode)
+    questions = build_questions(jobs, mode, use_names)
+    answers, asked = ask_all(questions, backend, cache, progress)
+    records = score_jobs(jobs, questions, answers, mode, threshold)
+    settings = {
+        "mode": mode,
+        "threshold": threshold if mode == "rubric" else None,
+        "use_names": use_names,
+        "backend": backend.config.describe(),
+        "cache": str(cache.path) if cache is not None else None,
+    }
+    return JudgeResult(
+        settings=settings,
+        records=records,
+        by_pair=summarize(records, PAIR_KEYS),
+        by_method=summarize(records, METHOD_KEYS),
+        questions=len(questions),
+        asked=asked,
+    )

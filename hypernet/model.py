@@ -1,0 +1,234 @@
+"""The LoRA.rar hypernetwork H and its two checkpoint formats.
+
+H maps one input column of a layer's content and style updates, [ΔW_c[:, j]; ΔW_s[:, j]]
+(length 2·width, content first), to that column's merge coefficients (m_c[j], m_s[j]).
+There is one input Linear per layer width and one shared head ReLU → Linear(hidden → 2);
+no output nonlinearity, so coefficients are unbounded and may be negative.
+
+Formats:
+- official: a pickled state dict `input_1`/`input_2` (Linear 2·640 and 2·1280 → 128) and
+  `output.1` — loaded with `weights_only=True` only.
+- ours: safetensors `input.<width>.weight/bias`, `output.1.weight/bias`, with metadata that
+  records the format version, hidden size, widths, targets, base family and license.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import HypernetError
+from .safetensors_io import atomic_write, load_safetensors, read_header
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "lorarar-hypernet"
+FORMAT_VERSION = 1
+DEFAULT_TARGETS = ("to_q", "to_out.0")
+
+
+@dataclass
+class HypernetConfig:
+    hidden: int = 128
+    widths: tuple[int, ...] = (640, 1280)
+    # Layer-name endings (inside attn1/attn2) that H merges; all others are summed.
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    base_family: str = "sdxl"
+    name: str = ""
+    license: str = ""
+    # Free-form facts about where the weights came from (training data summary, steps, …).
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+            "hidden": str(self.hidden), "widths": ",".join(map(str, self.widths)),
+            "targets": ",".join(self.targets), "base_family": self.base_family,
+            "name": self.name, "license": self.license,
+        }
+        meta.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "HypernetConfig":
+        if meta.get("format") != FORMAT_NAME:
+            raise HypernetError(f"{source}: not a LoRA.rar hypernetwork (metadata format is "
+                                f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise HypernetError(f"{source}: format version {version} is newer than this "
+                                f"package understands ({FORMAT_VERSION}); update the node pack")
+        try:
+            return cls(
+                hidden=int(meta["hidden"]),
+                widths=tuple(int(w) for w in meta["widths"].split(",") if w),
+                targets=tuple(t for t in meta.get("targets", ",".join(DEFAULT_TARGETS)).split(",") if t),
+                base_family=meta.get("base_family", "sdxl"),
+                name=meta.get("name", ""), license=meta.get("license", ""),
+                extra={k[6:]: v for k, v in meta.items() if k.startswith("extra.")},
+            )
+        except (KeyError, ValueError) as exc:
+            raise HypernetError(f"{source}: bad hypernetwork metadata ({exc})") from None
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, config: HypernetConfig):
+        super().__init__()
+        self.config = config
+        self.input = nn.ModuleDict({str(w): nn.Linear(2 * w, config.hidden) for w in config.widths})
+        # Sequential so the head's Linear is `output.1`, as in the official checkpoint.
+        self.output = nn.Sequential(nn.ReLU(), nn.Linear(config.hidden, 2))
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.input.keys())
+
+    def input_layer(self, width: int) -> nn.Linear:
+        try:
+            return self.input[str(width)]
+        except KeyError:
+            raise HypernetError(
+                f"this hypernetwork has input layers for widths {'/'.join(map(str, self.widths))}, "
+                f"not {width}") from None
+
+    def forward(self, columns: torch.Tensor) -> torch.Tensor:
+        """columns (..., 2·width) → coefficients (..., 2) = (m_c, m_s)."""
+        return self.output(self.input_layer(columns.shape[-1] // 2)(columns))
+
+    def coefficients_dense(self, delta_c: torch.Tensor, delta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference formulation: feed every column of [ΔW_c; ΔW_s] (out×in each) through H."""
+        m = self(torch.cat([delta_c, delta_s], dim=0).T)
+        return m[:, 0], m[:, 1]
+
+    def coefficients_factored(self, up_c: torch.Tensor, down_c: torch.Tensor,
+                              up_s: torch.Tensor, down_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same result without forming ΔW = up @ down (up already carries alpha/rank).
+
+        H's first layer is linear, so for all columns at once its pre-activation is
+        P = (W1_c·up_c)·down_c + (W1_s·up_s)·down_s + b1, an (hidden × in) product of small
+        matrices instead of an (2·out × in) one.
+        """
+        width = up_c.shape[0]
+        first = self.input_layer(width)
+        w_c, w_s = first.weight[:, :width], first.weight[:, width:]
+        pre = torch.addmm(first.bias[:, None], w_c @ up_c, down_c)
+        pre = torch.addmm(pre, w_s @ up_s, down_s)
+        head = self.output[1]
+        m = torch.addmm(head.bias[:, None], head.weight, torch.relu(pre))
+        return m[0], m[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+def _from_official_state_dict(sd: dict, source: str) -> HyperNetwork:
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise HypernetError(f"{source}: expected a state dict of tensors, found {type(sd).__name__}")
+    inputs = sorted({k.rsplit(".", 1)[0] for k in sd if k.startswith("input_")})
+    required = {"output.1.weight", "output.1.bias"}
+    if not inputs or not required <= sd.keys():
+        raise HypernetError(f"{source}: expected keys input_N.weight/bias and output.1.weight/bias, "
+                            f"found {sorted(sd)[:8]}")
+    hidden = sd["output.1.weight"].shape[-1]
+    widths = []
+    for name in inputs:
+        weight, bias = sd.get(f"{name}.weight"), sd.get(f"{name}.bias")
+        if weight is None or bias is None or weight.dim() != 2 or weight.shape[0] != hidden \
+                or weight.shape[1] % 2 or tuple(bias.shape) != (hidden,):
+            raise HypernetError(
+                f"{source}: {name} has the wrong shape: expected weight ({hidden}, 2·width) and "
+                f"bias ({hidden},), found {None if weight is None else tuple(weight.shape)} and "
+                f"{None if bias is None else tuple(bias.shape)}")
+        widths.append(weight.shape[1] // 2)
+    if tuple(sd["output.1.weight"].shape) != (2, hidden) or tuple(sd["output.1.bias"].shape) != (2,):
+        raise HypernetError(f"{source}: output.1 has the wrong shape: expected (2, {hidden}) and (2,), "
+                            f"found {tuple(sd['output.1.weight'].shape)} and {tuple(sd['output.1.bias'].shape)}")
+    if len(set(widths)) != len(widths):
+        raise HypernetError(f"{source}: two input layers for the same width ({widths})")
+    model = HyperNetwork(HypernetConfig(hidden=hidden, widths=tuple(sorted(widths))))
+    ours = {f"input.{w}.{p}": sd[f"{name}.{p}"] for name, w in zip(inputs, widths) for p in ("weight", "bias")}
+    ours.update({k: sd[k] for k in required})
+    model.load_state_dict({k: v.float() for k, v in ours.items()})
+    return model
+
+
+def official_state_dict(model: HyperNetwork) -> dict[str, torch.Tensor]:
+    """Our model → the official layout (`input_1` for the smallest width, `input_2`, …)."""
+    sd = {}
+    for index, width in enumerate(sorted(model.widths), start=1):
+        layer = model.input[str(width)]
+        sd[f"input_{index}.weight"] = layer.weight.detach().clone()
+        sd[f"input_{index}.bias"] = layer.bias.detach().clone()
+    sd["output.1.weight"] = model.output[1].weight.detach().clone()
+    sd["output.1.bias"] = model.output[1].bias.detach().clone()
+    return sd
+
+
+def load_hypernet(path: str | Path, expected_sha256: str | None = None) -> HyperNetwork:
+    """Load a hypernetwork in either format. With `expected_sha256`, the file must match it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HypernetError(f"{path}: no such hypernetwork file")
+    if expected_sha256:
+        from .safetensors_io import sha256_file
+
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise HypernetError(f"{path}: sha256 is {actual}, expected {expected_sha256}; the file "
+                                "is damaged or not the checkpoint it is named after")
+    source = str(path)
+    if path.suffix.lower() == ".safetensors":
+        tensors, meta = load_safetensors(path)
+        config = HypernetConfig.from_metadata(meta, source)
+        model = HyperNetwork(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+            raise HypernetError(f"{source}: tensors do not match its metadata "
+                                f"(hidden {config.hidden}, widths {config.widths}); differing: {diff}")
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    else:
+        try:
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch raises many types for bad/unsafe pickles
+            raise HypernetError(f"{source}: cannot load as a weights-only torch checkpoint ({exc})") from None
+        model = _from_official_state_dict(sd, source)
+        model.config.name = path.stem
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def save_hypernet(model: HyperNetwork, path: str | Path, force: bool = False) -> Path:
+    """Save in our safetensors format, or — for a `.pth`/`.pt` path — in the official layout."""
+    path = Path(path)
+    if path.suffix.lower() in (".pth", ".pt"):
+        sd = official_state_dict(model)
+        return atomic_write(path, lambda tmp: torch.save(sd, tmp), force)
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), model.config.to_metadata()), force)
+
+
+def describe(model: HyperNetwork) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    info = {k: v for k, v in asdict(model.config).items() if v}
+    return f"{params:,} parameters; " + json.dumps(info, default=list)
+
+
+def is_hypernet_file(path: Path) -> bool:
+    """Cheap check used when listing folders: ours by metadata, official by extension."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            header, _ = read_header(path)
+        except Exception:
+            return False
+        return (header.get("__metadata__") or {}).get("format") == FORMAT_NAME
+    return path.suffix.lower() in (".pth", ".pt")

@@ -1,0 +1,51 @@
+"""Write a merged LoRA as a standard kohya SDXL file that loads anywhere (ComfyUI, A1111/Forge,
+diffusers): `lora_unet_…`/`lora_te1_…`/`lora_te2_…` with `.lora_up/.lora_down/.alpha`, and
+`.diff` for layers that have no low-rank form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .merge import MergedLora
+from .safetensors_io import atomic_write, write_safetensors_streaming
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def merge_metadata(merged: MergedLora, *, hypernet_name: str = "", hypernet_sha256: str = "",
+                   content_sha256: str = "", style_sha256: str = "",
+                   content_name: str = "", style_name: str = "") -> dict[str, str]:
+    ranks = merged.ranks()
+    dim = max(ranks) if ranks else 0
+    report = merged.report
+    meta = {
+        "lorarar.method": report.method,
+        "lorarar.hypernet": hypernet_name,
+        "lorarar.hypernet_sha256": hypernet_sha256,
+        "lorarar.content": content_name, "lorarar.content_sha256": content_sha256,
+        "lorarar.style": style_name, "lorarar.style_sha256": style_sha256,
+        "lorarar.content_strength": repr(merged.content_strength),
+        "lorarar.style_strength": repr(merged.style_strength),
+        "lorarar.report": json.dumps({k: v for k, v in vars(report).items() if k != "notes"}),
+        # kohya's keys, so trainers' and UIs' LoRA browsers show sensible values. Ranks may
+        # differ per layer (r_c + r_s); alpha always equals each layer's rank (scale 1).
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(dim),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+    }
+    return {k: v for k, v in meta.items() if v != ""}
+
+
+def save_merged(merged: MergedLora, path: str | Path, metadata: dict[str, str] | None = None,
+                dtype: str = "fp32", force: bool = False) -> Path:
+    """Stream the merged LoRA to `path` (temporary file + rename; refuses to overwrite)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    entries = merged.kohya_entries(torch_dtype)
+    return atomic_write(path, lambda tmp: write_safetensors_streaming(tmp, entries, metadata or {}), force)
