@@ -75,3 +75,9 @@ class AnswerCache:
             finally:
                 os.close(fd)
             self._answers[key] = answer
+
+
+def default_cache_path() -> Path:
+    """$XDG_CACHE_HOME/lorarar/judge/answers.jsonl (~/.cache/… when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorarar" / "judge" / "answers.jsonl"

@@ -51,6 +51,14 @@ def _side_text(side: dict) -> str:
     return f"{side['verdict']} ({votes} yes{extra}{', tie' if side['tie'] else ''})"
 
 
+def _short_side(side: dict) -> str:
+    """Fits under a 256 px grid cell: "yes 3/4 (+1 unparseable)" or "no 35"."""
+    if "score" in side:
+        return f"{side['verdict']} {'?' if side['score'] is None else round(side['score'])}"
+    extra = f" (+{side['unparseable']} unparseable)" if side["unparseable"] else ""
+    return f"{side['verdict']} {side['yes']}/{side['yes'] + side['no']}{extra}"
+
+
 def text_report(result: JudgeResult) -> str:
     """Short human-readable report (the judge node's STRING output)."""
     backend = result.settings["backend"]
@@ -212,8 +220,8 @@ def verdict_grid(images: Sequence[PreparedImage], records: Sequence[dict], cell:
         thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
         canvas.paste(thumb, (x + border + (cell - thumb.width) // 2, y + border + (cell - thumb.height) // 2))
         checks = record["checks"]
-        text = (f"{record['joint'].upper()}\ncontent: {_side_text(checks[CONTENT])}\n"
-                f"style: {_side_text(checks[STYLE])}")
+        text = (f"{record['joint'].upper()}\ncontent: {_short_side(checks[CONTENT])}\n"
+                f"style: {_short_side(checks[STYLE])}")
         draw.multiline_text((x + border, y + cell + 2 * border + 1), text, fill=(235, 235, 235),
                             font=font, spacing=1)
     return canvas

@@ -8,8 +8,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..errors import JudgeInputError
 from .backends import Backend
 from .cache import AnswerCache, cache_key
+from .images import images_from_array
 from .protocol import ImageJob, Question, build_questions, check_mode, score_jobs, summarize
 
 log = logging.getLogger(__name__)
@@ -117,3 +119,32 @@ def judge(
         questions=len(questions),
         asked=asked,
     )
+
+
+def judge_image_batch(
+    backend: Backend,
+    generated,
+    subject_references,
+    style_reference,
+    subject: str = "",
+    style: str = "",
+    method: str = "generated",
+    mode: str = "yesno",
+    threshold: float = 50.0,
+    cache: AnswerCache | None = None,
+    progress: Progress | None = None,
+) -> tuple[JudgeResult, list[ImageJob]]:
+    """One subject × style pair given as image batches ([B,H,W,C] floats in 0..1, e.g. ComfyUI
+    IMAGE tensors). Names are optional hints for the judge; empty names are left out."""
+    generated_images = images_from_array(generated, "generated")
+    subject_images = images_from_array(subject_references, "subject_references")
+    style_images = images_from_array(style_reference, "style_reference")
+    if len(style_images) != 1:
+        raise JudgeInputError(
+            f"style_reference: expected exactly 1 image (the style reference), found a batch of "
+            f"{len(style_images)}"
+        )
+    jobs = [ImageJob(method, subject.strip(), style.strip(), image, subject_images, style_images[0])
+            for image in generated_images]
+    result = judge(jobs, backend, mode, threshold, use_names=True, cache=cache, progress=progress)
+    return result, jobs

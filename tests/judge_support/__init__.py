@@ -1,0 +1,1 @@
+"""Helpers for the MLLM judge tests and benchmark (loopback server, image layouts)."""
