@@ -192,7 +192,7 @@ def test_bad_backend_config(config, match):
 
 def test_backend_repr_and_describe_hide_the_key(monkeypatch, caplog):
     monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="hypernet")
     replies = iter([Reply(status=503), Reply("Yes")])
     with JudgeServer(lambda seen: next(replies)) as server:
         config = BackendConfig("openai", server.url, "m", api_key_env="JUDGE_TEST_KEY", **FAST)

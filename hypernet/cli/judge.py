@@ -65,10 +65,10 @@ def add_parser(subparsers) -> None:
 class StderrProgress:
     """A one-line progress bar on stderr (a new line every 10% when stderr is not a terminal)."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width = stream or sys.stderr, width
         self.start = time.monotonic()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.last_decile = -1
         self.last_draw = 0.0
 

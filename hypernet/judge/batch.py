@@ -79,15 +79,16 @@ def load_jobs(
     max_side: int = MAX_SIDE,
 ) -> list[ImageJob]:
     """Read the whole layout, failing early (before any request) on anything missing."""
+    pairs = discover_pairs(generated)
     references = Path(references)
     subjects_dir, styles_dir = references / "subjects", references / "styles"
-    for folder, flag in ((subjects_dir, "subjects"), (styles_dir, "styles")):
+    for folder, what in ((subjects_dir, "subject"), (styles_dir, "style")):
         if not folder.is_dir():
-            raise JudgeInputError(f"--references: expected a folder {folder} ({flag} references), found none")
+            raise JudgeInputError(f"--references: expected a folder {folder} ({what} references), found none")
     subject_refs: dict[str, list[PreparedImage]] = {}
     style_refs: dict[str, PreparedImage] = {}
     jobs = []
-    for method, pair_dir in discover_pairs(generated):
+    for method, pair_dir in pairs:
         subject, style = split_pair(pair_dir)
         if subject not in subject_refs:
             folder = subjects_dir / subject

@@ -16,9 +16,11 @@ STYLE_COLOURS = {"watercolor": (40, 40, 200), "oil_painting": (200, 40, 200)}
 WRONG = (128, 128, 128)  # matches neither a subject nor a style
 
 
-def split_image(left, right, size=(96, 64)) -> Image.Image:
+def split_image(left, right, size=(96, 64), serial: int = 0) -> Image.Image:
     image = Image.new("RGB", size, left)
     image.paste(Image.new("RGB", (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    # A corner pixel that differs per image: identical images would share cached answers.
+    image.putpixel((0, 0), (serial % 256, serial // 256 % 256, 7))
     return image
 
 
@@ -27,6 +29,7 @@ def make_layout(root: Path, methods: dict, subject_refs: int = 3, images: int = 
     every image correct. Returns (generated, references)."""
     generated, references = root / "generated", root / "references"
     used_subjects, used_styles = set(), set()
+    serial = 0
     for method, pairs in methods.items():
         for (subject, style), spec in pairs.items():
             used_subjects.add(subject)
@@ -36,7 +39,8 @@ def make_layout(root: Path, methods: dict, subject_refs: int = 3, images: int = 
             for index, (subject_ok, style_ok) in enumerate(spec or [(True, True)] * images):
                 left = SUBJECT_COLOURS[subject] if subject_ok else WRONG
                 right = STYLE_COLOURS[style] if style_ok else WRONG
-                split_image(left, right).save(folder / f"{index:03d}.png")
+                serial += 1
+                split_image(left, right, serial=serial).save(folder / f"{index:03d}.png")
     for subject in used_subjects:
         folder = references / "subjects" / subject
         folder.mkdir(parents=True)
