@@ -152,6 +152,17 @@ def _concatenable(layer: LoraLayer) -> bool:
     return layer.is_low_rank and layer.mid is None
 
 
+_BATCH = 48  # layers per batched hypernetwork call: bounds the (batch, hidden, in) activations
+
+
+def _stacked_factors(layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale·up, down) of same-shape layers stacked to (L, out, r) and (L, r, in), float32."""
+    scales = torch.tensor([l.scale for l in layers], dtype=torch.float32).reshape(-1, 1, 1)
+    ups = torch.stack([l.up.reshape(l.up.shape[0], -1) for l in layers]).float() * scales
+    downs = torch.stack([l.down.reshape(l.down.shape[0], -1) for l in layers]).float()
+    return ups, downs
+
+
 def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
                          unsupported_width: str = "error", progress: Progress | None = None,
                          ) -> tuple[Coefficients, int]:
@@ -172,19 +183,38 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
             f"(base family {hypernet.config.base_family}). Use a hypernetwork trained for this base "
             "model, or allow the sum for those layers")
     coefficients: Coefficients = {}
-    fallback = 0
+    fallback = sum(content.layers[n].shape[0] in unsupported for n in names)
+    # Layers of equal shapes and ranks go through H together: one batched product per group
+    # instead of a few small ones per layer (280 layers fall into 2 groups for SDXL).
+    groups: dict[tuple, list[str]] = {}
+    dense: list[str] = []
+    for name in names:
+        c, s = content.layers[name], style.layers[name]
+        if c.shape[0] in unsupported:
+            continue
+        if _concatenable(c) and _concatenable(s):
+            key = (c.up.shape[0], c.down.shape[1], c.rank, s.rank, c.dtype, s.dtype)
+            groups.setdefault(key, []).append(name)
+        else:
+            dense.append(name)
+    total, done = len(names) - fallback, 0
     with torch.no_grad():
-        for index, name in enumerate(names):
+        for group in groups.values():
+            for start in range(0, len(group), _BATCH):
+                chunk = group[start:start + _BATCH]
+                m_c, m_s = hypernet.coefficients_factored(
+                    *_stacked_factors([content.layers[n] for n in chunk]),
+                    *_stacked_factors([style.layers[n] for n in chunk]))
+                coefficients.update((n, (m_c[i], m_s[i])) for i, n in enumerate(chunk))
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+        for name in dense:
             c, s = content.layers[name], style.layers[name]
-            if c.shape[0] in unsupported:
-                fallback += 1
-            elif _concatenable(c) and _concatenable(s):
-                coefficients[name] = hypernet.coefficients_factored(
-                    c.scaled_up(), c.down_matrix(), s.scaled_up(), s.down_matrix())
-            else:
-                coefficients[name] = hypernet.coefficients_dense(c.delta().flatten(1), s.delta().flatten(1))
+            coefficients[name] = hypernet.coefficients_dense(c.delta().flatten(1), s.delta().flatten(1))
+            done += 1
             if progress:
-                progress(index + 1, len(names))
+                progress(done, total)
     return coefficients, fallback
 
 

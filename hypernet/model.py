@@ -83,6 +83,7 @@ class HyperNetwork(nn.Module):
         self.input = nn.ModuleDict({str(w): nn.Linear(2 * w, config.hidden) for w in config.widths})
         # Sequential so the head's Linear is `output.1`, as in the official checkpoint.
         self.output = nn.Sequential(nn.ReLU(), nn.Linear(config.hidden, 2))
+        self.source_path: Path | None = None  # the file it was loaded from, for provenance
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -110,17 +111,19 @@ class HyperNetwork(nn.Module):
         """Same result without forming ΔW = up @ down (up already carries alpha/rank).
 
         H's first layer is linear, so for all columns at once its pre-activation is
-        P = (W1_c·up_c)·down_c + (W1_s·up_s)·down_s + b1, an (hidden × in) product of small
-        matrices instead of an (2·out × in) one.
+        P = (W1_c·up_c)·down_c + (W1_s·up_s)·down_s + b1, a (hidden × in) product of small
+        matrices instead of a (2·out × in) one. Factors may carry a leading batch dimension
+        (several layers of the same shapes at once); the result then does too.
         """
-        width = up_c.shape[0]
+        width = up_c.shape[-2]
         first = self.input_layer(width)
         w_c, w_s = first.weight[:, :width], first.weight[:, width:]
-        pre = torch.addmm(first.bias[:, None], w_c @ up_c, down_c)
-        pre = torch.addmm(pre, w_s @ up_s, down_s)
+        pre = torch.baddbmm(first.bias[:, None].expand(-1, down_c.shape[-1]), w_c @ up_c, down_c) \
+            if up_c.dim() == 3 else torch.addmm(first.bias[:, None], w_c @ up_c, down_c)
+        pre = pre + (w_s @ up_s) @ down_s
         head = self.output[1]
-        m = torch.addmm(head.bias[:, None], head.weight, torch.relu(pre))
-        return m[0], m[1]
+        m = head.weight @ torch.relu_(pre) + head.bias[:, None]
+        return m[..., 0, :], m[..., 1, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +205,7 @@ def load_hypernet(path: str | Path, expected_sha256: str | None = None) -> Hyper
         model.config.name = path.stem
     model.eval()
     model.requires_grad_(False)
+    model.source_path = path
     return model
 
 

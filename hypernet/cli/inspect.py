@@ -1,0 +1,89 @@
+"""`lorarar inspect FILE`: what a LoRA (or hypernetwork) file contains."""
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="describe a LoRA or hypernetwork file", description=__doc__)
+    p.add_argument("file", help=".safetensors LoRA, or a hypernetwork (.pth/.safetensors)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def describe_lora(path) -> dict:
+    """The facts `inspect` prints, as a dict (also used by tests)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from .. import naming
+    from ..lora import guess_family, read_lora
+
+    lora = read_lora(path, check_values=False)
+    family = guess_family(lora)
+    blocks: Counter = Counter()
+    for name in lora.layers:
+        if naming.is_text_encoder(name):
+            blocks[name.split(".")[0]] += 1
+        else:
+            blocks[naming.transformer_block_of(name) or ".".join(name.split(".")[:2])] += 1
+    te_order = ("te1", "te2")
+    order = sorted((b for b in blocks if b not in te_order),
+                   key=lambda b: naming.unet_block_order_key(b) if b.split(".")[0] in
+                   ("input_blocks", "middle_block", "output_blocks") else (3, 0))
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for l in lora.layers.values() for t in l.tensors.values())
+    kinds = lora.kinds()
+    notes = []
+    for kind, label in (("loha", "LoHa"), ("lokr", "LoKr"), ("full", "full weight difference"), ("dora", "DoRA")):
+        if kinds.get(kind):
+            notes.append(f"{kinds[kind]} {label} layer(s): no low-rank form; expanded to a dense ΔW "
+                         "when merged and written as full weight differences"
+                         + (" (DoRA's magnitude vector needs the base weights and is dropped)" if kind == "dora" else ""))
+    return {
+        "file": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "naming": dict(lora.naming_families),
+        "base_family": family.family,
+        "evidence": family.evidence,
+        "layers": len(lora.layers),
+        "unet_layers": len(lora.unet_layers),
+        "text_encoder_layers": len(lora.text_encoder_layers),
+        "layers_per_block": {b: blocks[b] for b in [*order, *te_order] if b in blocks},
+        "adapter_kinds": dict(kinds),
+        "ranks": dict(sorted(Counter(l.rank for l in lora.layers.values()).items())),
+        "alphas": {str(k): v for k, v in Counter(l.alpha for l in lora.layers.values()).items()},
+        "dtypes": dict(dtypes),
+        "unrecognised_keys": len(lora.unrecognised_keys),
+        "unrecognised_examples": lora.unrecognised_keys[:5],
+        "metadata_keys": sorted(lora.metadata)[:40],
+        "notes": notes,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..model import describe, is_hypernet_file, load_hypernet
+
+    path = Path(args.file)
+    if is_hypernet_file(path):
+        model = load_hypernet(path)
+        info = {"file": str(path), "hypernetwork": describe(model)}
+    else:
+        info = describe_lora(path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        elif isinstance(value, list):
+            if value:
+                print(f"{key}:")
+                for v in value:
+                    print(f"  - {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0

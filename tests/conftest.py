@@ -1,0 +1,53 @@
+"""Shared fixtures: synthetic SDXL LoRAs written to tmp files, and the official checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hypernet import synthetic
+
+OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "official-hypernets"
+OFFICIAL_SDXL = OFFICIAL_DIR / "lorarar_sdxl_hypernet.pth"
+
+
+@pytest.fixture(scope="session")
+def official_sdxl_path() -> Path:
+    if not OFFICIAL_SDXL.is_file():
+        pytest.skip(f"official SDXL hypernetwork not found at {OFFICIAL_SDXL} (third-party file, never in the repo)")
+    return OFFICIAL_SDXL
+
+
+def write_lora(path: Path, state_dict: dict, metadata: dict | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A full SDXL-shaped kohya pair (all 722 UNet targets + text-encoder layers), different
+    ranks and alphas, fp16 like most published LoRAs."""
+    folder = tmp_path_factory.mktemp("loras")
+    content = write_lora(folder / "subject.safetensors",
+                         synthetic.sdxl_lora(rank=8, seed=1, alpha=4, dtype=torch.float16),
+                         {"ss_network_dim": "8", "ss_output_name": "subject"})
+    style = write_lora(folder / "style.safetensors",
+                       synthetic.sdxl_lora(rank=16, seed=2, alpha=16, dtype=torch.float16))
+    return content, style
+
+
+@pytest.fixture(scope="session")
+def random_hypernet_pth(tmp_path_factory) -> Path:
+    """A randomly initialised hypernetwork in the official .pth layout."""
+    gen = torch.Generator().manual_seed(7)
+    sd = {
+        "input_1.weight": torch.randn(128, 1280, generator=gen) * 0.05, "input_1.bias": torch.randn(128, generator=gen) * 0.05,
+        "input_2.weight": torch.randn(128, 2560, generator=gen) * 0.05, "input_2.bias": torch.randn(128, generator=gen) * 0.05,
+        "output.1.weight": torch.randn(2, 128, generator=gen) * 0.1, "output.1.bias": torch.ones(2),
+    }
+    path = tmp_path_factory.mktemp("hypernet") / "random_hypernet.pth"
+    torch.save(sd, path)
+    return path

@@ -1,0 +1,191 @@
+"""Reading: every naming family to one canonical form; adapter kinds; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hypernet import lora as lora_mod
+from hypernet import naming, synthetic
+from hypernet.cli.inspect import describe_lora
+from hypernet.errors import LoraFormatError
+from hypernet.lora import read_lora
+
+from .conftest import write_lora
+
+SHAPES = synthetic.sdxl_layer_shapes(te_layers=2)
+# Several ranks across layers: 4, 8 and 12 by position.
+RANKS = {name: (4, 8, 12)[i % 3] for i, name in enumerate(SHAPES)}
+
+
+@pytest.fixture(scope="module")
+def factors():
+    return synthetic.random_factors(SHAPES, RANKS, seed=3)
+
+
+def test_sdxl_layer_inventory():
+    layers = naming.sdxl_linear_layers()
+    assert len(layers) == 722
+    attention = [n for n in layers if n.endswith(("attn1.to_q", "attn2.to_q"))]
+    assert len(attention) == 140
+    assert layers["input_blocks.7.1.transformer_blocks.3.attn2.to_k"] == (1280, 2048)
+    assert layers["output_blocks.5.1.transformer_blocks.1.ff.net.0.proj"] == (5120, 640)
+
+
+@pytest.mark.parametrize("family", synthetic.NAMING_FAMILIES)
+def test_every_naming_family_reads_to_the_same_canonical_form(family, factors, tmp_path):
+    path = write_lora(tmp_path / f"{family}.safetensors", synthetic.to_state_dict(factors, family))
+    lora = read_lora(path)
+    assert not lora.unrecognised_keys
+    assert set(lora.layers) == set(SHAPES)
+    assert len(lora.unet_layers) == 722 and len(lora.text_encoder_layers) == len(SHAPES) - 722
+    for name, (up, down) in factors.items():
+        layer = lora.layers[name]
+        assert layer.kind == "lora" and layer.rank == RANKS[name]
+        assert torch.equal(layer.up, up) and torch.equal(layer.down, down), name
+        assert layer.scale == 1.0  # no alpha key: ΔW = up @ down
+    assert lora_mod.guess_family(lora).family == "sdxl"
+
+
+def test_alpha_gives_the_effective_scale(factors, tmp_path):
+    lora = read_lora(write_lora(tmp_path / "a.safetensors", synthetic.to_state_dict(factors, "kohya", alpha=2.0)))
+    layer = lora.layers["middle_block.1.transformer_blocks.0.attn1.to_q"]
+    assert layer.scale == pytest.approx(2.0 / layer.rank)
+    torch.testing.assert_close(layer.delta(), layer.scale * layer.up.float() @ layer.down.float())
+
+
+def test_metadata_is_kept(lora_pair):
+    lora = read_lora(lora_pair[0])
+    assert lora.metadata["ss_output_name"] == "subject"
+
+
+def _loha_lokr_full_dora(out=640, inp=640, r=4):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
+    return {
+        f"{p}to_q.hada_w1_a": rnd(out, r), f"{p}to_q.hada_w1_b": rnd(r, inp),
+        f"{p}to_q.hada_w2_a": rnd(out, r), f"{p}to_q.hada_w2_b": rnd(r, inp), f"{p}to_q.alpha": torch.tensor(2.0),
+        f"{p}to_k.lokr_w1": rnd(8, 8), f"{p}to_k.lokr_w2_a": rnd(80, r), f"{p}to_k.lokr_w2_b": rnd(r, 80),
+        f"{p}to_k.alpha": torch.tensor(2.0),
+        f"{p}to_v.diff": rnd(out, inp),
+        f"{p}to_out_0.lora_up.weight": rnd(out, r), f"{p}to_out_0.lora_down.weight": rnd(r, inp),
+        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
+    }
+
+
+def test_loha_lokr_full_and_dora_are_detected_and_expanded(tmp_path):
+    sd = _loha_lokr_full_dora()
+    lora = lora_mod.lora_from_state_dict(sd)
+    base = "input_blocks.4.1.transformer_blocks.0.attn1."
+    q, k, v, o = (lora.layers[base + n] for n in ("to_q", "to_k", "to_v", "to_out.0"))
+    assert (q.kind, k.kind, v.kind, o.kind, o.is_dora) == ("loha", "lokr", "full", "lora", True)
+    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
+    expected_q = (sd[p + "to_q.hada_w1_a"] @ sd[p + "to_q.hada_w1_b"]) * (sd[p + "to_q.hada_w2_a"] @ sd[p + "to_q.hada_w2_b"]) * 0.5
+    torch.testing.assert_close(q.delta(), expected_q)
+    expected_k = torch.kron(sd[p + "to_k.lokr_w1"], sd[p + "to_k.lokr_w2_a"] @ sd[p + "to_k.lokr_w2_b"]) * 0.5
+    torch.testing.assert_close(k.delta(), expected_k)
+    assert k.shape == (640, 640)
+    torch.testing.assert_close(v.delta(), sd[p + "to_v.diff"])
+    info = describe_lora(write_lora(tmp_path / "lyco.safetensors", sd))
+    assert info["adapter_kinds"] == {"loha": 1, "lokr": 1, "full": 1, "dora": 1}
+    assert any("LoHa" in n for n in info["notes"]) and any("DoRA" in n for n in info["notes"])
+
+
+def test_inspect_reports_blocks_ranks_and_family(lora_pair):
+    info = describe_lora(lora_pair[0])
+    assert info["base_family"] == "sdxl"
+    assert info["layers_per_block"]["input_blocks.4.1"] == 2 * (8 + 2) + 2  # 2 blocks × (8 attn + 2 ff) + proj_in/out
+    assert list(info["layers_per_block"])[:2] == ["input_blocks.4.1", "input_blocks.5.1"]
+    assert info["ranks"] == {8: len(SHAPES)}
+    assert info["dtypes"] == {"float16": 2 * len(SHAPES)}
+    assert info["unet_layers"] == 722
+
+
+def test_unrecognised_keys_are_counted_not_silently_dropped(tmp_path, caplog):
+    sd = synthetic.sdxl_lora(rank=2, seed=0, te_layers=0)
+    sd["lora_unet_some_future_block.lora_up.weight"] = torch.zeros(4, 2)
+    sd["totally_unrelated.weight"] = torch.zeros(3)
+    path = write_lora(tmp_path / "extra.safetensors", sd)
+    lora = read_lora(path)
+    assert len(lora.unrecognised_keys) == 2
+    assert "2 keys not recognised" in caplog.text
+    assert describe_lora(path)["unrecognised_keys"] == 2
+
+
+# ------------------------------------------------------------------------------- bad input
+
+def test_not_a_safetensors_file(tmp_path):
+    path = tmp_path / "random.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"x" * 100)
+    with pytest.raises(LoraFormatError, match=r"random\.safetensors: corrupt safetensors header"):
+        read_lora(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(LoraFormatError, match="not a safetensors file"):
+        read_lora(path)
+
+
+def test_truncated_file(lora_pair, tmp_path):
+    data = lora_pair[0].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoraFormatError, match=r"cut\.safetensors: truncated or corrupt"):
+        read_lora(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(LoraFormatError, match="cut.safetensors"):
+        read_lora(path)
+
+
+@pytest.mark.parametrize("name", ["lora.ckpt", "lora.pt", "disguised.safetensors"])
+def test_pickles_are_refused_never_unpickled(tmp_path, name):
+    path = tmp_path / name
+    marker = tmp_path / "was_unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(LoraFormatError, match="pickle"):
+        read_lora(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights(tmp_path, bad):
+    sd = synthetic.sdxl_lora(rank=2, seed=0, te_layers=0)
+    key = next(k for k in sd if k.endswith("lora_up.weight"))
+    sd[key][0, 0] = bad
+    with pytest.raises(LoraFormatError, match="NaN or Inf"):
+        read_lora(write_lora(tmp_path / "nan.safetensors", sd))
+
+
+def _sd15_lora() -> dict:
+    shapes = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
+              "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
+              "input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640)}
+    sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0), "kohya")
+    sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(768, 4)
+    sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 768)
+    return sd
+
+
+def test_sd15_lora_is_named_as_such():
+    lora = lora_mod.lora_from_state_dict(_sd15_lora(), source="sd15.safetensors")
+    with pytest.raises(LoraFormatError, match=r"style LoRA sd15\.safetensors looks like SD1\.5 \(320/640-wide attention, 768-wide text context\); expected SDXL"):
+        lora_mod.require_family(lora, "sdxl", "style LoRA")
+
+
+def test_flux_lora_is_named_as_such():
+    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072)}
+    with pytest.raises(LoraFormatError, match="looks like Flux"):
+        lora_mod.lora_from_state_dict(sd, source="flux.safetensors")
+
+
+def test_broken_factor_shapes(tmp_path):
+    sd = {"lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(1280, 8),
+          "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(4, 1280)}
+    with pytest.raises(LoraFormatError, match="do not chain"):
+        lora_mod.lora_from_state_dict(sd, source="x")
