@@ -92,12 +92,12 @@ def images_from_array(batch, input_name: str, max_side: int = MAX_SIDE) -> list[
     if batch is None:
         raise JudgeInputError(f"{input_name}: expected an IMAGE batch, got nothing")
     array = batch.detach().cpu().float().numpy() if hasattr(batch, "detach") else np.asarray(batch)
-    if array.ndim == 3:
+    shape = list(array.shape)
+    if array.ndim == 3:  # one image without its batch axis
         array = array[None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
         raise JudgeInputError(
-            f"{input_name}: expected an IMAGE of shape [batch, height, width, 3], "
-            f"found shape {list(array.shape)}"
+            f"{input_name}: expected an IMAGE of shape [batch, height, width, 3], found shape {shape}"
         )
     if array.shape[0] == 0:
         raise JudgeInputError(f"{input_name}: the image batch is empty")
