@@ -126,7 +126,7 @@ def test_judge_image_batch_and_grid_colours():
     (row,) = result.by_method
     assert (row["content_yes"], row["style_yes"], row["joint_yes"]) == (2, 2, 1)
     grid = verdict_grid([job.generated for job in jobs], result.records, cell=64)
-    assert grid.size == (2 * (64 + 12), 2 * (64 + 12 + 44))  # 3 images → 2×2 cells
+    assert grid.size == (2 * (64 + 12), 2 * (64 + 12 + 52))  # 3 images → 2×2 cells
     assert grid.getpixel((2, 2)) == (46, 160, 67)  # first frame green (correct)
     assert grid.getpixel((64 + 12 + 2, 2)) == (207, 34, 46)  # second frame red
 

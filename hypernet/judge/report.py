@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -81,13 +81,15 @@ def text_report(result: JudgeResult) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: its 0600 mode would make the reports private; "x" mode respects
+    # the umask like any other file the user writes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -207,7 +209,7 @@ def verdict_grid(images: Sequence[PreparedImage], records: Sequence[dict], cell:
     (unparseable) with its content/style verdicts written underneath."""
     columns = max(1, math.ceil(math.sqrt(len(images))))
     rows = math.ceil(len(images) / columns)
-    caption_h, border = 44, 6
+    caption_h, border = 52, 6
     width, height = cell + 2 * border, cell + 2 * border + caption_h
     canvas = Image.new("RGB", (columns * width, rows * height), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
@@ -215,9 +217,11 @@ def verdict_grid(images: Sequence[PreparedImage], records: Sequence[dict], cell:
     for index, (image, record) in enumerate(zip(images, records, strict=True)):
         x, y = (index % columns) * width, (index // columns) * height
         colour = _COLOURS.get(record["joint"], _UNSURE_COLOUR)
-        draw.rectangle([x, y, x + width - 1, y + cell + 2 * border - 1], fill=colour)
-        thumb = image.image.copy()
-        thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+        draw.rectangle([x, y, x + width - 1, y + cell + 2 * border - 1], outline=colour, width=border)
+        # fit the cell both ways: small previews are enlarged for display only
+        scale = cell / max(image.image.size)
+        size = (max(1, round(image.image.width * scale)), max(1, round(image.image.height * scale)))
+        thumb = image.image.resize(size, Image.Resampling.LANCZOS)
         canvas.paste(thumb, (x + border + (cell - thumb.width) // 2, y + border + (cell - thumb.height) // 2))
         checks = record["checks"]
         text = (f"{record['joint'].upper()}\ncontent: {_short_side(checks[CONTENT])}\n"

@@ -106,12 +106,15 @@ class JudgeServer:
                     reply = server.script(seen)
                     if reply.delay:
                         time.sleep(reply.delay)
+                finally:
+                    # Counted down before answering: once the client has the answer it may send
+                    # its next request before this thread would reach a later decrement.
+                    with server.lock:
+                        server.in_flight -= 1
+                try:
                     self._send(seen, reply)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
             def _send(self, seen: Seen, reply: Reply):
                 if reply.raw is not None:
