@@ -1,0 +1,162 @@
+"""Helpers for the real-ComfyUI integration and browser tests (used by conftest.py).
+
+The server is the newest ComfyUI checkout found through `COMFYUI_PATH`, started headless on
+127.0.0.1 (a free port) with a throw-away base directory whose `custom_nodes/` holds this pack
+(symlinked, under its published folder name) and the test-only pack in
+`custom_nodes_testonly/`. Everything is skipped, with the reason, when `COMFYUI_PATH` is unset.
+
+The server runs under `COMFYUI_PYTHON` (default: the interpreter running pytest). ComfyUI needs
+torchvision, which has no build matching the machine's CPU torch, so it usually lives in a
+separate venv: see /work/notes/README_integration.md (copied into the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TESTONLY_PACK = Path(__file__).resolve().parent / "custom_nodes_testonly" / "lorarar_testonly"
+# The folder name a user gets from the registry / ComfyUI-Manager.
+PACK_FOLDER = "ComfyUI-LoRA-rar"
+STARTUP_TIMEOUT_S = float(os.environ.get("LORARAR_COMFY_STARTUP_TIMEOUT", "240"))
+
+
+def comfyui_path() -> Path | None:
+    value = os.environ.get("COMFYUI_PATH", "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def require_comfyui() -> Path:
+    """The ComfyUI checkout, or skip the calling test with the reason."""
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("real-ComfyUI integration test skipped: COMFYUI_PATH is not set "
+                    "(set it to a ComfyUI checkout and run with that ComfyUI's venv python; "
+                    "see README 'Integration tests')")
+    if not (path / "main.py").is_file():
+        pytest.skip(f"real-ComfyUI integration test skipped: COMFYUI_PATH={path} has no main.py")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ComfyServer:
+    url: str
+    base_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+    comfyui: Path
+    commit: str = ""
+    client_id: str = "lorarar-tests"
+    _history_seen: set = field(default_factory=set)
+
+    # -- HTTP helpers (stdlib only: the tests must not need extra packages) ---------------
+    def get_json(self, route: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def post_json(self, route: str, payload: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:  # ComfyUI answers 400 with a JSON body
+            return err.code, json.loads(err.read() or b"{}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def run_prompt(self, prompt: dict, timeout: float = 300) -> dict:
+        """POST /prompt, then poll /history until it finishes; returns the history entry.
+        Fails with the server's validation answer or the execution error and the log tail."""
+        status, answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if status != 200 or "prompt_id" not in answer:
+            pytest.fail(f"ComfyUI refused the prompt (HTTP {status}): {json.dumps(answer)[:3000]}")
+        prompt_id = answer["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None \
+                    and entry["status"].get("status_str") in ("success", "error"):
+                if entry["status"]["status_str"] != "success":
+                    messages = entry["status"].get("messages", [])
+                    pytest.fail(f"prompt {prompt_id} failed in ComfyUI: {json.dumps(messages)[:4000]}"
+                                f"\n--- server log tail ---\n{self.log_text()[-4000:]}")
+                return entry
+            if self.process.poll() is not None:
+                pytest.fail(f"ComfyUI exited (rc {self.process.returncode}) while running a prompt:"
+                            f"\n{self.log_text()[-4000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"prompt {prompt_id} did not finish in {timeout:.0f} s\n{self.log_text()[-4000:]}")
+
+
+def git_commit(path: Path) -> str:
+    version = path / "comfyui_version.py"
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except OSError:
+        pass
+    stamp = path / "COMFYUI_COMMIT"  # written by the environment setup for archive exports
+    if stamp.is_file():
+        return stamp.read_text().strip()
+    return version.read_text().strip().splitlines()[-1] if version.is_file() else "unknown"
+
+
+def make_base_dir(root: Path) -> Path:
+    base = root / "comfy_base"
+    for sub in ("custom_nodes", "models/loras", "models/lorarar", "models/checkpoints",
+                "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    # A symlink keeps the test on the working tree as it is; a user's install is the same
+    # folder cloned there. The test-only pack is copied so no __pycache__ lands in the repo.
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    shutil.copytree(TESTONLY_PACK, base / "custom_nodes" / TESTONLY_PACK.name,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return base
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited during start-up (rc {process.returncode}):\n"
+                               f"{log_path.read_text(errors='replace')[-6000:]}")
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"ComfyUI did not answer on {url} within {STARTUP_TIMEOUT_S:.0f} s:\n"
+                       f"{log_path.read_text(errors='replace')[-6000:]}")
+
+
+def import_failures(log: str) -> list[str]:
+    """Log lines where ComfyUI reports that *our* packs (or their nodes) failed to import."""
+    ours = (PACK_FOLDER, TESTONLY_PACK.name)
+    return [line for line in log.splitlines()
+            if ("IMPORT FAILED" in line or "Cannot import" in line) and any(n in line for n in ours)]
+
+

@@ -1,0 +1,87 @@
+"""Test-only ComfyUI node pack for the LoRA.rar integration tests. NOT part of the shipped pack.
+
+The integration fixture copies this folder into a throw-away ComfyUI base directory next to
+the real pack. It gives a prompt a tiny SDXL-topology MODEL + CLIP without checkpoint files,
+and an output node that writes a model's *patched* weights to a safetensors file, so the test
+can compare what ComfyUI actually applied with the library's merged ΔW.
+"""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class LoraRarTestTinySDXL(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraRarTestTinySDXL",
+            display_name="Tiny SDXL-topology model (LoRA.rar tests)",
+            category="LoRA.rar/testing",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="Seed of the random weights.")],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed) -> io.NodeOutput:
+        from .tiny_sdxl import build_clip, build_model
+
+        return io.NodeOutput(build_model(seed), build_clip(seed))
+
+
+class LoraRarTestDumpWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraRarTestDumpWeights",
+            display_name="Dump patched weights (LoRA.rar tests)",
+            category="LoRA.rar/testing",
+            inputs=[
+                io.Model.Input("model", tooltip="Model whose patched UNet weights are written."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoders to write as well."),
+                io.String.Input("name", default="dump", tooltip="File name (no extension) under output/lorarar_testonly."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, name, clip=None) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+        import folder_paths
+
+        tensors = {}
+        # The same route core's "Extract and Save Lora" takes: load with patches forced in,
+        # then read the live weights.
+        comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+        for key, value in model.model_state_dict(filter_prefix="diffusion_model.").items():
+            tensors["unet." + key[len("diffusion_model."):]] = value.detach().float().cpu().clone()
+        if clip is not None:
+            comfy.model_management.load_models_gpu([clip.patcher], force_patch_weights=True)
+            for key, value in clip.patcher.model_state_dict().items():
+                if torch_is_float(value):
+                    tensors["clip." + key] = value.detach().float().cpu().clone()
+        folder = os.path.join(folder_paths.get_output_directory(), "lorarar_testonly")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.safetensors")
+        comfy.utils.save_torch_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return io.NodeOutput()
+
+
+def torch_is_float(value) -> bool:
+    import torch
+
+    return torch.is_floating_point(value)
+
+
+class LoraRarTestExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoraRarTestTinySDXL, LoraRarTestDumpWeights]
+
+
+async def comfy_entrypoint() -> LoraRarTestExtension:
+    return LoraRarTestExtension()

@@ -1,0 +1,260 @@
+"""Integration tests against a real, newest ComfyUI server (see conftest.py; skipped without
+COMFYUI_PATH).
+
+The prompt merges two synthetic LoRAs (written at the tiny SDXL-topology model's shapes) with
+a small hypernetwork of ours, samples one step, and dumps the weights ComfyUI actually patched
+into the model and text encoders. Those must equal the base weights plus the library's merged
+ΔW, and the base model must be bit-identical before and after.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hypernet import merge as merge_lib
+from hypernet.lora import read_lora
+from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
+from hypernet.synthetic import random_factors, to_state_dict
+
+from tests.integration.comfy_support import REPO, import_failures
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+OUR_CATEGORY = "LoRA.rar"
+CONTENT_STRENGTH, STYLE_STRENGTH = 1.0, 0.8
+TINY_SEED = 7
+PLANNED_NODES = {"LoraRarLoadLora", "LoraRarLoadHypernet", "LoraRarMerge", "LoraRarSaveMergedLora"}
+
+
+def pack_node_ids_in_source() -> set[str]:
+    """Every node ID declared in the pack's nodes/ (what /object_info must list)."""
+    ids = set()
+    for path in (REPO / "nodes").glob("nodes_*.py"):
+        ids.update(re.findall(r"node_id\s*=\s*[\"'](LoraRar\w+)[\"']", path.read_text()))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get_json("/object_info", timeout=60)
+
+
+def test_pack_imports_without_failure(comfy_server):
+    log = comfy_server.log_text()
+    assert import_failures(log) == []
+    # The pack was really loaded from custom_nodes (not silently skipped).
+    assert "ComfyUI-LoRA-rar" in log
+
+
+def test_object_info_lists_every_node_of_the_pack(object_info):
+    ours = {k for k, v in object_info.items() if k.startswith("LoraRar") and "Test" not in k}
+    declared = pack_node_ids_in_source()
+    assert PLANNED_NODES <= declared, f"planned nodes missing from nodes/: {PLANNED_NODES - declared}"
+    assert declared - ours == set(), f"declared in nodes/ but not served by ComfyUI: {declared - ours}"
+    for node_id in ours:
+        info = object_info[node_id]
+        assert info["category"].startswith(OUR_CATEGORY), (node_id, info["category"])
+        name = info["display_name"]
+        assert name.endswith("(LoRA.rar)") or name.startswith("LoRA.rar"), (node_id, name)
+
+
+def test_every_input_of_every_node_has_a_tooltip(object_info):
+    missing = []
+    for node_id, info in object_info.items():
+        if not node_id.startswith("LoraRar") or node_id.startswith("LoraRarTest"):
+            continue
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not str(options.get("tooltip", "")).strip():
+                    missing.append(f"{node_id}.{name}")
+    assert missing == [], f"inputs without a tooltip: {missing}"
+
+
+def test_merge_node_inputs_match_documented_api(object_info):
+    merge = object_info["LoraRarMerge"]
+    inputs = {**merge["input"]["required"], **merge["input"].get("optional", {})}
+    assert {"model", "content_lora", "style_lora", "content_strength", "style_strength",
+            "method"} <= set(inputs)
+    assert inputs["content_lora"][0] == "LORA_MODEL" and inputs["style_lora"][0] == "LORA_MODEL"
+    assert merge["output"][:4] == ["MODEL", "CLIP", "LORA_MODEL", "IMAGE"]
+    method = inputs["method"]
+    options = method[1].get("options") if method[0] == "COMBO" else method[0]
+    assert set(options) == {"lorarar", "sum"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge prompt
+
+
+def dump(server, name: str) -> dict[str, torch.Tensor]:
+    return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
+
+
+def model_key(layer: str) -> str:
+    """Canonical layer name → key in the dump file written by LoraRarTestDumpWeights."""
+    if layer.startswith("te1."):
+        return "clip.clip_l.transformer." + layer[4:] + ".weight"
+    if layer.startswith("te2."):
+        return "clip.clip_g.transformer." + layer[4:] + ".weight"
+    return "unet." + layer + ".weight"
+
+
+def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """What a kohya SDXL LoRA trains, at the tiny model's shapes: every Linear in the
+    transformer blocks plus the text encoders' attention/MLP layers."""
+    shapes = {}
+    for key, value in base.items():
+        if value.dim() != 2 or not key.endswith(".weight"):
+            continue
+        if key.startswith("unet.") and (".transformer_blocks." in key or key.endswith((".proj_in.weight", ".proj_out.weight"))):
+            if "norm" not in key:
+                shapes[key[5:-7]] = tuple(value.shape)
+        for prefix, te in (("clip.clip_l.transformer.", "te1."), ("clip.clip_g.transformer.", "te2.")):
+            if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
+                shapes[te + key[len(prefix):-7]] = tuple(value.shape)
+    return shapes
+
+
+def merge_prompt(hypernet_file: str, content_file: str, style_file: str) -> dict:
+    tiny = ["1", 0]
+
+    def merge_node(method):
+        return {"class_type": "LoraRarMerge", "inputs": {
+            "model": tiny, "clip": ["1", 1], "content_lora": ["2", 0], "style_lora": ["3", 0],
+            "hypernetwork": ["4", 0], "content_strength": CONTENT_STRENGTH,
+            "style_strength": STYLE_STRENGTH, "method": method}}
+
+    return {
+        "1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": TINY_SEED}},
+        "2": {"class_type": "LoraRarLoadLora", "inputs": {"lora_name": content_file}},
+        "3": {"class_type": "LoraRarLoadLora", "inputs": {"lora_name": style_file}},
+        "4": {"class_type": "LoraRarLoadHypernet", "inputs": {"hypernet_name": hypernet_file, "download": False}},
+        "5": merge_node("lorarar"),
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a sks dog in watercolor style"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "blurry"}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["8", 0],
+            "seed": 1, "steps": 1, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "latents/lorarar_test"}},
+        "11": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["5", 0], "clip": ["5", 1], "name": "patched_lorarar"}},
+        "12": merge_node("sum"),
+        "13": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["12", 0], "clip": ["12", 1], "name": "patched_sum"}},
+        "14": {"class_type": "LoraRarSaveMergedLora", "inputs": {"merged_lora": ["5", 2], "filename_prefix": "lorarar_test/merged", "dtype": "fp32"}},
+        "15": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
+        "16": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": tiny, "clip": ["1", 1], "name": "base_during"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def merge_run(comfy_server):
+    """Runs: base dump → merge prompt → base dump again; returns what the checks need."""
+    server = comfy_server
+    server.run_prompt({
+        "1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": TINY_SEED}},
+        "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "base_before"}},
+    })
+    base = dump(server, "base_before")
+    shapes = lora_shapes(base)
+    assert len(shapes) > 100, f"tiny model exposes too few LoRA targets: {len(shapes)}"
+
+    loras = server.base_dir / "models" / "loras"
+    content_path, style_path = loras / "lorarar_test_content.safetensors", loras / "lorarar_test_style.safetensors"
+    # Different ranks on purpose (the merge must not assume equal ranks), alpha ≠ rank for one.
+    save_file(to_state_dict(random_factors(shapes, 4, seed=11), "kohya", alpha=2.0), content_path)
+    save_file(to_state_dict(random_factors(shapes, 6, seed=12), "kohya"), style_path)
+    torch.manual_seed(0)
+    hypernet = HyperNetwork(HypernetConfig(hidden=16, widths=(64, 128), name="tiny-test"))
+    hyper_path = save_hypernet(hypernet, server.base_dir / "models" / "lorarar" / "lorarar_tiny_test.safetensors")
+
+    entry = server.run_prompt(merge_prompt(hyper_path.name, content_path.name, style_path.name), timeout=600)
+    server.run_prompt({
+        "1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": TINY_SEED}},
+        "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "base_after"}},
+    })
+    content, style = read_lora(content_path), read_lora(style_path)
+    return {
+        "server": server, "history": entry, "base": base, "shapes": shapes,
+        "content": content, "style": style, "hypernet": hypernet,
+    }
+
+
+def assert_patched_equals(base, patched, merged, label):
+    checked, worst = 0, 0.0
+    for name in merged.layers:
+        key = model_key(name)
+        assert key in patched, f"{label}: merged layer {name} has no weight {key} in the model"
+        expected = base[key] + merged.delta(name).reshape(base[key].shape)
+        err = (patched[key] - expected).abs().max().item()
+        scale = merged.delta(name).abs().max().item()
+        worst = max(worst, err / max(scale, 1e-12))
+        assert torch.allclose(patched[key], expected, rtol=1e-5, atol=1e-6), \
+            f"{label}: {name} differs from base + library ΔW by {err:.3g} (ΔW max {scale:.3g})"
+        checked += 1
+    untouched = [k for k in base if k not in {model_key(n) for n in merged.layers}]
+    for key in untouched:
+        assert torch.equal(patched[key], base[key]), f"{label}: {key} changed but no LoRA targets it"
+    return checked, worst
+
+
+def test_lorarar_merge_patches_exactly_the_library_delta(merge_run):
+    run = merge_run
+    merged = merge_lib.merge(run["content"], run["style"], run["hypernet"], CONTENT_STRENGTH,
+                             STYLE_STRENGTH, method="lorarar")
+    assert merged.report.hypernet_layers > 0
+    checked, _ = assert_patched_equals(run["base"], dump(run["server"], "patched_lorarar"), merged, "lorarar")
+    assert checked == len(run["shapes"])
+    assert any(n.startswith("te2.") for n in merged.layers)  # the text encoders were covered too
+
+
+def test_sum_merge_patches_the_plain_sum(merge_run):
+    run = merge_run
+    merged = merge_lib.merge(run["content"], run["style"], None, CONTENT_STRENGTH, STYLE_STRENGTH, method="sum")
+    checked, _ = assert_patched_equals(run["base"], dump(run["server"], "patched_sum"), merged, "sum")
+    assert checked == len(run["shapes"])
+
+
+def test_lorarar_and_sum_differ_on_hypernet_layers(merge_run):
+    patched_l = dump(merge_run["server"], "patched_lorarar")
+    patched_s = dump(merge_run["server"], "patched_sum")
+    key = model_key("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+    assert not torch.allclose(patched_l[key], patched_s[key])
+    key = model_key("input_blocks.4.1.transformer_blocks.0.attn1.to_k")  # summed in both
+    assert torch.allclose(patched_l[key], patched_s[key], rtol=1e-6, atol=1e-7)
+
+
+def test_base_model_untouched_by_the_merge(merge_run):
+    base = merge_run["base"]
+    for name in ("base_during", "base_after"):
+        other = dump(merge_run["server"], name)
+        assert other.keys() == base.keys()
+        changed = [k for k in base if not torch.equal(base[k], other[k])]
+        assert changed == [], f"{name}: base weights changed: {changed[:5]}"
+
+
+def test_one_sampling_step_ran_and_outputs_were_written(merge_run):
+    server = merge_run["server"]
+    latents = sorted((server.base_dir / "output" / "latents").glob("lorarar_test*.latent"))
+    assert latents, "SaveLatent wrote nothing: KSampler did not run"
+    samples = load_file(latents[-1])["latent_tensor"]
+    assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
+    outputs = merge_run["history"]["outputs"]
+    assert outputs.get("15", {}).get("images"), "coefficient plot was not previewed"
+
+
+def test_saved_merged_lora_equals_library_merge(merge_run):
+    server = merge_run["server"]
+    written = sorted((server.base_dir / "models" / "loras" / "lorarar_test").glob("merged_*.safetensors"))
+    assert written, "Save Merged LoRA wrote no file under models/loras/lorarar_test"
+    saved = read_lora(written[-1])
+    merged = merge_lib.merge(merge_run["content"], merge_run["style"], merge_run["hypernet"],
+                             CONTENT_STRENGTH, STYLE_STRENGTH, method="lorarar")
+    assert set(saved.layers) == set(merged.layers)
+    for name in merged.layers:
+        torch.testing.assert_close(saved.layers[name].delta(), merged.delta(name), rtol=1e-5, atol=1e-7)
