@@ -81,7 +81,7 @@ def test_cli_end_to_end_outputs_and_accuracies(layout, tmp_path, monkeypatch, ca
 
     stdout, stderr = capsys.readouterr()
     assert json.loads(stdout)["by_method"][0]["method"] in ("direct", "lorarar")
-    assert "judge [" in stderr and "64/64 questions" in stderr
+    assert "judge questions [" in stderr and "64/64" in stderr
     for path in out.rglob("*"):
         if path.is_file():
             assert KEY not in path.read_text(encoding="utf-8", errors="replace"), path

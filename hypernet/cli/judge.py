@@ -11,7 +11,6 @@ report.html, and the resumable answer cache cache/answers.jsonl (unless --cache/
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 
@@ -62,40 +61,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-class StderrProgress:
-    """A one-line progress bar on stderr (a new line every 10% when stderr is not a terminal)."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream, self.width = stream or sys.stderr, width
-        self.start = time.monotonic()
-        self.tty = self.stream.isatty()
-        self.last_decile = -1
-        self.last_draw = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        fraction = done / total if total else 1.0
-        decile = int(fraction * 10)
-        if self.tty and done < total and now - self.last_draw < 0.1:
-            return
-        if not self.tty and decile == self.last_decile and done < total:
-            return
-        self.last_draw, self.last_decile = now, decile
-        filled = int(fraction * self.width)
-        rate = done / max(now - self.start, 1e-9)
-        line = f"judge [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} questions {rate:.1f}/s"
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def run(args) -> int:
     import json
     import logging
     from pathlib import Path
 
     from ..judge import AnswerCache, BackendConfig, judge, load_jobs, make_backend, write_outputs
+    from ..progress import ProgressLine
 
     log = logging.getLogger("hypernet.judge")
     config = BackendConfig(
@@ -111,8 +83,9 @@ def run(args) -> int:
     if not args.no_cache:
         cache = AnswerCache(Path(args.cache) if args.cache else out / "cache" / "answers.jsonl")
     started = time.monotonic()
-    result = judge(jobs, backend, mode=args.mode, threshold=args.threshold,
-                   use_names=not args.no_names, cache=cache, progress=StderrProgress())
+    with ProgressLine("judge questions") as bar:
+        result = judge(jobs, backend, mode=args.mode, threshold=args.threshold,
+                       use_names=not args.no_names, cache=cache, progress=bar.update)
     files = write_outputs(result, jobs, out)
     log.info("judged %d image(s) with %d question(s) (%d asked) in %.1f s; report: %s",
              len(jobs), result.questions, result.asked, time.monotonic() - started, files["html"])
