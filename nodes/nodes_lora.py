@@ -1,0 +1,104 @@
+"""LoRA file nodes: "Load LoRA (LoRA.rar)" and "Save Merged LoRA (LoRA.rar)".
+
+Both speak core's `LORA_MODEL` socket (a raw state dict), so they interoperate with core's
+"Load LoRA Model" / "Save LoRA" and with LoRAs coming out of core's training node. The logic is
+in `hypernet.nodelogic`; this module only adds schemas and folder lookups.
+"""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+from ..hypernet import nodelogic
+from ..hypernet.errors import LoraFormatError
+from ..hypernet.writer import DTYPES
+
+CATEGORY = "LoRA.rar"
+
+
+def _lora_files() -> list[str]:
+    import folder_paths
+
+    return [n for n in folder_paths.get_filename_list("loras") if nodelogic.is_lora_file_name(n)]
+
+
+class LoraRarLoadLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraRarLoadLora",
+            display_name="Load LoRA (LoRA.rar)",
+            category=CATEGORY,
+            description="Read a LoRA file from models/loras as a LORA_MODEL (any SDXL naming: "
+                        "kohya, diffusers, peft, ComfyUI) for LoRA.rar Merge or core's LoRA nodes.",
+            inputs=[
+                io.Combo.Input("lora_name", options=_lora_files(),
+                               tooltip="A .safetensors LoRA from models/loras (pickled .pt/.ckpt "
+                                       "LoRAs are refused because loading them can run code)."),
+            ],
+            outputs=[io.LoraModel.Output("lora", display_name="lora",
+                                         tooltip="The LoRA's tensors, unchanged (core's LORA_MODEL type).")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name):
+        # Reload when the file changes on disk under the same name.
+        import folder_paths
+
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            return lora_name
+        stat = os.stat(path)
+        return (lora_name, stat.st_mtime_ns, stat.st_size)
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        import folder_paths
+
+        if not nodelogic.is_lora_file_name(lora_name):
+            raise LoraFormatError(
+                f"lora_name: {lora_name} is not a .safetensors file; only safetensors LoRAs are read")
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            raise LoraFormatError(f"lora_name: {lora_name} was not found in the loras folders")
+        return io.NodeOutput(nodelogic.load_lora_model(path, lora_name))
+
+
+class LoraRarSaveMergedLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraRarSaveMergedLora",
+            display_name="Save Merged LoRA (LoRA.rar)",
+            category=CATEGORY,
+            description="Write a LORA_MODEL (normally LoRA.rar Merge's merged_lora) into models/loras "
+                        "as a kohya SDXL LoRA that loads in any LoRA loader. Never overwrites.",
+            inputs=[
+                io.LoraModel.Input("merged_lora",
+                                   tooltip="The LoRA to save. From LoRA.rar Merge it is written with "
+                                           "its merge provenance (method, strengths, source hashes)."),
+                io.String.Input("filename_prefix", default=nodelogic.DEFAULT_SAVE_PREFIX,
+                                tooltip="File name relative to models/loras; subfolders allowed, '..' "
+                                        "and absolute paths are not. A counter is appended "
+                                        "(_00001, _00002, …); existing files are never overwritten."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="fp32",
+                               tooltip="Precision of the saved factors. fp16/bf16 halve the file size; "
+                                       "fp32 keeps the merge exact."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, merged_lora, filename_prefix, dtype) -> io.NodeOutput:
+        import folder_paths
+
+        loras_dir = folder_paths.get_folder_paths("loras")[0]
+        path = nodelogic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype)
+        relative = os.path.relpath(path, loras_dir).replace(os.sep, "/")
+        return io.NodeOutput(ui=ui.PreviewText(f"saved models/loras/{relative}"))
+
+
+NODES = [LoraRarLoadLora, LoraRarSaveMergedLora]
