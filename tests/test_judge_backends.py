@@ -218,3 +218,38 @@ def test_transformers_backend_missing_package(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(JudgeBackendError, match=r"'transformers' package is not installed.*local-judge"):
         make_backend(BackendConfig("transformers", model=str(tmp_path)))
+
+
+def test_retry_after_http_date_and_garbage():
+    import email.utils
+
+    from hypernet.judge.backends import _retry_after_seconds
+
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= _retry_after_seconds(soon) <= 30
+    assert _retry_after_seconds("2") == 2.0
+    assert _retry_after_seconds("soon-ish") is None and _retry_after_seconds(None) is None
+
+
+def test_ollama_sends_key_from_file(tmp_path):
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n")
+    with JudgeServer(lambda seen: Reply("Yes")) as server:
+        make_backend(BackendConfig("ollama", server.url, "m", api_key_file=str(key_file), **FAST)).ask("q", _images())
+    assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+
+
+def test_concurrency_limit_is_reached_and_respected():
+    from hypernet.judge.protocol import Question
+    from hypernet.judge.runner import ask_all
+
+    reference, generated = _images()
+    questions = [Question(0, "content", f"question {i}", (reference, generated)) for i in range(12)]
+    with JudgeServer(lambda seen: Reply(seen.prompt.upper(), delay=0.1)) as server:
+        backend = make_backend(BackendConfig("openai", server.url, "m", concurrency=4, **FAST))
+        started = time.monotonic()
+        answers, asked = ask_all(questions, backend)
+        elapsed = time.monotonic() - started
+    assert answers == [f"QUESTION {i}" for i in range(12)] and asked == 12  # order kept
+    assert server.max_in_flight == 4
+    assert elapsed < 0.1 * 12 / 2  # ran in parallel (ideal: 3 rounds of 0.1 s)
