@@ -130,7 +130,9 @@ def make_base_dir(root: Path) -> Path:
         (base / sub).mkdir(parents=True, exist_ok=True)
     # A symlink keeps the test on the working tree as it is; a user's install is the same
     # folder cloned there. The test-only pack is copied so no __pycache__ lands in the repo.
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    # LORARAR_PACK_SOURCE tests another checkout of the pack (e.g. a release candidate).
+    source = Path(os.environ.get("LORARAR_PACK_SOURCE") or REPO).resolve()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(source, target_is_directory=True)
     shutil.copytree(TESTONLY_PACK, base / "custom_nodes" / TESTONLY_PACK.name,
                     ignore=shutil.ignore_patterns("__pycache__"))
     return base
