@@ -253,3 +253,22 @@ def test_concurrency_limit_is_reached_and_respected():
     assert answers == [f"QUESTION {i}" for i in range(12)] and asked == 12  # order kept
     assert server.max_in_flight == 4
     assert elapsed < 0.1 * 12 / 2  # ran in parallel (ideal: 3 rounds of 0.1 s)
+
+
+def test_transformers_backend_runs_a_tiny_local_model(tmp_path):
+    pytest.importorskip("transformers", reason="optional extra 'local-judge' not installed")
+    from hypernet.judge import judge
+    from hypernet.judge.protocol import ImageJob
+    from tests.judge_support.tiny_vlm import build_tiny_llava
+
+    folder = build_tiny_llava(tmp_path / "tiny-llava")
+    backend = make_backend(BackendConfig("transformers", model=str(folder), max_tokens=4, concurrency=8))
+    assert backend.max_concurrency == 1  # one model, one device: questions run one at a time
+    reference, generated = _images()
+    answer = backend.ask("same subject yes no", (reference, generated))
+    assert isinstance(answer, str) and answer  # random words from the tiny vocabulary
+    result = judge([ImageJob("m", "dog", "ink", generated, [reference], reference)], backend)
+    (record,) = result.records
+    vote = record["checks"]["content"]["votes"][0]
+    assert vote["answer"] == backend.ask(vote["question"], (reference, generated))  # greedy: repeatable
+    assert result.questions == 2 and result.asked == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -310,13 +311,16 @@ class TransformersBackend:
             transformers, "AutoModelForVision2Seq"
         )
         self._processor = transformers.AutoProcessor.from_pretrained(self.folder, local_files_only=True)
-        kwargs = {"local_files_only": True, "torch_dtype": "auto"}
+        # transformers 4.56 renamed torch_dtype to dtype; older releases only know the old name
+        version = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
+        kwargs = {"local_files_only": True, ("dtype" if version >= (4, 56) else "torch_dtype"): "auto"}
         if importlib.util.find_spec("accelerate") is not None:
             kwargs["device_map"] = "auto"
         model = auto_model.from_pretrained(self.folder, **kwargs)
         if "device_map" not in kwargs:
             model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         self._model = model.eval()
+        self._forward_args = set(inspect.signature(model.forward).parameters)
         log.info("loaded local judge model from %s on %s", self.folder, model.device)
 
     def ask(self, prompt: str, images: Sequence[PreparedImage]) -> str:
@@ -332,6 +336,10 @@ class TransformersBackend:
             inputs = self._processor(
                 images=[i.image for i in images], text=text, return_tensors="pt"
             ).to(self._model.device, self._model.dtype)
+            # Some tokenizers add token_type_ids that generate() rejects unless the model
+            # (e.g. Gemma 3) actually takes them.
+            if "token_type_ids" in inputs and "token_type_ids" not in self._forward_args:
+                del inputs["token_type_ids"]
             greedy = self.config.temperature <= 0
             sampling = {} if greedy else {"temperature": self.config.temperature}
             with torch.inference_mode():
