@@ -43,7 +43,7 @@ def main_bench() -> None:
         n_images = 4 * args.images
         n_questions = n_images * (args.refs + 1)
         print(f"{n_images} images, {n_questions} questions, server delay {args.delay * 1000:.0f} ms")
-        print(f"{'in flight':>9} {'seconds':>8} {'images/s':>9} {'questions/s':>12} {'speed-up':>9}")
+        print(f"{'in flight':>9} {'seconds':>8} {'ideal s':>8} {'images/s':>9} {'questions/s':>12} {'speed-up':>9}")
         base = None
         for concurrency in args.concurrency:
             argv = ["judge", "--generated", str(generated), "--references", str(references),
@@ -56,7 +56,8 @@ def main_bench() -> None:
             seconds = time.perf_counter() - started
             assert code == 0 and len(server.requests) - before == n_questions
             base = base or seconds
-            print(f"{concurrency:>9} {seconds:>8.2f} {n_images / seconds:>9.1f} "
+            ideal = -(-n_questions // concurrency) * args.delay  # rounds of the fixed delay alone
+            print(f"{concurrency:>9} {seconds:>8.2f} {ideal:>8.2f} {n_images / seconds:>9.1f} "
                   f"{n_questions / seconds:>12.1f} {base / seconds:>8.1f}x   "
                   f"(max in flight seen by server: {server.max_in_flight})")
             server.max_in_flight = 0

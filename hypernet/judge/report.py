@@ -65,7 +65,7 @@ def text_report(result: JudgeResult) -> str:
     lines = [f"LoRA.rar MLLM judge — {backend['protocol']} {backend['model']}, mode {result.settings['mode']}"]
     for row in result.by_pair:
         lines.append(
-            f"{row['subject']} × {row['style']}: content {percent(row['content_accuracy'])}, "
+            f"{row['subject'] or 'subject'} × {row['style'] or 'style'}: content {percent(row['content_accuracy'])}, "
             f"style {percent(row['style_accuracy'])}, joint {percent(row['joint_accuracy'])} "
             f"over {row['images']} image(s); unparseable: content {row['content_unparseable']}, "
             f"style {row['style_unparseable']}"

@@ -79,6 +79,12 @@ def colour_judge(seen: Seen) -> Reply:
     return Reply("Yes, it matches." if same else "**No**")
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib default listen backlog is 5: with more simultaneous connects the kernel drops
+    # SYNs and clients stall for a 1 s retransmit. Real model servers use ~2048.
+    request_queue_size = 256
+
+
 class JudgeServer:
     def __init__(self, script: Script = colour_judge):
         self.script = script
@@ -136,7 +142,7 @@ class JudgeServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
