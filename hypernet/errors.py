@@ -29,3 +29,11 @@ class JudgeInputError(LoraRarError, ValueError):
 
 class JudgeBackendError(LoraRarError, RuntimeError):
     """MLLM judge: the model server or local model failed (after any retries)."""
+
+
+class TrainingError(LoraRarError, ValueError):
+    """ZipLoRA merge / hypernetwork training: inputs, data or settings that cannot be used."""
+
+
+class ManifestError(TrainingError):
+    """A training manifest with bad entries; the message lists every problem, one per line."""

@@ -1,0 +1,98 @@
+"""ZipLoRA merge on the test UNet: the objective goes down, equal LoRAs, exact low-rank result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypernet.injection import LoraInjection
+from hypernet.lora import lora_from_state_dict
+from hypernet.merge import merge
+from hypernet.objective import DiscreteSchedule, Sample, draw_noise, ldm_denoiser, ones_coefficients, ziplora_objective
+from hypernet.training.testmodel import ToyEncoder, build_unet, random_lora
+from hypernet.ziplora import ZipLoraSettings, ziplora_merge
+from tests.training_support import one_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    unet = build_unet()
+    encoder = ToyEncoder(unet.config)
+    gen = torch.Generator().manual_seed(3)
+    subject = [(encoder.encode_image(torch.rand(1, 64, 64, 3, generator=gen)),
+                encoder.encode_prompt("a photo of sks dog", ())) for _ in range(2)]
+    style = [(encoder.encode_image(torch.rand(1, 64, 64, 3, generator=gen)),
+              encoder.encode_prompt("a cat in watercolor style", ()))]
+    content = lora_from_state_dict(random_lora(unet, 4, 1), source="content")
+    style_lora = lora_from_state_dict(random_lora(unet, 4, 2), source="style")
+    return unet, subject, style, content, style_lora
+
+
+def mean_objective(unet, content, style_lora, subject, style, coefficients_fn, draws=6):
+    """The objective at fixed (timestep, noise) draws: comparable between coefficient sets."""
+    schedule, denoise = DiscreteSchedule.scaled_linear(), ldm_denoiser(unet)
+    gen = torch.Generator().manual_seed(1234)
+    total = 0.0
+    with LoraInjection(unet, content, style_lora) as inj, torch.no_grad():
+        coefficients = coefficients_fn(inj)
+        for k in range(draws):
+            sub = subject[k % len(subject)]
+            t, noise = draw_noise(tuple(sub[0].shape), gen)
+            sample = Sample(sub[0], sub[1], style[0][0], style[0][1])
+            total += ziplora_objective(inj, denoise, schedule, sample, coefficients, t, noise).as_dict()["total"]
+    return total / draws
+
+
+def test_twenty_steps_lower_the_objective(pair):
+    unet, subject, style, content, style_lora = pair
+    before = mean_objective(unet, content, style_lora, subject, style, ones_coefficients)
+    result = ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content, style_lora,
+                           subject, style, ZipLoraSettings(steps=20, seed=0))
+    after = mean_objective(unet, content, style_lora, subject, style, lambda inj: result.merged.coefficients)
+    assert after < before
+    assert len(result.history) == 20
+    assert {"total", "content", "style", "cosine"} <= result.history[0].keys()
+    # the result is the exact rank r_c + r_s LoRA of the hypernetwork merge, with m applied
+    name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    m_c, m_s = result.merged.coefficients[name]
+    expected = content.layers[name].delta() * m_c + style_lora.layers[name].delta() * m_s
+    torch.testing.assert_close(result.merged.delta(name), expected, rtol=1e-5, atol=1e-6)
+    assert result.merged.layers[name].rank == 8
+    assert result.merged.report.method == "ziplora"
+    sd = result.merged.to_state_dict()
+    assert sd[f"lora_unet_{name.replace('.', '_')}.lora_up.weight"].shape == (32, 8)
+
+
+def test_equal_loras_optimum_at_least_as_low_as_sum(pair):
+    """Both LoRAs equal: the sum doubles ΔW, while m_c = m_s = ½ reproduces each single-LoRA
+    target exactly; ZipLoRA's optimum must not be worse than the sum."""
+    unet, subject, style, content, _ = pair
+    summed = mean_objective(unet, content, content, subject, style, ones_coefficients)
+    result = ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content, content,
+                           subject, style, ZipLoraSettings(steps=30, lr=0.02, seed=1))
+    optimum = mean_objective(unet, content, content, subject, style, lambda inj: result.merged.coefficients)
+    assert optimum <= summed
+    # the merged result equals the plain sum's structure: same layers, coefficients only on targets
+    plain = merge(content, content, method="sum")
+    assert set(plain.layers) == set(result.merged.layers)
+
+
+def test_progress_and_interrupt(pair):
+    unet, subject, style, content, style_lora = pair
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content, style_lora, subject,
+                      style, ZipLoraSettings(steps=10), progress=lambda i, n, r: seen.append((i, n)),
+                      check_interrupt=check)
+    assert seen == [(1, 10), (2, 10)]
+    assert not any(m._forward_hooks for m in unet.modules())
