@@ -103,7 +103,7 @@ def test_cli_resumes_from_cache_after_interruption(layout, tmp_path, capsys):
     assert code == 1
     assert "gave up after 1 attempt" in capsys.readouterr().err
     cached = len(AnswerCache(out / "cache" / "answers.jsonl"))
-    assert 18 <= cached <= 20  # answers that arrived before the failure were kept
+    assert cached == 20  # every answer that arrived was kept, in-flight ones included
 
     with JudgeServer(colour_judge) as healthy:
         assert main(_argv(generated, references, out, healthy.url, "--concurrency", "4")) == 0

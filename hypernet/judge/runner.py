@@ -72,6 +72,7 @@ def ask_all(
                  total, total - len(todo), len(todo), backend.max_concurrency)
         waiting = Counter(keys)  # how many questions each asked key answers
         pool = ThreadPoolExecutor(max_workers=min(backend.max_concurrency, len(todo)))
+        pending: dict = {}
         try:
             pending = {pool.submit(backend.ask, q.prompt, q.images): key for key, q in todo.items()}
             while pending:
@@ -85,8 +86,12 @@ def ask_all(
                     report(done, total)
         finally:
             # On error or interrupt: drop everything not yet started; wait for requests in
-            # flight so no thread outlives the call.
+            # flight so no thread outlives the call, and keep their answers for the resume.
             pool.shutdown(wait=True, cancel_futures=True)
+            if cache is not None:
+                for future, key in pending.items():
+                    if not future.cancelled() and future.exception() is None:
+                        cache.put(key, future.result(), config.model)
     return [answers[key] for key in keys], len(todo)
 
 
