@@ -13,6 +13,7 @@ every other underscore becomes a dot.
 
 from __future__ import annotations
 
+import functools
 import re
 
 TEXT_ENCODER_PREFIXES = ("te1.", "te2.")
@@ -34,15 +35,19 @@ _TEXT_WORDS = (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _word_pattern(words: tuple[str, ...]) -> re.Pattern:
+    # A word counts only between underscores (or the ends); alternatives are tried longest first.
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?:(?<=_)|^)({alternatives})(?=_|$)")
+
+
+@functools.lru_cache(maxsize=4096)
 def _unflatten(flat: str, words: tuple[str, ...]) -> str:
     """`input_blocks_4_1_transformer_blocks_0_attn1_to_q` → `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
-    protected = {word: f"\0{i}\0" for i, word in enumerate(words)}
-    for word, token in protected.items():
-        flat = re.sub(rf"(?:(?<=_)|^){re.escape(word)}(?=_|$)", token, flat)
-    dotted = flat.replace("_", ".")
-    for word, token in protected.items():
-        dotted = dotted.replace(token, word)
-    return dotted
+    pieces = _word_pattern(words).split(flat)
+    # split() with one group alternates: plain text, protected word, plain text, …
+    return "".join(piece if i % 2 else piece.replace("_", ".") for i, piece in enumerate(pieces))
 
 
 def flatten(dotted: str) -> str:

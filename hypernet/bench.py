@@ -1,0 +1,115 @@
+"""`lorarar bench`: time the LoRA.rar merge on a rank-64 SDXL-shaped pair, side by side.
+
+Measures in one run: reading both files, the factored hypernetwork merge (all 280 to_q/to_out.0
+matrices), the dense formulation of the same merge, and writing; prints the dense/factored
+ratio, the largest coefficient difference between them and peak memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import synthetic
+from .lora import read_lora
+from .merge import assemble, compute_coefficients
+from .model import HypernetConfig, HyperNetwork, load_hypernet
+from .writer import save_merged
+
+log = logging.getLogger(__name__)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def dense_coefficients(content, style, hypernet, names):
+    """The dense formulation: form ΔW_c and ΔW_s (out×in) and feed every column through H."""
+    with torch.no_grad():
+        return {n: hypernet.coefficients_dense(content.layers[n].delta(), style.layers[n].delta()) for n in names}
+
+
+def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None = None,
+                  repeat: int = 3, dense: bool = True, folder: str | None = None) -> dict[str, float]:
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    hypernet = load_hypernet(hypernet_path) if hypernet_path else HyperNetwork(HypernetConfig()).eval()
+    results: dict[str, float] = {"threads": torch.get_num_threads(), "rank": rank}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        paths = []
+        for seed, name in ((1, "content"), (2, "style")):
+            path = Path(tmp) / f"{name}.safetensors"
+            save_file(synthetic.sdxl_lora(rank=rank, seed=seed, alpha=rank / 2, dtype=torch_dtype, te_layers=12), str(path))
+            paths.append(path)
+        files_mib = sum(p.stat().st_size for p in paths) / 2**20
+        results["files_MiB"] = files_mib
+
+        baseline = _rss_kib("VmRSS")
+        tracked = _reset_peak_rss()
+        start = time.perf_counter()
+        content, style = read_lora(paths[0]), read_lora(paths[1])
+        results["read_s"] = time.perf_counter() - start
+
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            coefficients, _ = compute_coefficients(content, style, hypernet)
+            times.append(time.perf_counter() - start)
+        results["factored_s"] = statistics.median(times)
+        results["factored_min_s"] = min(times)
+        results["matrices"] = len(coefficients)
+        start = time.perf_counter()
+        merged = assemble(content, style, coefficients)
+        results["assemble_s"] = time.perf_counter() - start
+        if tracked:
+            results["peak_read_merge_MiB"] = (_rss_kib("VmHWM") - baseline) / 1024
+            results["peak_over_files"] = results["peak_read_merge_MiB"] / files_mib
+
+        if dense:
+            start = time.perf_counter()
+            reference = dense_coefficients(content, style, hypernet, list(coefficients))
+            results["dense_s"] = time.perf_counter() - start
+            results["dense_over_factored"] = results["dense_s"] / results["factored_s"]
+            results["max_coefficient_diff"] = max(
+                float((coefficients[n][i] - reference[n][i]).abs().max()) for n in reference for i in (0, 1))
+
+        out = Path(tmp) / "merged.safetensors"
+        start = time.perf_counter()
+        save_merged(merged, out)
+        results["write_s"] = time.perf_counter() - start
+        results["merged_MiB"] = out.stat().st_size / 2**20
+    return results
+
+
+def format_results(r: dict[str, float]) -> str:
+    lines = [f"rank-{r['rank']:.0f} SDXL pair, {r['files_MiB']:.0f} MiB on disk, torch threads {r['threads']:.0f}",
+             f"read both files            {r['read_s']:8.3f} s",
+             f"hypernetwork merge         {r['factored_s']:8.3f} s  (median; best {r['factored_min_s']:.3f} s; "
+             f"{r['matrices']:.0f} matrices, factored)",
+             f"assemble merged LoRA       {r['assemble_s']:8.3f} s"]
+    if "dense_s" in r:
+        lines += [f"dense formulation          {r['dense_s']:8.3f} s",
+                  f"dense / factored           {r['dense_over_factored']:8.1f} x",
+                  f"max |coefficient diff|     {r['max_coefficient_diff']:8.2e}"]
+    lines.append(f"write merged ({r['merged_MiB']:.0f} MiB)     {r['write_s']:8.3f} s")
+    if "peak_read_merge_MiB" in r:
+        lines.append(f"peak RSS read+merge        {r['peak_read_merge_MiB']:8.0f} MiB = "
+                     f"{r['peak_over_files']:.2f} x the two files")
+    return "\n".join(lines)

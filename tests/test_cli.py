@@ -1,0 +1,83 @@
+"""The command line: `python -m hypernet …` end to end, including how it fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypernet import synthetic
+from hypernet.cli import main
+from hypernet.lora import read_lora
+
+from .conftest import write_lora
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_merge_command_writes_a_merged_lora(lora_pair, official_sdxl_path, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    rc = main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--hypernet", str(official_sdxl_path),
+               "--content-strength", "0.9", "--style-strength", "1.1", "--dtype", "fp16"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(out)
+    merged = read_lora(out)
+    assert merged.metadata["lorarar.method"] == "lorarar"
+    assert merged.metadata["lorarar.hypernet_sha256"] == "0cfa9772a0c56020a38c0bebd33834703cf915ead96136cf316be5b27e933b05"
+    assert json.loads(merged.metadata["lorarar.report"])["hypernet_layers"] == 280
+    assert merged.layers["middle_block.1.transformer_blocks.0.attn1.to_q"].rank == 8 + 16
+    # refuses to overwrite, before doing any work
+    assert main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--method", "sum"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--method", "sum", "--force"]) == 0
+    assert read_lora(out).metadata["lorarar.method"] == "sum"
+
+
+def test_errors_are_one_line_and_exit_non_zero(tmp_path):
+    bogus = tmp_path / "style.ckpt"
+    bogus.write_bytes(b"\x80\x02}q\x00.")
+    content = write_lora(tmp_path / "c.safetensors", synthetic.sdxl_lora(rank=2, seed=0, te_layers=0))
+    proc = subprocess.run([sys.executable, "-m", "hypernet", "merge", str(content), str(bogus), "-o",
+                           str(tmp_path / "o.safetensors"), "--method", "sum"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "style.ckpt" in proc.stderr and "pickle" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merge_refuses_an_sd15_style_lora(tmp_path, capsys):
+    from .test_lora_reading import _sd15_lora
+
+    content = write_lora(tmp_path / "c.safetensors", synthetic.sdxl_lora(rank=2, seed=0, te_layers=0))
+    style = write_lora(tmp_path / "sd15_style.safetensors", _sd15_lora())
+    assert main(["merge", str(content), str(style), "-o", str(tmp_path / "o.safetensors"), "--method", "sum"]) == 1
+    err = capsys.readouterr().err
+    assert "style LoRA" in err and "sd15_style.safetensors looks like SD1.5" in err
+
+
+def test_inspect_command(lora_pair, capsys):
+    assert main(["inspect", str(lora_pair[1]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_family"] == "sdxl" and info["ranks"] == {"16": info["layers"]}
+    assert info["naming"] == {"kohya": 3 * info["layers"]}
+    assert main(["inspect", str(lora_pair[1])]) == 0
+    assert "layers_per_block:" in capsys.readouterr().out
+
+
+def test_bench_command_reports_the_figures(capsys):
+    assert main(["bench", "--rank", "2", "--repeat", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["matrices"] == 280
+    assert figures["max_coefficient_diff"] < 1e-4
+    assert figures["dense_over_factored"] > 0 and figures["write_s"] > 0
+
+
+def test_help_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "hypernet", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    for command in ("merge", "inspect", "convert-hypernet", "bench"):
+        assert command in proc.stdout

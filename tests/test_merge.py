@@ -1,0 +1,243 @@
+"""Merge: the library against an independent dense implementation of DESIGN §4 and §10."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from hypernet import synthetic
+from hypernet.errors import HypernetError, LoraMismatchError
+from hypernet.lora import lora_from_state_dict, read_lora
+from hypernet.merge import merge
+from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet
+from hypernet.writer import merge_metadata, save_merged
+
+from .conftest import write_lora
+
+TARGET = re.compile(r"\.attn[12]\.(to_q|to_out\.0)$")
+
+
+class ReferenceMerge:
+    """DESIGN §4/§10 written out densely (float64) from the raw kohya tensors and the raw
+    official state dict — shares no code with the library. Layers are computed one at a time:
+    a whole dense SDXL LoRA would need ~17 GB."""
+
+    def __init__(self, content_sd, style_sd, hypernet_sd, cs=1.0, ss=1.0):
+        self.content_sd, self.style_sd, self.hypernet_sd, self.cs, self.ss = content_sd, style_sd, hypernet_sd, cs, ss
+        modules = lambda sd: {k[: -len(".lora_up.weight")] for k in sd if k.endswith(".lora_up.weight")}  # noqa: E731
+        self.modules = modules(content_sd) | modules(style_sd)
+
+    @staticmethod
+    def _delta(sd, module):
+        if module + ".lora_up.weight" not in sd:
+            return None
+        up, down = sd[module + ".lora_up.weight"].double(), sd[module + ".lora_down.weight"].double()
+        alpha = sd.get(module + ".alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        return scale * up @ down
+
+    def _coefficients(self, dc, ds):
+        x = torch.cat([dc, ds], dim=0).T  # one row per input column, content first
+        sd = self.hypernet_sd
+        name = next(k[:-7] for k, v in sd.items() if k.startswith("input_") and k.endswith(".weight") and v.shape[1] == x.shape[1])
+        h = torch.relu(x @ sd[name + ".weight"].double().T + sd[name + ".bias"].double())
+        m = h @ sd["output.1.weight"].double().T + sd["output.1.bias"].double()
+        return m[:, 0], m[:, 1]
+
+    def delta(self, module):
+        dc, ds = self._delta(self.content_sd, module), self._delta(self.style_sd, module)
+        if dc is None or ds is None:
+            return self.cs * dc if dc is not None else self.ss * ds
+        if module.startswith("lora_unet_") and re.search(r"_attn[12]_(to_q|to_out_0)$", module):
+            m_c, m_s = self._coefficients(dc, ds)
+            return self.cs * dc * m_c + self.ss * ds * m_s
+        return self.cs * dc + self.ss * ds
+
+
+@pytest.fixture(scope="module")
+def pair_sd():
+    """Full SDXL shapes; content rank 4 with alpha 2, style rank 8 without alpha; one layer
+    only in each LoRA."""
+    content = synthetic.sdxl_lora(rank=4, seed=11, alpha=2, te_layers=1)
+    style = synthetic.sdxl_lora(rank=8, seed=12, te_layers=1)
+    for key in [k for k in content if "output_blocks_5_1_transformer_blocks_1_attn1_to_q" in k]:
+        del content[key]
+    for key in [k for k in style if "input_blocks_4_1_proj_in" in k]:
+        del style[key]
+    return content, style
+
+
+def _check_against_reference(merged, reference, tol=2e-6, every=1):
+    """Compare every `every`-th layer (and all hypernetwork layers of the 640-wide blocks)."""
+    from hypernet import naming
+
+    assert {naming.ldm_to_kohya_key(n) for n in merged.layers} == reference.modules
+    worst, checked = 0.0, 0
+    for index, (name, layer) in enumerate(merged.layers.items()):
+        if index % every and not (name in merged.coefficients and layer.parts[0].up.shape[0] == 640):
+            continue
+        expected = reference.delta(naming.ldm_to_kohya_key(name))
+        got = layer.delta().double()
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+        checked += 1
+    assert worst < tol, worst
+    return checked
+
+
+@pytest.mark.parametrize("use_official", [False, True], ids=["random-hypernet", "official-sdxl"])
+def test_merge_equals_dense_reference(pair_sd, random_hypernet_pth, use_official, request):
+    path = request.getfixturevalue("official_sdxl_path") if use_official else random_hypernet_pth
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    content_sd, style_sd = pair_sd
+    content, style = lora_from_state_dict(content_sd, source="c"), lora_from_state_dict(style_sd, source="s")
+    merged = merge(content, style, load_hypernet(path), content_strength=0.8, style_strength=1.3)
+    assert _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3), every=6) > 150
+    report = merged.report
+    assert report.hypernet_layers == 279 and report.content_only_layers == 1 and report.style_only_layers == 1
+    assert report.summed_layers == len(merged.layers) - 281 and report.dense_layers == 0
+    # exact low rank: r_c + r_s where both exist
+    both = merged.layers["middle_block.1.transformer_blocks.3.attn2.to_q"]
+    assert both.rank == 12 and both.diff is None
+    assert merged.layers["input_blocks.4.1.proj_in"].rank == 4
+
+
+def test_factored_equals_dense_coefficients(pair_sd, random_hypernet_pth):
+    hypernet = load_hypernet(random_hypernet_pth)
+    content, style = (lora_from_state_dict(sd) for sd in pair_sd)
+    merged = merge(content, style, hypernet)
+    for name in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "output_blocks.0.1.transformer_blocks.9.attn2.to_out.0"):
+        m_c, m_s = hypernet.coefficients_dense(content.layers[name].delta(), style.layers[name].delta())
+        torch.testing.assert_close(merged.coefficients[name][0], m_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged.coefficients[name][1], m_s, atol=1e-5, rtol=1e-5)
+
+
+def test_strengths_scale_linearly_and_never_change_coefficients(pair_sd, random_hypernet_pth):
+    hypernet = load_hypernet(random_hypernet_pth)
+    content, style = (lora_from_state_dict(sd) for sd in pair_sd)
+    base = merge(content, style, hypernet)
+    c_only = merge(content, style, hypernet, 1.0, 0.0)
+    s_only = merge(content, style, hypernet, 0.0, 1.0)
+    scaled = merge(content, style, hypernet, 2.5, -0.5)
+    for name in base.coefficients:
+        assert torch.equal(base.coefficients[name][0], scaled.coefficients[name][0])
+    for name in ("input_blocks.7.1.transformer_blocks.2.attn1.to_out.0", "output_blocks.3.1.proj_out", "te2.text_model.encoder.layers.0.mlp.fc1"):
+        expected = 2.5 * c_only.delta(name) - 0.5 * s_only.delta(name)
+        torch.testing.assert_close(scaled.delta(name), expected, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(base.delta(name), c_only.delta(name) + s_only.delta(name), atol=1e-7, rtol=1e-5)
+
+
+def test_sum_with_weights_one_and_minus_one_cancels(pair_sd):
+    content = lora_from_state_dict(pair_sd[0])
+    merged = merge(content, content, method="sum", content_strength=1.0, style_strength=-1.0)
+    assert merged.report.summed_layers == len(content.layers) and not merged.coefficients
+    for name in merged.layers:
+        assert merged.delta(name).abs().max() < 1e-9, name
+
+
+def test_sum_equals_reference_sum(pair_sd):
+    content_sd, style_sd = pair_sd
+    merged = merge(lora_from_state_dict(content_sd), lora_from_state_dict(style_sd), method="sum",
+                   content_strength=0.7, style_strength=1.1)
+    # A hypernetwork that outputs exactly 1 and 1 turns the reference into the plain sum.
+    ones = {"input_1.weight": torch.zeros(1, 1280), "input_1.bias": torch.zeros(1),
+            "input_2.weight": torch.zeros(1, 2560), "input_2.bias": torch.zeros(1),
+            "output.1.weight": torch.zeros(2, 1), "output.1.bias": torch.ones(2)}
+    _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, ones, 0.7, 1.1), every=10)
+
+
+def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_path):
+    hypernet = load_hypernet(random_hypernet_pth)
+    content, style = (lora_from_state_dict(sd) for sd in pair_sd)
+    merged = merge(content, style, hypernet, 1.2, 0.9)
+    meta = merge_metadata(merged, hypernet_name="random", content_sha256="c" * 64, style_sha256="s" * 64)
+    path = save_merged(merged, tmp_path / "merged.safetensors", meta)
+    again = read_lora(path)
+    assert set(again.layers) == set(merged.layers)
+    assert not again.unrecognised_keys
+    for name in list(merged.layers)[::7]:
+        torch.testing.assert_close(again.layers[name].delta(), merged.delta(name), atol=1e-8, rtol=1e-5)
+    assert again.metadata["lorarar.method"] == "lorarar"
+    assert again.metadata["ss_network_dim"] == "12" and again.metadata["lorarar.content_sha256"] == "c" * 64
+    assert again.metadata["lorarar.content_strength"] == "1.2"
+    # kohya names only
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in keys)
+    # fp16 output is close, not exact
+    half = read_lora(save_merged(merged, tmp_path / "half.safetensors", meta, dtype="fp16"))
+    name = "middle_block.1.transformer_blocks.0.attn1.to_q"
+    assert half.layers[name].up.dtype == torch.float16
+    torch.testing.assert_close(half.layers[name].delta(), merged.delta(name), atol=1e-5, rtol=2e-2)
+
+
+def test_writing_refuses_to_overwrite_and_leaves_nothing_behind(pair_sd, tmp_path):
+    merged = merge(lora_from_state_dict(pair_sd[0]), lora_from_state_dict(pair_sd[1]), method="sum")
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"precious")
+    from hypernet.errors import OutputExistsError
+    with pytest.raises(OutputExistsError, match="already exists"):
+        save_merged(merged, target)
+    assert target.read_bytes() == b"precious"
+    save_merged(merged, target, force=True)
+    assert read_lora(target).layers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_layer_with_different_shapes_in_the_two_loras():
+    shapes = {"middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280)}
+    other = {"middle_block.1.transformer_blocks.0.attn1.to_q": (640, 640)}
+    c = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0)), source="subject.safetensors")
+    s = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(other, 4, 0)), source="style.safetensors")
+    for method in ("lorarar", "sum"):
+        with pytest.raises(LoraMismatchError, match=r"shape \(1280, 1280\) in the content LoRA \(subject\.safetensors\) but \(640, 640\) in the style LoRA"):
+            merge(c, s, HyperNetwork(HypernetConfig()), method=method)
+
+
+def test_width_without_an_input_layer_errors_or_falls_back():
+    shapes = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
+              "input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640)}
+    c = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0)))
+    s = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1)))
+    hypernet = HyperNetwork(HypernetConfig())
+    with pytest.raises(HypernetError, match="320 wide; this hypernetwork supports widths 640/1280"):
+        merge(c, s, hypernet)
+    merged = merge(c, s, hypernet, unsupported_width="sum")
+    assert merged.report.width_fallback_layers == 1 and merged.report.hypernet_layers == 1
+    name = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    torch.testing.assert_close(merged.delta(name), c.layers[name].delta() + s.layers[name].delta())
+
+
+def test_non_low_rank_adapters_become_dense_differences(random_hypernet_pth, tmp_path):
+    from .test_lora_reading import _loha_lokr_full_dora
+
+    lyco = lora_from_state_dict(_loha_lokr_full_dora())
+    shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
+    hypernet = load_hypernet(random_hypernet_pth)
+    merged = merge(lyco, plain, hypernet)
+    assert merged.report.dense_layers == 4 and merged.report.hypernet_layers == 2
+    q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    m_c, m_s = hypernet.coefficients_dense(lyco.layers[q].delta(), plain.layers[q].delta())
+    torch.testing.assert_close(merged.delta(q), lyco.layers[q].delta() * m_c + plain.layers[q].delta() * m_s)
+    path = save_merged(merged, tmp_path / "dense.safetensors")
+    again = read_lora(path)
+    assert again.layers[q].kind == "full"
+    torch.testing.assert_close(again.layers[q].delta(), merged.delta(q))
+
+
+def test_conv_locon_layers_concatenate(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_input_blocks_4_0_in_layers_2"
+    def conv(r):
+        return {f"{key}.lora_up.weight": torch.randn(640, r, 1, 1, generator=g),
+                f"{key}.lora_down.weight": torch.randn(r, 320, 3, 3, generator=g), f"{key}.alpha": torch.tensor(1.0)}
+    c, s = lora_from_state_dict(conv(2)), lora_from_state_dict(conv(3))
+    merged = merge(c, s, method="sum", content_strength=2.0)
+    name = "input_blocks.4.0.in_layers.2"
+    assert merged.layers[name].rank == 5
+    torch.testing.assert_close(merged.delta(name), 2 * c.layers[name].delta() + s.layers[name].delta())
+    again = read_lora(save_merged(merged, tmp_path / "conv.safetensors"))
+    torch.testing.assert_close(again.layers[name].delta(), merged.delta(name))
