@@ -26,6 +26,12 @@ class LoraRarExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         node_list: list[type[io.ComfyNode]] = []
         for name in TOPIC_MODULES:
-            module = importlib.import_module(f".{name}", __name__)
+            # One broken topic (say, a missing optional dependency) must not hide the others:
+            # log it loudly with its traceback and go on.
+            try:
+                module = importlib.import_module(f".{name}", __name__)
+            except Exception:  # noqa: BLE001 - any import-time failure of that one module
+                log.exception("LoRA.rar: the %s nodes failed to load and are not available", name)
+                continue
             node_list.extend(module.NODES)
         return node_list
