@@ -63,7 +63,7 @@ class LoraRarMllmBackend(io.ComfyNode):
                              tooltip="Longest answer the model may write. Decoding is greedy "
                              "(temperature 0), as in the paper."),
             ],
-            outputs=[MllmBackend.Output(display_name="backend",
+            outputs=[MllmBackend.Output("backend", display_name="backend",
                                         tooltip="Connect to a LoRA.rar MLLM Judge node.")],
         )
 
@@ -140,15 +140,15 @@ class LoraRarMllmJudge(io.ComfyNode):
                                  "(stored in ComfyUI's user folder, lorarar/judge_answers.jsonl)."),
             ],
             outputs=[
-                io.Float.Output(display_name="content",
+                io.Float.Output("content", display_name="content",
                                 tooltip="Content accuracy (yesno) or mean content rating / 100 (rubric); "
                                 "NaN if no answer could be parsed."),
-                io.Float.Output(display_name="style", tooltip="Style accuracy or mean style rating / 100."),
-                io.Float.Output(display_name="joint",
+                io.Float.Output("style", display_name="style", tooltip="Style accuracy or mean style rating / 100."),
+                io.Float.Output("joint", display_name="joint",
                                 tooltip="Share of images correct on both (yesno) or mean of "
                                 "min(content, style) rating / 100 (rubric)."),
-                io.String.Output(display_name="report", tooltip="Every verdict, with vote counts."),
-                io.Image.Output(display_name="grid",
+                io.String.Output("report", display_name="report", tooltip="Every verdict, with vote counts."),
+                io.Image.Output("grid", display_name="grid",
                                 tooltip="The generated images framed green (correct), red (wrong) or "
                                 "grey (unparseable), with their verdicts."),
             ],

@@ -70,12 +70,13 @@ def test_node_schemas_ids_and_tooltips():
     module = _node_module()
     assert [n.define_schema().node_id for n in module.NODES] == ["LoraRarMllmBackend", "LoraRarMllmJudge"]
     for node in module.NODES:
-        schema = node.define_schema()
+        schema = node.GET_SCHEMA()  # what ComfyUI calls: finalizes and validates the schema
         assert schema.category == "LoRA.rar" and schema.display_name.startswith("LoRA.rar")
         for item in schema.inputs:
             assert item.tooltip, f"{schema.node_id}.{item.id} has no tooltip"
     judge_schema = module.LoraRarMllmJudge.define_schema()
     assert [o.io_type for o in judge_schema.outputs] == ["FLOAT", "FLOAT", "FLOAT", "STRING", "IMAGE"]
+    assert [o.id for o in judge_schema.outputs] == ["content", "style", "joint", "report", "grid"]
     assert judge_schema.inputs[0].io_type == "LORARAR_MLLM_BACKEND"
     backend_ids = [i.id for i in module.LoraRarMllmBackend.define_schema().inputs]
     assert "api_key_env" in backend_ids and not any(i in ("api_key", "key") for i in backend_ids)
