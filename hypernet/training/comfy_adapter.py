@@ -1,0 +1,138 @@
+"""ComfyUI's MODEL / CLIP / VAE as a `TrainingBase` — duck-typed, so `hypernet` never imports
+ComfyUI; `load_comfy_checkpoint` imports it lazily (the CLI, with COMFYUI_PATH) and is the only
+function here that does.
+
+What is used (ComfyUI ≥ 0.3.60):
+- MODEL (ModelPatcher): `.model` (BaseModel) → `.diffusion_model` (UNetModel,
+  forward(x, timesteps, context, y)), `.model_sampling` (sigmas, noise_scaling,
+  calculate_input, timestep), `.latent_format.process_in`, `.encode_adm(pooled_output=, width=,
+  height=, crop_w=, crop_h=, target_width=, target_height=)` (SDXL's `y`; None for SD1.5),
+  `.get_dtype()`, `.manual_cast_dtype`; `.load_device`.
+- CLIP: `tokenize(text)`, `encode_from_tokens(tokens, return_pooled=True)`.
+- VAE: `encode(pixels [B, H, W, C] in 0..1)`, `downscale_ratio`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import TrainingError
+from ..objective import ComfyModelSampling
+from .data import TrainingBase
+
+log = logging.getLogger(__name__)
+
+
+class ComfyEncoder:
+    def __init__(self, model, clip, vae):
+        self.model, self.clip, self.vae = model, clip, vae
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        latent = self.vae.encode(image[..., :3])
+        return self.model.model.latent_format.process_in(latent).float()
+
+    def encode_prompt(self, text: str, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        tokens = self.clip.tokenize(text)
+        context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        cond = {"context": context.float()}
+        ratio = getattr(self.vae, "downscale_ratio", 8)
+        ratio = ratio if isinstance(ratio, int) else 8
+        height, width = (latent_shape[-2] * ratio, latent_shape[-1] * ratio) if len(latent_shape) >= 2 else (1024, 1024)
+        y = self.model.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
+                                        target_width=width, target_height=height, prompt_type="positive",
+                                        device=context.device)
+        if y is not None:
+            cond["y"] = y.float()
+        return cond
+
+
+def _compute_dtype(base_model) -> torch.dtype:
+    dtype = base_model.get_dtype()
+    return getattr(base_model, "manual_cast_dtype", None) or dtype
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """Replace inference-mode tensors (ComfyUI runs nodes under torch.inference_mode, so weights
+    loaded there are inference tensors, which autograd refuses to save for backward) with
+    ordinary copies of the same values. Returns how many were replaced."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for name, tensor in list(store.items()):
+                    if tensor is not None and tensor.is_inference():
+                        copy = tensor.clone()
+                        store[name] = torch.nn.Parameter(copy, requires_grad=False) \
+                            if isinstance(tensor, torch.nn.Parameter) else copy
+                        replaced += 1
+    return replaced
+
+
+def comfy_training_base(model, clip, vae, resolution: int | None = None, family: str | None = None,
+                        check_interrupt=None, description: str = "") -> TrainingBase:
+    """A TrainingBase over a loaded ComfyUI MODEL/CLIP/VAE (call after load_models_gpu)."""
+    base_model = model.model
+    unet = base_model.diffusion_model
+    device = torch.device(getattr(model, "load_device", None) or next(unet.parameters()).device)
+    dtype = _compute_dtype(base_model)
+    replaced = make_autograd_safe(unet)
+    if replaced:
+        log.info("copied %d inference-mode UNet tensors so that gradients can flow through them", replaced)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        y = cond.get("y")
+        return unet(x.to(dtype), t, context=cond["context"].to(dtype),
+                    y=None if y is None else y.to(dtype)).float()
+
+    name = type(base_model).__name__
+    family = family or {"SDXL": "sdxl", "BaseModel": "sd15", "SD21UNCLIP": "sd2"}.get(name, name.lower())
+    autocast = None
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        autocast = dtype
+    return TrainingBase(unet=unet, denoise=denoise, schedule=ComfyModelSampling(base_model.model_sampling),
+                        encoder=ComfyEncoder(model, clip, vae), resolution=resolution or (1024 if family == "sdxl" else 512),
+                        family=family, description=description or f"ComfyUI {name}", device=device,
+                        autocast_dtype=autocast, check_interrupt=check_interrupt)
+
+
+def import_comfyui():
+    """Put COMFYUI_PATH on sys.path and import what the CLI needs (comfy.sd, model_management)."""
+    root = os.environ.get("COMFYUI_PATH")
+    if not root:
+        raise TrainingError("COMFYUI_PATH is not set: point it at a ComfyUI checkout (the folder with "
+                            "main.py and comfy/) to load a base checkpoint, or use --base tiny for the "
+                            "built-in test model")
+    if not (Path(root) / "comfy" / "sd.py").is_file():
+        raise TrainingError(f"COMFYUI_PATH={root} is not a ComfyUI checkout (no comfy/sd.py there)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        import comfy.model_management
+        import comfy.sd
+    except ImportError as exc:
+        raise TrainingError(f"cannot import ComfyUI from {root} ({exc}); run with ComfyUI's Python "
+                            "environment") from None
+    return comfy
+
+
+def load_comfy_checkpoint(path: str | Path, resolution: int | None = None) -> tuple[TrainingBase, object]:
+    """Load a base checkpoint through ComfyUI → (TrainingBase, ModelPatcher)."""
+    comfy = import_comfyui()
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such checkpoint")
+    with torch.inference_mode(False):
+        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+        model, clip, vae = out[:3]
+        if model is None or clip is None or vae is None:
+            raise TrainingError(f"{path}: ComfyUI found no UNet, text encoder and VAE in this checkpoint")
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        base = comfy_training_base(model, clip, vae, resolution,
+                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                                   description=f"{path.name} via ComfyUI")
+    return base, model

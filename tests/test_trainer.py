@@ -1,0 +1,163 @@
+"""Hypernetwork trainer on the test UNet: manifest checks, split, exact resume, outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hypernet.errors import ManifestError, TrainingError
+from hypernet.injection import linear_layer_shapes
+from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet, save_hypernet
+from hypernet.training.checkpoint import find_checkpoint
+from hypernet.training.manifest import check_loras, load_manifest
+from hypernet.training.testmodel import UNetConfig, tiny_base
+from hypernet.training.trainer import TrainSettings, Trainer, build_hypernet
+from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_base()
+
+
+def settings(**kw) -> TrainSettings:
+    defaults = dict(steps=4, checkpoint_every=2, validate_every=0, validation_draws=1, hidden=16, seed=3)
+    return TrainSettings(**{**defaults, **kw})
+
+
+def test_split_holds_out_subjects_and_styles(tmp_path):
+    manifest = load_manifest(make_dataset(tmp_path, subjects=5, styles=4, split={"validation_fraction": 0.4, "seed": 1},
+                                          fmt="yaml"))
+    train, val = manifest.split()
+    val_subjects, val_styles = {a.name for a, _ in val}, {b.name for _, b in val}
+    assert len(val_subjects) == 2 and len(val_styles) == 2 and len(val) == 4
+    assert not val_subjects & {a.name for a, _ in train}
+    assert not val_styles & {b.name for _, b in train}
+    assert len(train) == 3 * 2
+    assert manifest.summary()["validation_pairs"] == 4
+
+
+def test_bad_manifest_entries_each_get_one_clear_error(tmp_path, base):
+    path = make_dataset(tmp_path)
+    data = json.loads(path.read_text())
+    data["subjects"][0]["lora"] = "missing.safetensors"
+    data["subjects"][1]["images"] = "no_such_folder"
+    (tmp_path / "empty").mkdir()
+    data["subjects"][2]["images"] = "empty"
+    del data["styles"][0]["prompt"]
+    data["split"] = {"validation_subjects": ["nobody"]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    assert "5 problem(s)" in message
+    assert "subjects[0] (subj0): LoRA file" in message and "missing.safetensors does not exist" in message
+    assert "subjects[1] (subj1): image path" in message and "no_such_folder does not exist" in message
+    assert "subjects[2] (subj2): image folder" in message and "contains no images" in message
+    assert "styles[0]: missing prompt" in message
+    assert "'nobody', which is not a subject" in message
+
+
+def test_lora_for_other_widths_and_damaged_file_are_reported_together(tmp_path, base):
+    path = make_dataset(tmp_path)
+    other = make_dataset(tmp_path / "sd15", subjects=1, styles=1, config=UNetConfig(channels=(16, 48, 64)))
+    shutil.copy(other.parent / "subj0.safetensors", tmp_path / "subj1.safetensors")
+    (tmp_path / "style1.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    manifest = load_manifest(path)
+    with pytest.raises(ManifestError) as info:
+        check_loras(manifest, linear_layer_shapes(base.unet))
+    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    assert len(lines) == 2
+    assert "subjects[1] (subj1)" in lines[0] and "other widths" in lines[0] and "(48, 48)" in lines[0]
+    assert "styles[1] (style1)" in lines[1] and "pickle" in lines[1]
+
+
+def test_resume_is_bit_exact(tmp_path, dataset, base):
+    manifest = load_manifest(dataset)
+    straight = Trainer(base, manifest, settings(), tmp_path / "a").run()
+    first = Trainer(base, manifest, settings(steps=2), tmp_path / "b").run()
+    assert first.step == 2
+    # a fresh trainer (as after a crash) continues from the step-2 checkpoint to step 4
+    resumed = Trainer(base, manifest, settings(), tmp_path / "b", resume=tmp_path / "b").run()
+    assert resumed.step == 4
+    for key, value in straight.hypernet.state_dict().items():
+        assert torch.equal(value, resumed.hypernet.state_dict()[key]), key
+    lines = [json.loads(l) for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert find_checkpoint(tmp_path / "b").name == "step_000004"
+
+
+def test_run_outputs_and_metadata(tmp_path, dataset, base):
+    manifest = load_manifest(dataset)
+    out = tmp_path / "models" / "lorarar" / "mine.safetensors"
+    out.parent.mkdir(parents=True)
+    result = Trainer(base, manifest, settings(steps=3, validate_every=3, name="mine"), tmp_path / "run").run(out)
+    records = [json.loads(l) for l in result.log_path.read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 3 and all({"total", "content", "style", "cosine", "grad_norm", "pairs"} <= r.keys() for r in train)
+    for r in train:
+        assert r["total"] == pytest.approx(r["content"] + r["style"] + r["cosine"], rel=1e-5)
+        assert tuple(r["pairs"][0]) in {(a.name, b.name) for a, b in manifest.split()[0]}
+    validation = [r for r in records if r["kind"] == "validation"]
+    assert len(validation) == 1 and validation[0]["pairs"] == 1
+    assert validation[0]["sum"]["cosine"] == pytest.approx(0.01 * 44)  # cos(1, 1) = 1 on all 44 layers
+    with Image.open(result.plot_path) as im:
+        assert im.size == (640, 360)
+    loaded = load_hypernet(out)
+    assert loaded.widths == (32, 64) and loaded.config.hidden == 16
+    extra = loaded.config.extra
+    assert extra["steps"] == "3" and json.loads(extra["data"])["train_pairs"] == 4
+    assert float(extra["validation_objective_hypernet"]) == pytest.approx(validation[0]["hypernet"]["total"], rel=1e-5)
+    assert "validation_objective_sum" in extra and "test UNet" in extra["base"]
+    for key, value in result.hypernet.state_dict().items():
+        assert torch.equal(value.float(), loaded.state_dict()[key])
+
+
+def test_start_from_checkpoint_adds_new_widths(tmp_path):
+    official_like = HyperNetwork(HypernetConfig(hidden=16, widths=(64, 1280)))
+    save_hypernet(official_like, tmp_path / "official_layout.pth")  # input_1/input_2/output.1 pickle
+    init = load_hypernet(tmp_path / "official_layout.pth")
+    model = build_hypernet((32, 64), settings(), "test", init)
+    assert model.widths == (32, 64, 1280)
+    assert torch.equal(model.input["64"].weight, init.input["64"].weight)
+    assert torch.equal(model.output[1].weight, init.output[1].weight)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pairs_per_step_must_divide_over_processes(dataset, base, tmp_path):
+    from hypernet.training.ddp import World
+
+    with pytest.raises(TrainingError, match="multiple of the number of processes"):
+        Trainer(base, load_manifest(dataset), settings(pairs_per_step=3), tmp_path, World(world_size=2))
+
+
+def test_cli_train_tiny_and_errors(tmp_path, dataset, capsys, monkeypatch):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hypernet", "train", str(dataset), "--base", "tiny", "--out", str(out),
+           "--steps", "2", "--hidden", "8", "--checkpoint-every", "0", "--validate-every", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "hypernet.safetensors").is_file() and "validation objective" in proc.stdout
+    # the other surfaces in-process (a subprocess costs seconds of torch import)
+    from hypernet.cli import main
+
+    assert main(cmd[3:]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert main(["train", str(dataset), "--base", "x.safetensors", "--out", str(tmp_path / "r2")]) == 1
+    assert "error: COMFYUI_PATH is not set" in capsys.readouterr().err
