@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -162,3 +163,41 @@ def import_failures(log: str) -> list[str]:
             if ("IMPORT FAILED" in line or "Cannot import" in line) and any(n in line for n in ours)]
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Node schemas the example workflows use, snapshotted from a real server so the unit test
+# (tests/test_example_workflows.py) can check widget values without ComfyUI.
+
+SCHEMA_SNAPSHOT = REPO / "tests" / "data" / "example_workflow_schemas.json"
+# Combos whose options are the user's files: any file name is valid in a shared workflow.
+FILE_COMBOS = {"ckpt_name", "lora_name", "hypernet_name"}
+
+
+def schema_snapshot(object_info: dict, node_types) -> dict:
+    """{type: {"inputs": [[section, name, type, options-without-tooltip]], "outputs": [...]}}"""
+    out = {}
+    for node_type in sorted(node_types):
+        info = object_info[node_type]
+        inputs = []
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                kind = spec[0]
+                options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                options.pop("tooltip", None)
+                if isinstance(kind, list):  # old-style combo: the option list is the type
+                    options["options"], kind = kind, "COMBO"
+                if name in FILE_COMBOS:
+                    options.pop("options", None)
+                    options.pop("default", None)
+                inputs.append([section, name, kind, options])
+        out[node_type] = {"inputs": inputs, "outputs": info["output"]}
+    return out
+
+
+def pack_node_ids_in_source() -> set[str]:
+    """Every node ID declared in the pack's nodes/ (what /object_info must list)."""
+    ids = set()
+    for path in (REPO / "nodes").glob("nodes_*.py"):
+        ids.update(re.findall(r"node_id\s*=\s*[\"'](LoraRar\w+)[\"']", path.read_text()))
+    return ids

@@ -9,7 +9,10 @@ into the model and text encoders. Those must equal the base weights plus the lib
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,9 @@ from hypernet.lora import read_lora
 from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
 from hypernet.synthetic import random_factors, to_state_dict
 
-from tests.integration.comfy_support import REPO, import_failures
+from tests.integration.comfy_support import (
+    PACK_FOLDER, REPO, SCHEMA_SNAPSHOT, import_failures, pack_node_ids_in_source, schema_snapshot,
+)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -29,14 +34,6 @@ OUR_CATEGORY = "LoRA.rar"
 CONTENT_STRENGTH, STYLE_STRENGTH = 1.0, 0.8
 TINY_SEED = 7
 PLANNED_NODES = {"LoraRarLoadLora", "LoraRarLoadHypernet", "LoraRarMerge", "LoraRarSaveMergedLora"}
-
-
-def pack_node_ids_in_source() -> set[str]:
-    """Every node ID declared in the pack's nodes/ (what /object_info must list)."""
-    ids = set()
-    for path in (REPO / "nodes").glob("nodes_*.py"):
-        ids.update(re.findall(r"node_id\s*=\s*[\"'](LoraRar\w+)[\"']", path.read_text()))
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +255,35 @@ def test_saved_merged_lora_equals_library_merge(merge_run):
     assert set(saved.layers) == set(merged.layers)
     for name in merged.layers:
         torch.testing.assert_close(saved.layers[name].delta(), merged.delta(name), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Example workflows as ComfyUI templates
+
+
+def example_workflows() -> list[Path]:
+    return sorted((REPO / "example_workflows").glob("*.json"))
+
+
+def test_example_workflows_are_served_as_templates(comfy_server):
+    listing = comfy_server.get_json("/api/workflow_templates")
+    assert sorted(listing.get(PACK_FOLDER, [])) == sorted(p.stem for p in example_workflows())
+    for path in example_workflows():
+        served = comfy_server.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
+        assert served == json.loads(path.read_text())
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_FOLDER}/{path.stem}.jpg") as resp:
+            assert resp.headers["Content-Type"] == "image/jpeg" and len(resp.read()) > 5000
+
+
+def test_schema_snapshot_matches_live_server(object_info):
+    """tests/data/example_workflow_schemas.json lets the unit test check widget values without
+    ComfyUI; it must describe the live nodes. LORARAR_UPDATE_SCHEMAS=1 rewrites it."""
+    types = {n["type"] for p in example_workflows() for n in json.loads(p.read_text())["nodes"]}
+    types = {t for t in types if t in object_info}  # frontend-only nodes (Note) have no schema
+    live = schema_snapshot(object_info, types)
+    if os.environ.get("LORARAR_UPDATE_SCHEMAS") == "1":
+        SCHEMA_SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCHEMA_SNAPSHOT.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n")
+    stored = json.loads(SCHEMA_SNAPSHOT.read_text())
+    assert stored == live, ("tests/data/example_workflow_schemas.json is stale; rerun with "
+                            "LORARAR_UPDATE_SCHEMAS=1 and review the diff")
