@@ -146,4 +146,4 @@ def write_safetensors_streaming(
             tensor = make().to(dtype).contiguous()
             if tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"tensor {name}: promised shape {shape}, made {tuple(tensor.shape)}")
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no extra copy

