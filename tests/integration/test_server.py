@@ -176,10 +176,11 @@ def merge_run(comfy_server):
         "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "base_after"}},
     })
     content, style = read_lora(content_path), read_lora(style_path)
-    return {
-        "server": server, "history": entry, "base": base, "shapes": shapes,
-        "content": content, "style": style, "hypernet": hypernet,
-    }
+    # What the library says the node must have applied (computed once: the checks share it).
+    expected = {method: merge_lib.merge(content, style, hypernet if method == "lorarar" else None,
+                                        CONTENT_STRENGTH, STYLE_STRENGTH, method=method)
+                for method in ("lorarar", "sum")}
+    return {"server": server, "history": entry, "base": base, "shapes": shapes, "expected": expected}
 
 
 def assert_patched_equals(base, patched, merged, label):
@@ -187,9 +188,10 @@ def assert_patched_equals(base, patched, merged, label):
     for name in merged.layers:
         key = model_key(name)
         assert key in patched, f"{label}: merged layer {name} has no weight {key} in the model"
-        expected = base[key] + merged.delta(name).reshape(base[key].shape)
+        delta = merged.delta(name).reshape(base[key].shape)
+        expected = base[key] + delta
         err = (patched[key] - expected).abs().max().item()
-        scale = merged.delta(name).abs().max().item()
+        scale = delta.abs().max().item()
         worst = max(worst, err / max(scale, 1e-12))
         assert torch.allclose(patched[key], expected, rtol=1e-5, atol=1e-6), \
             f"{label}: {name} differs from base + library ΔW by {err:.3g} (ΔW max {scale:.3g})"
@@ -202,8 +204,7 @@ def assert_patched_equals(base, patched, merged, label):
 
 def test_lorarar_merge_patches_exactly_the_library_delta(merge_run):
     run = merge_run
-    merged = merge_lib.merge(run["content"], run["style"], run["hypernet"], CONTENT_STRENGTH,
-                             STYLE_STRENGTH, method="lorarar")
+    merged = run["expected"]["lorarar"]
     assert merged.report.hypernet_layers > 0
     checked, _ = assert_patched_equals(run["base"], dump(run["server"], "patched_lorarar"), merged, "lorarar")
     assert checked == len(run["shapes"])
@@ -212,7 +213,7 @@ def test_lorarar_merge_patches_exactly_the_library_delta(merge_run):
 
 def test_sum_merge_patches_the_plain_sum(merge_run):
     run = merge_run
-    merged = merge_lib.merge(run["content"], run["style"], None, CONTENT_STRENGTH, STYLE_STRENGTH, method="sum")
+    merged = run["expected"]["sum"]
     checked, _ = assert_patched_equals(run["base"], dump(run["server"], "patched_sum"), merged, "sum")
     assert checked == len(run["shapes"])
 
@@ -250,8 +251,7 @@ def test_saved_merged_lora_equals_library_merge(merge_run):
     written = sorted((server.base_dir / "models" / "loras" / "lorarar_test").glob("merged_*.safetensors"))
     assert written, "Save Merged LoRA wrote no file under models/loras/lorarar_test"
     saved = read_lora(written[-1])
-    merged = merge_lib.merge(merge_run["content"], merge_run["style"], merge_run["hypernet"],
-                             CONTENT_STRENGTH, STYLE_STRENGTH, method="lorarar")
+    merged = merge_run["expected"]["lorarar"]
     assert set(saved.layers) == set(merged.layers)
     for name in merged.layers:
         torch.testing.assert_close(saved.layers[name].delta(), merged.delta(name), rtol=1e-5, atol=1e-7)

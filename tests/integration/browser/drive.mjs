@@ -97,6 +97,8 @@ async function loadAndValidate(workflow) {
 
 async function fitAndShoot(page, file) {
   await page.keyboard.press('Escape');
+  // The zoom/fit button bar floats over the canvas; a thumbnail shows only the graph.
+  await page.addStyleTag({ content: '.graph-canvas-panel .p-buttongroup { display: none !important; }' });
   await page.evaluate(() => {
     const app = window.app;
     const nodes = app.graph._nodes ?? app.graph.nodes;
