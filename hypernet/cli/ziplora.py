@@ -94,6 +94,8 @@ def run(args) -> int:
     settings = ZipLoraSettings(steps=args.steps, lr=args.lr, lam=args.lam, seed=args.seed,
                                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                                content_strength=args.content_strength, style_strength=args.style_strength)
+    if base.before_training:
+        base.before_training()
     bar = ProgressLine("ziplora")
     result = ziplora_merge(base.unet, base.denoise, base.schedule, content, style, subjects, styles, settings,
                            base.device, base.autocast_dtype, progress=lambda i, n, r: bar.update(i, n),

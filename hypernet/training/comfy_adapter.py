@@ -74,15 +74,22 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
 
 
 def comfy_training_base(model, clip, vae, resolution: int | None = None, family: str | None = None,
-                        check_interrupt=None, description: str = "") -> TrainingBase:
-    """A TrainingBase over a loaded ComfyUI MODEL/CLIP/VAE (call after load_models_gpu)."""
+                        check_interrupt=None, description: str = "", load_model=None) -> TrainingBase:
+    """A TrainingBase over a ComfyUI MODEL/CLIP/VAE. `load_model()` (e.g. comfy's
+    load_models_gpu([model], force_full_load=True)) runs in `before_training`, after the data is
+    encoded, because encoding with CLIP/VAE may offload the UNet."""
     base_model = model.model
     unet = base_model.diffusion_model
     device = torch.device(getattr(model, "load_device", None) or next(unet.parameters()).device)
     dtype = _compute_dtype(base_model)
-    replaced = make_autograd_safe(unet)
-    if replaced:
-        log.info("copied %d inference-mode UNet tensors so that gradients can flow through them", replaced)
+
+    def before_training() -> None:
+        with torch.inference_mode(False):
+            if load_model is not None:
+                load_model()
+            replaced = make_autograd_safe(unet)
+        if replaced:
+            log.info("copied %d inference-mode UNet tensors so that gradients can flow through them", replaced)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         y = cond.get("y")
@@ -97,7 +104,7 @@ def comfy_training_base(model, clip, vae, resolution: int | None = None, family:
     return TrainingBase(unet=unet, denoise=denoise, schedule=ComfyModelSampling(base_model.model_sampling),
                         encoder=ComfyEncoder(model, clip, vae), resolution=resolution or (1024 if family == "sdxl" else 512),
                         family=family, description=description or f"ComfyUI {name}", device=device,
-                        autocast_dtype=autocast, check_interrupt=check_interrupt)
+                        autocast_dtype=autocast, check_interrupt=check_interrupt, before_training=before_training)
 
 
 def import_comfyui():
@@ -131,8 +138,8 @@ def load_comfy_checkpoint(path: str | Path, resolution: int | None = None) -> tu
         model, clip, vae = out[:3]
         if model is None or clip is None or vae is None:
             raise TrainingError(f"{path}: ComfyUI found no UNet, text encoder and VAE in this checkpoint")
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        base = comfy_training_base(model, clip, vae, resolution,
-                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                                   description=f"{path.name} via ComfyUI")
+        base = comfy_training_base(
+            model, clip, vae, resolution, description=f"{path.name} via ComfyUI",
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+            load_model=lambda: comfy.model_management.load_models_gpu([model], force_full_load=True))
     return base, model

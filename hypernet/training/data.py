@@ -39,8 +39,11 @@ class TrainingBase:
     description: str                  # recorded in the trained hypernetwork's metadata
     device: torch.device
     autocast_dtype: torch.dtype | None = None
-    # Called (with no arguments) after the ComfyUI interrupt check etc.; optional.
+    # Raises to stop (ComfyUI's interrupt check); called before every step. Optional.
     check_interrupt: Callable[[], None] | None = None
+    # Called after the data is encoded and before the first step: puts the UNet on its device
+    # (encoding with CLIP/VAE may have offloaded it). Optional.
+    before_training: Callable[[], None] | None = None
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -275,6 +275,8 @@ class Trainer:
         s, world = self.settings, self.world
         if not self.examples:
             self.prepare()
+        if self.base.before_training:
+            self.base.before_training()
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_log()

@@ -1,0 +1,239 @@
+"""Training nodes: "ZipLoRA Merge (LoRA.rar)" and "Train Hypernetwork (LoRA.rar)".
+
+Both run gradient descent through the loaded MODEL's UNet: ComfyUI executes nodes under
+torch.inference_mode, so the work runs inside `torch.inference_mode(False)` + `enable_grad`.
+The logic lives in `hypernet.ziplora`, `hypernet.training` (comfy_adapter wraps MODEL/CLIP/VAE).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from . import paths
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "LoRA.rar"
+NO_INIT = "none (new hypernetwork)"
+
+
+class _Progress:
+    """comfy.utils.ProgressBar plus an ETA line in the log every few seconds."""
+
+    def __init__(self, total: int, label: str):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.label, self.start, self.last = label, time.monotonic(), 0.0
+
+    def __call__(self, done: int, total: int, record: dict) -> None:
+        self.bar.update_absolute(done, total)
+        now = time.monotonic()
+        if now - self.last > 5 or done == total:
+            self.last = now
+            eta = (now - self.start) / done * (total - done)
+            log.info("%s: step %d/%d, loss %.5g, eta %.0f s", self.label, done, total, record.get("total", float("nan")), eta)
+
+
+def _examples(base, images, prompt: str, resolution: int, role: str):
+    from ..hypernet.errors import TrainingError
+    from ..hypernet.training.data import encode_examples, fit_image
+
+    if images is None or images.shape[0] == 0:
+        raise TrainingError(f"{role}: no images connected")
+    batch = [fit_image(images[i:i + 1].clone(), resolution) for i in range(images.shape[0])]
+    return encode_examples(base.encoder, batch, prompt, base.device)
+
+
+def _base(model, clip, vae, resolution: int):
+    import comfy.model_management
+
+    from ..hypernet.training.comfy_adapter import comfy_training_base
+
+    return comfy_training_base(
+        model, clip, vae, resolution,
+        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        load_model=lambda: comfy.model_management.load_models_gpu([model], force_full_load=True))
+
+
+class LoraRarZipLoraMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraRarZipLoraMerge",
+            display_name="ZipLoRA Merge (LoRA.rar)",
+            category=CATEGORY,
+            description="Merge a subject LoRA and a style LoRA with ZipLoRA: optimise per-column merge "
+                        "coefficients for this pair through the model (minutes on a GPU). The slow baseline "
+                        "that LoRA.rar's hypernetwork replaces; same exact low-rank result type.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (SDXL family) the LoRAs were trained for."),
+                io.Clip.Input("clip", tooltip="Text encoder, used to encode the two prompts."),
+                io.Vae.Input("vae", tooltip="VAE, used to encode the subject and style images."),
+                io.LoraModel.Input("content_lora", tooltip="The subject (content) LoRA, e.g. from Load LoRA (LoRA.rar)."),
+                io.Image.Input("subject_images", tooltip="Photos of the subject (a batch); one is drawn per step."),
+                io.String.Input("subject_prompt", default="a photo of sks dog", multiline=True,
+                                tooltip="The subject LoRA's training prompt, e.g. 'a photo of sks dog'."),
+                io.LoraModel.Input("style_lora", tooltip="The style LoRA."),
+                io.Image.Input("style_image", tooltip="The style reference image(s)."),
+                io.String.Input("style_prompt", default="a cat in sks style", multiline=True,
+                                tooltip="The style LoRA's training prompt, e.g. 'a cat in watercolor style'."),
+                io.Int.Input("steps", default=100, min=1, max=10000, tooltip="Optimisation steps (ZipLoRA: 100)."),
+                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001,
+                               tooltip="Adam learning rate for the coefficients (0.01 as in LoRA.rar's runs)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             tooltip="Seed for the image choice, timesteps and noise of every step."),
+                io.Int.Input("resolution", default=1024, min=256, max=2048, step=64,
+                             tooltip="Images are centre-cropped and resized to this square size (SDXL: 1024)."),
+            ],
+            outputs=[
+                io.Model.Output("patched_model", display_name="model", tooltip="The model with the ZipLoRA-merged LoRA applied."),
+                io.LoraModel.Output("merged_lora", display_name="merged_lora",
+                                    tooltip="The merged LoRA (exact, rank r_c + r_s); save it with Save Merged LoRA."),
+                io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Objective per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, content_lora, subject_images, subject_prompt, style_lora, style_image,
+                style_prompt, steps, learning_rate, seed, resolution) -> io.NodeOutput:
+        import comfy.sd
+        import torch
+
+        from ..hypernet import nodelogic, plot
+        from ..hypernet.training.plot import plot_curves
+        from ..hypernet.ziplora import ZipLoraSettings, ziplora_merge
+
+        content = nodelogic.lora_file_of(content_lora, "content LoRA")
+        style = nodelogic.lora_file_of(style_lora, "style LoRA")
+        with torch.inference_mode(False), torch.enable_grad():
+            base = _base(model, clip, vae, resolution)
+            subjects = _examples(base, subject_images, subject_prompt, resolution, "subject_images")
+            styles = _examples(base, style_image, style_prompt, resolution, "style_image")
+            base.before_training()
+            result = ziplora_merge(base.unet, base.denoise, base.schedule, content, style, subjects, styles,
+                                   ZipLoraSettings(steps=steps, lr=learning_rate, seed=seed), base.device,
+                                   base.autocast_dtype, progress=_Progress(steps, "ZipLoRA"),
+                                   check_interrupt=base.check_interrupt)
+        merge = nodelogic.MergeResult(result.merged, content, style, result.merged.coefficients)
+        new_model = model
+        for state_dict, strength in nodelogic.patch_plan(merge, include_text_encoders=False):
+            new_model, _ = comfy.sd.load_lora_for_models(new_model, None, state_dict, strength, 0)
+        history = result.history
+        series = {k: [(h["step"], h[k]) for h in history] for k in ("total", "content", "style")}
+        image = plot.image_to_tensor(plot_curves(
+            series, title=f"ZipLoRA {nodelogic.name_of(content_lora, 'content')} × "
+                          f"{nodelogic.name_of(style_lora, 'style')}: {steps} steps, {result.seconds:.0f} s"))
+        merged = nodelogic.merged_lora_output(merge, content_lora, style_lora, None)
+        return io.NodeOutput(new_model, merged, image)
+
+
+class LoraRarTrainHypernet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = [NO_INIT] + paths.hypernet_files()
+        return io.Schema(
+            node_id="LoraRarTrainHypernet",
+            display_name="Train Hypernetwork (LoRA.rar)",
+            category=CATEGORY,
+            description="Train a LoRA.rar hypernetwork for this base model from a manifest of subject and "
+                        "style LoRAs (see the pack's README). Saves it into models/lorarar, where Load "
+                        "Hypernetwork (LoRA.rar) lists it; logs and checkpoints go to the output folder.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the hypernetwork is for (SDXL, Pony, Illustrious, SD1.5 …)."),
+                io.Clip.Input("clip", tooltip="Text encoder, used to encode the manifest's prompts."),
+                io.Vae.Input("vae", tooltip="VAE, used to encode the manifest's images."),
+                io.String.Input("manifest", default="", tooltip="Path of the training manifest (.json or .yaml) "
+                                "listing subject and style LoRAs, their images and prompts."),
+                io.String.Input("output_name", default="my_hypernet",
+                                tooltip="File name (without extension) in models/lorarar."),
+                io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Optimizer steps (paper: a few hundred)."),
+                io.Float.Input("learning_rate", default=0.01, min=1e-6, max=1.0, step=0.001,
+                               tooltip="AdamW learning rate (paper: 0.01)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             tooltip="Seed for initialisation and every step's pair, image, timestep and noise."),
+                io.Int.Input("resolution", default=1024, min=256, max=2048, step=64,
+                             tooltip="Training images are centre-cropped and resized to this size."),
+                io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
+                             tooltip="Steps between resumable checkpoints (0: only at the end)."),
+                io.Int.Input("validate_every", default=100, min=0, max=100000,
+                             tooltip="Steps between validations on held-out pairs (0: only at the end)."),
+                io.Combo.Input("init_hypernet", options=choices, default=NO_INIT,
+                               tooltip="Start from this hypernetwork (e.g. the official SDXL one); widths it lacks "
+                                       "get new input layers."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute transformer blocks in the backward pass: less GPU memory, slower."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the newest checkpoint of a previous run with this output name."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing models/lorarar file of this name."),
+            ],
+            outputs=[
+                io.Image.Output("loss_plot", display_name="loss_plot", tooltip="Training and validation loss."),
+                io.String.Output("summary", display_name="summary",
+                                 tooltip="Where the hypernetwork was saved and its validation figures."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, manifest, **kwargs):
+        try:
+            return (manifest, os.stat(manifest).st_mtime_ns)
+        except OSError:
+            return manifest
+
+    @classmethod
+    def execute(cls, model, clip, vae, manifest, output_name, steps, learning_rate, seed, resolution,
+                checkpoint_every, validate_every, init_hypernet, gradient_checkpointing, resume,
+                overwrite) -> io.NodeOutput:
+        import folder_paths
+        import torch
+        from PIL import Image
+
+        from ..hypernet import plot
+        from ..hypernet.errors import OutputExistsError, TrainingError
+        from ..hypernet.injection import linear_layer_shapes
+        from ..hypernet.model import load_hypernet
+        from ..hypernet.training.manifest import check_loras, load_manifest
+        from ..hypernet.training.trainer import TrainSettings, Trainer
+
+        name = Path(output_name.strip() or "my_hypernet").name.removesuffix(".safetensors")
+        output = Path(paths.default_model_folder()) / f"{name}.safetensors"
+        run_dir = Path(folder_paths.get_output_directory()) / "lorarar_training" / name
+        if output.exists() and not (overwrite or resume):
+            raise OutputExistsError(f"output_name: {output} exists; choose another name or enable overwrite")
+        if not manifest.strip():
+            raise TrainingError("manifest: give the path of a training manifest (.json or .yaml)")
+        data = load_manifest(Path(manifest.strip()).expanduser())
+        init = None
+        if init_hypernet != NO_INIT:
+            init_path = paths.hypernet_full_path(init_hypernet)
+            if init_path is None:
+                raise TrainingError(f"init_hypernet: {init_hypernet} is not in models/lorarar")
+            init = load_hypernet(init_path)
+        with torch.inference_mode(False), torch.enable_grad():
+            base = _base(model, clip, vae, resolution)
+            check_loras(data, linear_layer_shapes(base.unet))
+            settings = TrainSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+                                     validate_every=validate_every, gradient_checkpointing=gradient_checkpointing,
+                                     name=name)
+            trainer = Trainer(base, data, settings, run_dir, init_hypernet=init,
+                              resume=run_dir if resume and (run_dir / "checkpoints").is_dir() else None)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            result = trainer.run(output, force=True, progress=_Progress(steps, "Train Hypernetwork"))
+        with Image.open(result.plot_path) as im:
+            image = plot.image_to_tensor(im.convert("RGB"))
+        summary = f"saved {result.output} after {result.step} steps; log and checkpoints in {run_dir}"
+        if result.validation:
+            v = result.validation
+            summary += (f"\nvalidation objective on {v['pairs']} held-out pairs: hypernetwork "
+                        f"{v['hypernet']['total']:.5g}, plain sum {v['sum']['total']:.5g}")
+        return io.NodeOutput(image, summary)
+
+
+NODES = [LoraRarZipLoraMerge, LoraRarTrainHypernet]
