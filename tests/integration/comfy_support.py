@@ -201,3 +201,33 @@ def pack_node_ids_in_source() -> set[str]:
     for path in (REPO / "nodes").glob("nodes_*.py"):
         ids.update(re.findall(r"node_id\s*=\s*[\"'](LoraRar\w+)[\"']", path.read_text()))
     return ids
+
+
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow as the API prompt the frontend's graphToPrompt() makes of it
+    (without `_meta`): widget values by the node schema's widget order, links as [id, slot].
+    Frontend-only nodes (Note) and muted/bypassed nodes are left out."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info or node.get("mode", 0) != 0:
+            continue
+        info = object_info[node["type"]]
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if (isinstance(spec[0], list) or spec[0] in WIDGET_KINDS) and not options.get("forceInput"):
+                    inputs[name] = next(values)
+                    if options.get("control_after_generate"):
+                        next(values)  # the frontend-only "control after generate" value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from tests.integration.comfy_support import FILE_COMBOS, REPO
+from tests.integration.comfy_support import FILE_COMBOS, REPO, ui_to_api
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow]
 
@@ -91,6 +91,15 @@ def test_workflow_links_valid_and_prompt_builds(checked, workflow):
         for value in node["inputs"].values():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
                 assert value[0] in report["prompt"], f"node {node_id} links to missing node {value[0]}"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_frontend_prompt_equals_python_conversion(comfy_server, checked, workflow):
+    """test_server runs the examples through ui_to_api(); it must agree with the frontend."""
+    frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+                for k, v in checked["reports"][workflow.stem]["prompt"].items()}
+    converted = ui_to_api(json.loads(workflow.read_text()), comfy_server.get_json("/object_info", timeout=60))
+    assert frontend == converted
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)

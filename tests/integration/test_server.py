@@ -26,6 +26,7 @@ from hypernet.synthetic import random_factors, to_state_dict
 
 from tests.integration.comfy_support import (
     PACK_FOLDER, REPO, SCHEMA_SNAPSHOT, import_failures, pack_node_ids_in_source, schema_snapshot,
+    ui_to_api,
 )
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -180,7 +181,8 @@ def merge_run(comfy_server):
     expected = {method: merge_lib.merge(content, style, hypernet if method == "lorarar" else None,
                                         CONTENT_STRENGTH, STYLE_STRENGTH, method=method)
                 for method in ("lorarar", "sum")}
-    return {"server": server, "history": entry, "base": base, "shapes": shapes, "expected": expected}
+    return {"server": server, "history": entry, "base": base, "shapes": shapes, "expected": expected,
+            "files": {"content": content_path.name, "style": style_path.name, "hypernet": hyper_path.name}}
 
 
 def assert_patched_equals(base, patched, merged, label):
@@ -287,3 +289,41 @@ def test_schema_snapshot_matches_live_server(object_info):
     stored = json.loads(SCHEMA_SNAPSHOT.read_text())
     assert stored == live, ("tests/data/example_workflow_schemas.json is stale; rerun with "
                             "LORARAR_UPDATE_SCHEMAS=1 and review the diff")
+
+
+def tiny_version(prompt: dict, files: dict) -> dict:
+    """An example workflow's API prompt made runnable here: the checkpoint loader becomes the
+    tiny SDXL-topology model (same MODEL/CLIP/VAE outputs), the LoRA and hypernetwork names
+    point at the test's files, one sampling step on a 64×64 image. All wiring stays as saved."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "LoraRarTestTinySDXL", {"seed": TINY_SEED}
+        elif kind == "LoraRarLoadLora":
+            inputs["lora_name"] = files["style" if "style" in inputs["lora_name"] else "content"]
+        elif kind == "LoraRarLoadHypernet":
+            inputs["hypernet_name"] = files["hypernet"]
+        elif kind == "KSampler":
+            inputs["steps"] = 1
+        elif kind == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+    return prompt
+
+
+@pytest.mark.parametrize("workflow", example_workflows(), ids=lambda p: p.stem)
+def test_example_workflow_runs_end_to_end(merge_run, object_info, workflow):
+    server = merge_run["server"]
+    data = json.loads(workflow.read_text())
+    prompt = tiny_version(ui_to_api(data, object_info), merge_run["files"])
+    assert {n["class_type"] for n in prompt.values()} >= {"LoraRarMerge", "KSampler", "SaveImage"}
+    entry = server.run_prompt(prompt, timeout=600)
+    saves = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    for node_id in saves:
+        images = entry["outputs"][node_id]["images"]
+        batch = sum(1 for n in prompt.values() if n["class_type"] == "KSampler")
+        assert len(images) == batch  # the comparison saves sum + lorarar as one batch
+        for image in images:
+            assert (server.base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
+    plots = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
+    assert plots and all(entry["outputs"][i]["images"] for i in plots)

@@ -22,14 +22,14 @@ class LoraRarTestTinySDXL(io.ComfyNode):
             category="LoRA.rar/testing",
             inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                                  tooltip="Seed of the random weights.")],
-            outputs=[io.Model.Output(), io.Clip.Output()],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
     def execute(cls, seed) -> io.NodeOutput:
-        from .tiny_sdxl import build_clip, build_model
+        from .tiny_sdxl import build_clip, build_model, build_vae
 
-        return io.NodeOutput(build_model(seed), build_clip(seed))
+        return io.NodeOutput(build_model(seed), build_clip(seed), build_vae(seed))
 
 
 class LoraRarTestDumpWeights(io.ComfyNode):

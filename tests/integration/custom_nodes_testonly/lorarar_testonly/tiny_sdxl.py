@@ -19,6 +19,7 @@ import comfy.sd
 import comfy.sd1_clip
 import comfy.sdxl_clip
 import comfy.supported_models
+import comfy.taesd.taesd
 
 MODEL_CHANNELS = 32          # widths 32 / 64 / 128 (SDXL: 320 / 640 / 1280)
 TEXT_WIDTH = 32              # each text encoder's hidden width (SDXL: 768 / 1280)
@@ -110,3 +111,12 @@ def build_clip(seed: int) -> comfy.sd.CLIP:
     if unexpected:
         raise RuntimeError(f"tiny CLIP: unexpected keys {unexpected[:5]}")
     return clip
+
+
+def build_vae(seed: int) -> comfy.sd.VAE:
+    """A random-weight TAESD-shaped VAE (ComfyUI recognises it by its keys): lets VAE Decode run
+    in a prompt with no VAE file. Its pictures are noise, which is all a wiring test needs."""
+    module = comfy.taesd.taesd.TAESD(latent_channels=4)
+    weights = random_state_dict(module, seed + 2)
+    weights["vae_scale"], weights["vae_shift"] = torch.tensor(1.0), torch.tensor(0.0)
+    return comfy.sd.VAE(sd=weights)
