@@ -121,9 +121,11 @@ def main() -> int:
     sync(device)
     total = time.perf_counter() - start
     per_step = statistics.median([b - a for a, b in zip([start] + step_times[:-1], step_times)])
-    ziplora_total = total if not args.extrapolate_from else total / steps * args.ziplora_steps
+    # measured N steps (incl. attach/assembly) + the remaining steps at the median step time
+    ziplora_total = total + max(0, args.ziplora_steps - steps) * per_step
     how = "measured" if not args.extrapolate_from else f"extrapolated from {steps} timed steps"
-    print(f"ZipLoRA: {per_step * 1e3:.1f} ms per step (median), {args.ziplora_steps} steps = {ziplora_total:.2f} s "
+    print(f"ZipLoRA: {per_step * 1e3:.1f} ms per step (median), {steps} steps took {total:.2f} s; "
+          f"{args.ziplora_steps} steps = {ziplora_total:.2f} s "
           f"per pair ({how}); loss {result.history[0]['total']:.4g} -> {result.history[-1]['total']:.4g}")
     print(f"ZipLoRA / hypernetwork merge time ratio: {ziplora_total / merge_s:,.0f}x")
     if device.type == "cuda":

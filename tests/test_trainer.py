@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from hypernet.training.trainer import TrainSettings, Trainer, build_hypernet
 from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +144,19 @@ def test_pairs_per_step_must_divide_over_processes(dataset, base, tmp_path):
 
 
 def test_cli_train_tiny_and_errors(tmp_path, dataset, capsys, monkeypatch):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hypernet", "train", str(dataset), "--base", "tiny", "--out", str(out),
-           "--steps", "2", "--hidden", "8", "--checkpoint-every", "0", "--validate-every", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "hypernet.safetensors").is_file() and "validation objective" in proc.stdout
-    # the other surfaces in-process (a subprocess costs seconds of torch import)
+    """`python -m hypernet train … --base tiny`, in-process (tests/test_ddp.py runs it as real
+    processes under torchrun)."""
     from hypernet.cli import main
 
-    assert main(cmd[3:]) == 1
+    out = tmp_path / "run"
+    argv = ["train", str(dataset), "--base", "tiny", "--out", str(out), "--steps", "2", "--hidden", "8",
+            "--checkpoint-every", "0", "--validate-every", "0"]
+    assert main(argv) == 0
+    assert (out / "hypernet.safetensors").is_file() and "validation objective" in capsys.readouterr().out
+    assert main(argv) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["train", str(dataset), "--base", "tiny", "--out", str(tmp_path / "r1"), "--check-only"]) == 0
+    assert not (tmp_path / "r1").exists()
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     assert main(["train", str(dataset), "--base", "x.safetensors", "--out", str(tmp_path / "r2")]) == 1
     assert "error: COMFYUI_PATH is not set" in capsys.readouterr().err
