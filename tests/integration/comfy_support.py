@@ -84,7 +84,15 @@ class ComfyServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def run_prompt(self, prompt: dict, timeout: float = 300) -> dict:
+    def run_prompt_expecting_error(self, prompt: dict, timeout: float = 300) -> dict:
+        """Run a prompt that must fail while executing; returns the execution_error message
+        (node_id, node_type, exception_type, exception_message)."""
+        entry = self.run_prompt(prompt, timeout=timeout, expect_error=True)
+        errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+        assert errors, f"no execution_error in {entry['status']}"
+        return errors[0]
+
+    def run_prompt(self, prompt: dict, timeout: float = 300, expect_error: bool = False) -> dict:
         """POST /prompt, then poll /history until it finishes; returns the history entry.
         Fails with the server's validation answer or the execution error and the log tail."""
         status, answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
@@ -97,7 +105,12 @@ class ComfyServer:
             entry = history.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None \
                     and entry["status"].get("status_str") in ("success", "error"):
-                if entry["status"]["status_str"] != "success":
+                failed = entry["status"]["status_str"] != "success"
+                if failed and expect_error:
+                    return entry
+                if expect_error:
+                    pytest.fail(f"prompt {prompt_id} succeeded but was expected to fail")
+                if failed:
                     messages = entry["status"].get("messages", [])
                     pytest.fail(f"prompt {prompt_id} failed in ComfyUI: {json.dumps(messages)[:4000]}"
                                 f"\n--- server log tail ---\n{self.log_text()[-4000:]}")
