@@ -40,24 +40,36 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
     log_file = open(log_path, "wb")
     process = subprocess.Popen(cmd, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = ComfyServer(url, base, log_path, process, comfy, commit=git_commit(comfy))
+    problem = None
     try:
         wait_ready(url, process, log_path)
         failures = import_failures(server.log_text())
         if failures:
-            raise RuntimeError("ComfyUI could not import the pack:\n" + "\n".join(failures)
-                               + "\n--- log tail ---\n" + server.log_text()[-6000:])
-        yield server
+            problem = ("ComfyUI could not import the pack:\n" + "\n".join(failures)
+                       + "\n--- log tail ---\n" + server.log_text()[-6000:])
     except RuntimeError as err:
-        pytest.fail(str(err), pytrace=False)
+        problem = str(err)
+        if "ModuleNotFoundError" in problem:
+            problem += (f"\nHint: {python} lacks ComfyUI's requirements; run pytest with the "
+                        "ComfyUI venv's python or set COMFYUI_PYTHON to it.")
+    try:
+        if problem is None:
+            yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process)
         log_file.close()
         # Keep the log where a CI artifact step can find it.
         keep = os.environ.get("LORARAR_COMFY_LOG")
         if keep:
             shutil.copyfile(log_path, keep)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
