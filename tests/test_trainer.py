@@ -160,3 +160,14 @@ def test_cli_train_tiny_and_errors(tmp_path, dataset, capsys, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     assert main(["train", str(dataset), "--base", "x.safetensors", "--out", str(tmp_path / "r2")]) == 1
     assert "error: COMFYUI_PATH is not set" in capsys.readouterr().err
+
+
+def test_training_can_start_from_the_official_checkpoint(official_sdxl_path, dataset, base, tmp_path):
+    official = load_hypernet(official_sdxl_path)
+    trainer = Trainer(base, load_manifest(dataset), settings(steps=1, hidden=128), tmp_path, init_hypernet=official)
+    assert trainer.hypernet.widths == (32, 64, 640, 1280)
+    assert torch.equal(trainer.hypernet.input["1280"].weight.detach(), official.input["1280"].weight)
+    result = trainer.run()
+    # the test UNet's widths were trained; the SDXL input layers got no gradient
+    assert torch.equal(result.hypernet.input["640"].bias.detach(), official.input["640"].bias)
+    assert not torch.equal(result.hypernet.output[1].weight.detach(), official.output[1].weight)
