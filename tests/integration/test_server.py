@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageStat
 from safetensors.torch import load_file, save_file
 
 from hypernet import merge as merge_lib
@@ -245,7 +246,12 @@ def test_one_sampling_step_ran_and_outputs_were_written(merge_run):
     samples = load_file(latents[-1])["latent_tensor"]
     assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
     outputs = merge_run["history"]["outputs"]
-    assert outputs.get("15", {}).get("images"), "coefficient plot was not previewed"
+    previews = outputs.get("15", {}).get("images")
+    assert previews, "coefficient plot was not previewed"
+    plot = server.base_dir / previews[0]["type"] / previews[0]["subfolder"] / previews[0]["filename"]
+    with Image.open(plot) as image:  # a drawn chart, not an empty or one-colour canvas
+        assert image.width >= 200 and image.height >= 100
+        assert max(ImageStat.Stat(image.convert("RGB")).stddev) > 10
 
 
 def test_saved_merged_lora_equals_library_merge(merge_run):
