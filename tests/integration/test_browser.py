@@ -134,6 +134,7 @@ def test_missing_node_is_reported(comfy_server, driver_ready, tmp_path):
 
 
 def test_no_page_errors_from_our_nodes(checked):
+    assert checked["frontendVersion"], "the page is not the ComfyUI frontend"
     assert own_page_errors(checked) == []
 
 

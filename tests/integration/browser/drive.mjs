@@ -59,7 +59,11 @@ async function loadAndValidate(workflow) {
   const missingTypes = [...new Set(workflow.nodes.map((n) => n.type).filter((t) => !registered[t]))];
   await window.app.loadGraphData(structuredClone(workflow), true, true, null,
     { showMissingNodesDialog: true, showMissingModelsDialog: false });
-  await new Promise((r) => setTimeout(r, 700));
+  // Dialogs open asynchronously; when a type is missing, give the warning time to appear.
+  for (let waited = 0; waited < (missingTypes.length ? 5000 : 700); waited += 100) {
+    await new Promise((r) => setTimeout(r, 100));
+    if (missingTypes.length && visibleDialogs().length) break;
+  }
   const graph = window.app.graph;
   const nodes = graph._nodes ?? graph.nodes;
   const report = {
@@ -126,6 +130,7 @@ async function fitAndShoot(page, file) {
 async function check(url, outDir, files) {
   const { page, close, consoleErrors } = await openApp(url);
   const reports = {};
+  const frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
   try {
     for (const file of files) {
       const workflow = JSON.parse(fs.readFileSync(file, 'utf8'));
@@ -140,7 +145,7 @@ async function check(url, outDir, files) {
   } finally {
     await close();
   }
-  return { frontendVersion: null, reports, consoleErrors };
+  return { frontendVersion, reports, consoleErrors };
 }
 
 // Runs in the page: spec = {nodes: [{key, type, pos, size?, title?, widgets: {name: value}}],
