@@ -43,6 +43,11 @@ def object_info(comfy_server):
     return comfy_server.get_json("/object_info", timeout=60)
 
 
+def pack_nodes(object_info: dict) -> set[str]:
+    """Node IDs ComfyUI loaded from this pack's folder."""
+    return {k for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK_FOLDER}"}
+
+
 def test_pack_imports_without_failure(comfy_server):
     log = comfy_server.log_text()
     assert import_failures(log) == []
@@ -51,11 +56,13 @@ def test_pack_imports_without_failure(comfy_server):
 
 
 def test_object_info_lists_every_node_of_the_pack(object_info):
-    ours = {k for k, v in object_info.items() if k.startswith("LoraRar") and "Test" not in k}
+    ours = pack_nodes(object_info)
     declared = pack_node_ids_in_source()
     assert PLANNED_NODES <= declared, f"planned nodes missing from nodes/: {PLANNED_NODES - declared}"
     assert declared - ours == set(), f"declared in nodes/ but not served by ComfyUI: {declared - ours}"
+    assert ours - declared == set(), f"served but not found in nodes/*.py: {ours - declared}"
     for node_id in ours:
+        assert node_id.startswith("LoraRar"), node_id
         info = object_info[node_id]
         assert info["category"].startswith(OUR_CATEGORY), (node_id, info["category"])
         name = info["display_name"]
@@ -64,9 +71,8 @@ def test_object_info_lists_every_node_of_the_pack(object_info):
 
 def test_every_input_of_every_node_has_a_tooltip(object_info):
     missing = []
-    for node_id, info in object_info.items():
-        if not node_id.startswith("LoraRar") or node_id.startswith("LoraRarTest"):
-            continue
+    for node_id in pack_nodes(object_info):
+        info = object_info[node_id]
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
