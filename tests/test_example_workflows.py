@@ -200,3 +200,21 @@ def test_widget_checker_rejects_bad_values():
     assert check_value("lora_name", "COMBO", {}, "../x.safetensors") is not None
     assert check_value("download", "BOOLEAN", {}, "false") is not None
     assert check_value("steps", "INT", {"min": 1, "max": 10000}, 30) is None
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_model_download_metadata(path):
+    """Load Checkpoint names its file's public download (the frontend's missing-models dialog
+    offers it); nothing else carries a URL — the hypernetwork's licence-aware download is the
+    Load Hypernetwork node's own `download` switch."""
+    wf = load(path)
+    urls = 0
+    for node in wf["nodes"]:
+        for model in node.get("properties", {}).get("models", []):
+            urls += 1
+            assert node["type"] == "CheckpointLoaderSimple", node["type"]
+            assert model["name"] == node["widgets_values"][0]
+            assert model["directory"] == "checkpoints"
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+    assert urls == 1
+    assert path.read_text().count("http") == urls

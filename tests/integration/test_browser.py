@@ -46,9 +46,10 @@ def driver_ready():
     return True
 
 
-def drive(*args: str, timeout: float = 300) -> dict:
+def drive(*args: str, timeout: float = 300, env: dict | None = None) -> dict:
     proc = subprocess.run(["node", str(DRIVER), *args], cwd=BROWSER_DIR, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "CHROMIUM": CHROMIUM})
+                          text=True, timeout=timeout,
+                          env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})})
     if proc.returncode != 0:
         pytest.fail(f"drive.mjs {args[0]} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -131,6 +132,16 @@ def test_missing_node_is_reported(comfy_server, driver_ready, tmp_path):
     report = drive("check", comfy_server.url + "/", "-", str(broken))["reports"]["broken"]
     assert report["missingTypes"] == ["LoraRarNoSuchNode"]
     assert any("LoraRarNoSuchNode" in d for d in report["dialogs"]), report["dialogs"]
+
+
+def test_missing_checkpoint_offered_for_download(comfy_server, driver_ready):
+    """The checkpoint loader carries `properties.models`, so a user without SDXL base gets
+    the frontend's missing-models dialog with a download, as for core templates."""
+    workflow = REPO / "example_workflows" / "lorarar_sdxl_subject_style.json"
+    report = drive("check", comfy_server.url + "/", "-", str(workflow),
+                   env={"SHOW_MISSING_MODELS": "1"})["reports"][workflow.stem]
+    assert report["missingTypes"] == []
+    assert any("sd_xl_base_1.0.safetensors" in d for d in report["dialogs"]), report["dialogs"]
 
 
 def test_no_page_errors_from_our_nodes(checked):

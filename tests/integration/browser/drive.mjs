@@ -3,6 +3,7 @@
 //
 //   node drive.mjs check URL OUT_DIR WORKFLOW.json...   load each workflow as a user would,
 //        validate it, screenshot the canvas to OUT_DIR/<name>.png; prints one JSON report.
+//        SHOW_MISSING_MODELS=1 lets the missing-models dialog open (off: models are absent here).
 //   node drive.mjs build URL SPEC.json OUT.json          build a graph from a layout spec with
 //        the frontend's own LiteGraph API and save what the frontend serialises (UI format).
 //
@@ -51,18 +52,19 @@ async function openApp(url) {
 
 // Runs in the page: load one workflow the way "Open" / drag-and-drop does, then collect every
 // sign of a broken workflow.
-async function loadAndValidate(workflow) {
+async function loadAndValidate([workflow, showModels]) {
   const visibleDialogs = () => [...document.querySelectorAll('.p-dialog')]
     .filter((d) => d.offsetParent !== null || d.getClientRects().length)
     .map((d) => d.innerText.trim().slice(0, 500));
   const registered = window.LiteGraph.registered_node_types;
   const missingTypes = [...new Set(workflow.nodes.map((n) => n.type).filter((t) => !registered[t]))];
   await window.app.loadGraphData(structuredClone(workflow), true, true, null,
-    { showMissingNodesDialog: true, showMissingModelsDialog: false });
+    { showMissingNodesDialog: true, showMissingModelsDialog: showModels });
   // Dialogs open asynchronously; when a type is missing, give the warning time to appear.
-  for (let waited = 0; waited < (missingTypes.length ? 5000 : 700); waited += 100) {
+  const expectDialog = missingTypes.length > 0 || showModels;
+  for (let waited = 0; waited < (expectDialog ? 5000 : 700); waited += 100) {
     await new Promise((r) => setTimeout(r, 100));
-    if (missingTypes.length && visibleDialogs().length) break;
+    if (expectDialog && visibleDialogs().length) break;
   }
   const graph = window.app.graph;
   const nodes = graph._nodes ?? graph.nodes;
@@ -135,7 +137,7 @@ async function check(url, outDir, files) {
     for (const file of files) {
       const workflow = JSON.parse(fs.readFileSync(file, 'utf8'));
       const name = path.basename(file, '.json');
-      const report = await page.evaluate(loadAndValidate, workflow);
+      const report = await page.evaluate(loadAndValidate, [workflow, process.env.SHOW_MISSING_MODELS === '1']);
       if (outDir) {
         report.screenshot = path.join(outDir, `${name}.png`);
         await fitAndShoot(page, report.screenshot);
@@ -167,6 +169,8 @@ async function buildInPage(spec) {
       widget.callback?.(value);
     }
     if (s.color) { node.color = s.color; node.bgcolor = s.bgcolor; }
+    // e.g. {models: [{name, url, directory}]}: the frontend offers to download missing models.
+    Object.assign(node.properties, s.properties ?? {});
     const min = node.computeSize();
     node.size = s.size ? [Math.max(s.size[0], min[0]), Math.max(s.size[1], min[1])] : min;
     byKey[s.key] = node;
