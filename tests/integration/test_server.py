@@ -391,3 +391,42 @@ def test_hypernet_for_other_widths_is_refused_clearly(merge_run):
     # The same files with method=sum need no hypernetwork and go through.
     ok = merge_to_file_prompt(merge_run["files"], "lorarar_sdxl_shaped_test.safetensors", method="sum")
     server.run_prompt(ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merged LoRA is an ordinary LoRA for core ComfyUI
+
+
+def test_merged_lora_works_in_core_lora_nodes(merge_run):
+    """merged_lora → core "Load LoRA Model" and "Save LoRA Weights"; the file written by Save
+    Merged LoRA → core "Load LoRA" (LoraLoader). Each must patch exactly the library's merge."""
+    server, files = merge_run["server"], merge_run["files"]
+    saved = sorted((server.base_dir / "models" / "loras" / "lorarar_test").glob("merged_*.safetensors"))
+    assert saved, "the merge prompt wrote no merged LoRA"
+    prompt = merge_to_file_prompt(files, files["hypernet"])
+    del prompt["6"]
+    prompt.update({
+        "7": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["5", 2], "strength_model": 1.0}},
+        "8": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["7", 0], "name": "core_lora_model"}},
+        "9": {"class_type": "SaveLoRANode", "inputs": {"lora": ["5", 2], "prefix": "loras/lorarar_core_saved"}},
+        "10": {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": f"lorarar_test/{saved[-1].name}",
+            "strength_model": 1.0, "strength_clip": 1.0}},
+        "11": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["10", 0], "clip": ["10", 1], "name": "core_lora_file"}},
+    })
+    prompt["5"]["inputs"]["style_strength"] = STYLE_STRENGTH
+    server.run_prompt(prompt)
+    merged, base = merge_run["expected"]["lorarar"], merge_run["base"]
+
+    unet_only = dump(server, "core_lora_model")
+    for name in merged.layers:
+        if not name.startswith(("te1.", "te2.")):
+            key = model_key(name)
+            torch.testing.assert_close(unet_only[key], base[key] + merged.delta(name), rtol=1e-5, atol=1e-6)
+    checked, _ = assert_patched_equals(base, dump(server, "core_lora_file"), merged, "core LoraLoader")
+    assert checked == len(merge_run["shapes"])
+
+    written = sorted((server.base_dir / "output" / "loras").glob("lorarar_core_saved*.safetensors"))
+    assert written, "core Save LoRA Weights wrote nothing"
+    again = read_lora(written[-1])
+    assert set(again.layers) == set(merged.layers)
