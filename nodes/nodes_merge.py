@@ -13,7 +13,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..hypernet import nodelogic, plot
+from ..hypernet import nodelogic
 from ..hypernet.merge import METHODS
 from . import paths
 
@@ -129,8 +129,7 @@ class LoraRarMerge(io.ComfyNode):
         hypernet_name = hypernetwork.config.name if (hypernetwork is not None and method == "lorarar") else ""
         content_name = nodelogic.name_of(content_lora, "content LoRA")
         style_name = nodelogic.name_of(style_lora, "style LoRA")
-        title, subtitle = nodelogic.plot_title(result, content_name, style_name, hypernet_name)
-        image = plot.image_to_tensor(plot.coefficient_plot(plot.block_means(result.coefficients), title, subtitle))
+        image = nodelogic.coefficient_image(result, content_name, style_name, hypernet_name)
         merged = nodelogic.merged_lora_output(result, content_lora, style_lora,
                                               hypernetwork if method == "lorarar" else None)
         return io.NodeOutput(new_model, new_clip, merged, image)
