@@ -144,3 +144,18 @@ def test_gradient_checkpointing_gives_same_gradients(setup):
         grads.append(torch.cat([g.grad for pair in m.values() for g in pair]))
     torch.testing.assert_close(grads[0], grads[1])
     assert not any("forward" in vars(module) for module in unet.modules())
+
+
+def test_full_size_sdxl_topology_has_the_722_kohya_layers():
+    """The benchmark's `--full-sdxl` model (built on the meta device: no memory) has exactly
+    SDXL's 722 LoRA targets, and a synthetic SDXL LoRA attaches with 280 coefficient layers."""
+    from hypernet import naming, synthetic
+    from hypernet.training.testmodel import LdmUNet
+
+    with torch.device("meta"):
+        unet = LdmUNet(UNetConfig.sdxl())
+    assert linear_layer_shapes(unet) == naming.sdxl_linear_layers()
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL's UNet
+    lora = lora_from_state_dict(synthetic.sdxl_lora(2, 1, te_layers=0), source="sdxl")
+    injection = LoraInjection(unet, lora, lora, device="meta")
+    assert len(injection.adapters) == 722 and len(injection.target_layers) == 280
