@@ -159,3 +159,28 @@ def test_full_size_sdxl_topology_has_the_722_kohya_layers():
     lora = lora_from_state_dict(synthetic.sdxl_lora(2, 1, te_layers=0), source="sdxl")
     injection = LoraInjection(unet, lora, lora, device="meta")
     assert len(injection.adapters) == 722 and len(injection.target_layers) == 280
+
+
+def test_locon_conv_layers_match_dense_patch(setup):
+    """LoCon layers (3×3 convs of the ResBlocks, 1×1 skip convs) go through F.conv2d factors."""
+    unet, _, _, latent, cond = setup
+    gen = torch.Generator().manual_seed(4)
+    sd = {}
+    for name in ("input_blocks.1.0.in_layers.2", "output_blocks.4.0.skip_connection", "input_blocks.3.0.op"):
+        weight = find_module(unet, name).weight
+        out, inp, k, _ = weight.shape
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(3, inp, k, k, generator=gen) * 0.1
+        sd[f"{key}.lora_up.weight"] = torch.randn(out, 3, 1, 1, generator=gen) * 0.1
+        sd[f"{key}.alpha"] = torch.tensor(1.5)
+    lora = lora_from_state_dict(sd, source="locon")
+    assert len(lora.layers) == 3
+    with LoraInjection(unet, lora, None) as inj:
+        inj.mode = "content"
+        injected = run(unet, latent, cond)
+    patched = build_unet(UNetConfig.tiny(), seed=0)
+    with torch.no_grad():
+        for name, layer in lora.layers.items():
+            find_module(patched, name).weight += layer.delta()
+    torch.testing.assert_close(injected, run(patched, latent, cond), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(injected, run(unet, latent, cond), atol=1e-3)
