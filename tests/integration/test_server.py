@@ -430,3 +430,30 @@ def test_merged_lora_works_in_core_lora_nodes(merge_run):
     assert written, "core Save LoRA Weights wrote nothing"
     again = read_lora(written[-1])
     assert set(again.layers) == set(merged.layers)
+
+
+def test_changing_strengths_repatches_correctly(merge_run):
+    """ComfyUI re-runs only the Merge node when a strength changes (the loaders are cached, and
+    the node may keep the hypernetwork's coefficients): each run must still patch exactly the
+    library's merge at the new strengths."""
+    server, files = merge_run["server"], merge_run["files"]
+    from hypernet.model import load_hypernet
+
+    hypernet = load_hypernet(server.base_dir / "models" / "lorarar" / files["hypernet"])
+    content = read_lora(server.base_dir / "models" / "loras" / files["content"])
+    style = read_lora(server.base_dir / "models" / "loras" / files["style"])
+    for content_strength, style_strength in ((1.2, 0.3), (0.5, -0.7)):
+        prompt = merge_to_file_prompt(files, files["hypernet"])
+        del prompt["6"]
+        prompt["5"]["inputs"].update(content_strength=content_strength, style_strength=style_strength,
+                                     clip=["1", 1])
+        name = f"strengths_{content_strength}_{style_strength}"
+        prompt["7"] = {"class_type": "LoraRarTestDumpWeights",
+                       "inputs": {"model": ["5", 0], "clip": ["5", 1], "name": name}}
+        entry = server.run_prompt(prompt)
+        cached = {n for m in entry["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]}
+        expected = merge_lib.merge(content, style, hypernet, content_strength, style_strength)
+        checked, _ = assert_patched_equals(merge_run["base"], dump(server, name), expected, name)
+        assert checked == len(merge_run["shapes"])
+    # The second run changed nothing but strengths: the model and file loaders came from cache.
+    assert {"1", "2", "3", "4"} <= cached, cached
