@@ -103,7 +103,7 @@ def test_run_outputs_and_metadata(tmp_path, dataset, base):
     manifest = load_manifest(dataset)
     out = tmp_path / "models" / "lorarar" / "mine.safetensors"
     out.parent.mkdir(parents=True)
-    result = Trainer(base, manifest, settings(steps=3, validate_every=3, name="mine"), tmp_path / "run").run(out)
+    result = Trainer(base, manifest, settings(steps=3, validate_every=2, name="mine"), tmp_path / "run").run(out)
     records = [json.loads(l) for l in result.log_path.read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all({"total", "content", "style", "cosine", "grad_norm", "pairs"} <= r.keys() for r in train)
@@ -111,7 +111,9 @@ def test_run_outputs_and_metadata(tmp_path, dataset, base):
         assert r["total"] == pytest.approx(r["content"] + r["style"] + r["cosine"], rel=1e-5)
         assert tuple(r["pairs"][0]) in {(a.name, b.name) for a, b in manifest.split()[0]}
     validation = [r for r in records if r["kind"] == "validation"]
-    assert len(validation) == 1 and validation[0]["pairs"] == 1
+    assert [v["step"] for v in validation] == [2, 3] and validation[0]["pairs"] == 1
+    assert validation[0]["sum"] == validation[1]["sum"]  # fixed draws; the sum does not train
+    assert validation[0]["hypernet"] != validation[1]["hypernet"]
     assert validation[0]["sum"]["cosine"] == pytest.approx(0.01 * 44)  # cos(1, 1) = 1 on all 44 layers
     with Image.open(result.plot_path) as im:
         assert im.size == (640, 360)
@@ -119,7 +121,7 @@ def test_run_outputs_and_metadata(tmp_path, dataset, base):
     assert loaded.widths == (32, 64) and loaded.config.hidden == 16
     extra = loaded.config.extra
     assert extra["steps"] == "3" and json.loads(extra["data"])["train_pairs"] == 4
-    assert float(extra["validation_objective_hypernet"]) == pytest.approx(validation[0]["hypernet"]["total"], rel=1e-5)
+    assert float(extra["validation_objective_hypernet"]) == pytest.approx(validation[-1]["hypernet"]["total"], rel=1e-5)
     assert "validation_objective_sum" in extra and "test UNet" in extra["base"]
     for key, value in result.hypernet.state_dict().items():
         assert torch.equal(value.float(), loaded.state_dict()[key])

@@ -151,6 +151,7 @@ class Trainer:
         self.loras = LoraCache(settings.lora_cache)
         self.examples: dict[tuple[str, str], list[Example]] = {}
         self.log_path = self.out_dir / "train_log.jsonl"
+        self._sum_validation: list[float] | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -259,6 +260,8 @@ class Trainer:
                 generator = torch.Generator().manual_seed(self.settings.seed * 7919 + index * 101 + draw)
                 sample, t, noise = self._draw(generator, subject, style)
                 for row, fn in enumerate((model, lambda inj: ones_coefficients(inj, self.device))):
+                    if row == 1 and self._sum_validation is not None:
+                        continue  # the sum does not train: same draws, same figures as last time
                     d = self._objective(subject, style, sample, t, noise, fn).as_dict()
                     sums[row] += torch.tensor([d[k] for k in TERMS] + [d["content"] + d["style"]], dtype=torch.float64)
                 count += 1
@@ -266,6 +269,9 @@ class Trainer:
         self.world.all_reduce_sum(sums)
         self.world.all_reduce_sum(count)
         mean = (sums / count.clamp(min=1)).tolist()
+        if self._sum_validation is None:
+            self._sum_validation = mean[1]
+        mean[1] = self._sum_validation
         keys = TERMS + ("mse",)
         return {"step": self.step, "kind": "validation", "pairs": len(self.val_pairs),
                 "hypernet": dict(zip(keys, mean[0])), "sum": dict(zip(keys, mean[1]))}
