@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from tests.integration.comfy_support import (
-    ComfyServer, git_commit, make_base_dir, wait_ready, free_port, import_failures, require_comfyui,
+    ComfyServer, comfyui_path, free_port, git_commit, import_failures, make_base_dir, require_comfyui,
+    wait_ready,
 )
 
 
@@ -73,3 +74,10 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+def pytest_report_header(config):
+    path = comfyui_path()
+    if path is None:
+        return "ComfyUI: COMFYUI_PATH not set, real-ComfyUI integration tests will be skipped"
+    return f"ComfyUI: {path} (commit {git_commit(path)})"

@@ -157,6 +157,19 @@ def merge_prompt(hypernet_file: str, content_file: str, style_file: str) -> dict
     }
 
 
+class CachedDeltas:
+    """A MergedLora whose dense ΔW per layer is computed once (several checks compare it)."""
+
+    def __init__(self, merged):
+        self.merged, self.layers, self.report = merged, merged.layers, merged.report
+        self._deltas = {}
+
+    def delta(self, name):
+        if name not in self._deltas:
+            self._deltas[name] = self.merged.delta(name)
+        return self._deltas[name]
+
+
 @pytest.fixture(scope="module")
 def merge_run(comfy_server):
     """Runs: base dump → merge prompt → base dump again; returns what the checks need."""
@@ -185,8 +198,8 @@ def merge_run(comfy_server):
     })
     content, style = read_lora(content_path), read_lora(style_path)
     # What the library says the node must have applied (computed once: the checks share it).
-    expected = {method: merge_lib.merge(content, style, hypernet if method == "lorarar" else None,
-                                        CONTENT_STRENGTH, STYLE_STRENGTH, method=method)
+    expected = {method: CachedDeltas(merge_lib.merge(content, style, hypernet if method == "lorarar" else None,
+                                                     CONTENT_STRENGTH, STYLE_STRENGTH, method=method))
                 for method in ("lorarar", "sum")}
     return {"server": server, "history": entry, "base": base, "shapes": shapes, "expected": expected,
             "files": {"content": content_path.name, "style": style_path.name, "hypernet": hyper_path.name}}
