@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from tests.integration.comfy_support import FILE_COMBOS, REPO, ui_to_api
+from tests.integration.comfy_support import FILE_COMBOS, PACK_FOLDER, REPO, ui_to_api
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow]
 
@@ -142,6 +142,18 @@ def test_missing_checkpoint_offered_for_download(comfy_server, driver_ready):
                    env={"SHOW_MISSING_MODELS": "1"})["reports"][workflow.stem]
     assert report["missingTypes"] == []
     assert any("sd_xl_base_1.0.safetensors" in d for d in report["dialogs"]), report["dialogs"]
+
+
+def test_templates_open_from_the_template_browser(comfy_server, driver_ready):
+    """Browse Templates → Custom Nodes → ComfyUI-LoRA-rar → each card loads its workflow; the
+    only dialog allowed is the missing-models offer for the SDXL checkpoint."""
+    result = drive("template", comfy_server.url + "/", PACK_FOLDER, *[p.stem for p in WORKFLOWS])
+    for workflow in WORKFLOWS:
+        assert result["cards"][workflow.stem], f"no template card for {workflow.stem}"
+        loaded = result["loaded"][workflow.stem]
+        assert loaded["types"] == sorted(n["type"] for n in json.loads(workflow.read_text())["nodes"])
+        for dialog in loaded["dialogs"]:
+            assert dialog.startswith("Missing Models") and "sd_xl_base_1.0.safetensors" in dialog, dialog
 
 
 def test_no_page_errors_from_our_nodes(checked):

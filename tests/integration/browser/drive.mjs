@@ -4,6 +4,8 @@
 //   node drive.mjs check URL OUT_DIR WORKFLOW.json...   load each workflow as a user would,
 //        validate it, screenshot the canvas to OUT_DIR/<name>.png; prints one JSON report.
 //        SHOW_MISSING_MODELS=1 lets the missing-models dialog open (off: models are absent here).
+//   node drive.mjs template URL PACK NAME...           open each of the pack's templates from
+//        the frontend's template browser, as a user does; prints the loaded node types.
 //   node drive.mjs build URL SPEC.json OUT.json          build a graph from a layout spec with
 //        the frontend's own LiteGraph API and save what the frontend serialises (UI format).
 //
@@ -205,9 +207,39 @@ async function build(url, specFile, outFile) {
   }
 }
 
+// The user's path to a template: Workflow → Browse Templates → Custom Nodes → <pack> → card.
+async function template(url, pack, names) {
+  const { page, close, consoleErrors } = await openApp(url);
+  const result = { cards: {}, loaded: {} };
+  try {
+    for (const name of names) {
+      // An empty canvas first, so "nodes appeared" below means this template has loaded.
+      await page.evaluate(() => window.app.graph.clear());
+      await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates'));
+      await page.getByText(pack, { exact: true }).click({ timeout: 30000 });
+      const card = page.getByText(name, { exact: true }).first();
+      await card.waitFor({ timeout: 30000 });
+      result.cards[name] = await card.isVisible();
+      await card.click();
+      await page.waitForFunction((n) => (window.app.graph._nodes ?? window.app.graph.nodes).length > 0
+        && !document.querySelector('.p-dialog')?.innerText.includes('Get Started'), name, { timeout: 30000 });
+      await page.waitForTimeout(1000);
+      result.loaded[name] = await page.evaluate(() => ({
+        types: (window.app.graph._nodes ?? window.app.graph.nodes).map((n) => n.type).sort(),
+        dialogs: [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText.trim().slice(0, 500)),
+      }));
+      await page.keyboard.press('Escape');
+    }
+  } finally {
+    await close();
+  }
+  return { ...result, consoleErrors };
+}
+
 const [mode, url, ...rest] = process.argv.slice(2);
 let result;
 if (mode === 'check') result = await check(url, rest[0] === '-' ? null : rest[0], rest.slice(1));
 else if (mode === 'build') result = await build(url, rest[0], rest[1]);
+else if (mode === 'template') result = await template(url, rest[0], rest.slice(1));
 else { console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | build URL SPEC OUT'); process.exit(2); }
 process.stdout.write(`${JSON.stringify(result)}\n`);
