@@ -203,7 +203,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="repeats for (a)")
-    parser.add_argument("--patch-repeats", type=int, default=2, help="repeats for (b)")
+    parser.add_argument("--patch-repeats", type=int, default=2, help="repeats for (b); 0 skips (b)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -299,6 +299,9 @@ def main() -> int:
             comfy.model_management.cleanup_models_gc()
         return t_nodes + t_patch, t_patch
 
+    if args.patch_repeats <= 0:
+        print(f"(b) skipped (--patch-repeats 0); load average at the end: {os.getloadavg()[0]:.1f}")
+        return 0
     b_rows = {"stacked": [], "ours": []}
     for i in range(args.patch_repeats):
         order = [("stacked", stacked), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("stacked", stacked)]
