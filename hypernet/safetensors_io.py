@@ -31,14 +31,17 @@ def read_header(path: Path) -> tuple[dict, int]:
     """Validate a safetensors header and return (header dict, data offset)."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        head = f.read(9)
+        if len(head) < 9:
             raise LoraFormatError(f"{path}: not a safetensors file (only {size} bytes)")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        # A safetensors header (JSON) always starts at byte 8 with "{"; only without that do the
+        # pickle signatures count (the length's first byte may well be 0x80 in a real file).
+        if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise LoraFormatError(
                 f"{path}: this is a pickled PyTorch file, not safetensors; pickles can run code "
                 "when loaded, so they are refused. Convert it to .safetensors with a trusted tool.")
-        (header_len,) = struct.unpack("<Q", head)
+        (header_len,) = struct.unpack("<Q", head[:8])
+        f.seek(8)
         if header_len > min(_MAX_HEADER, size - 8):
             raise LoraFormatError(
                 f"{path}: not a safetensors file or truncated: header claims {header_len} bytes, "

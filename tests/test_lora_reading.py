@@ -189,3 +189,17 @@ def test_broken_factor_shapes(tmp_path):
           "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(4, 1280)}
     with pytest.raises(LoraFormatError, match="do not chain"):
         lora_mod.lora_from_state_dict(sd, source="x")
+
+
+def test_header_length_starting_with_byte_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    """A header of 128 + 256·k bytes makes the file start with 0x80, like a pickle."""
+    sd = synthetic.to_state_dict(synthetic.random_factors({"middle_block.1.proj_in": (1280, 1280)}, 2, 0))
+    for pad in range(400):
+        path = tmp_path / f"len{pad}.safetensors"
+        save_file(sd, str(path), {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+        path.unlink()
+    else:
+        pytest.fail("could not produce a header length whose first byte is 0x80")
+    assert set(read_lora(path).layers) == {"middle_block.1.proj_in"}
