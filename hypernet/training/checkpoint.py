@@ -33,30 +33,11 @@ class TrainState:
     extra: dict
 
 
-def _first_byte(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read(1)
-
-
-def save_hypernet_file(hypernet: HyperNetwork, path: Path, force: bool = False) -> Path:
-    """save_hypernet, but never with a header length whose low byte is 0x80: the core reader
-    (safetensors_io.read_header) takes a file starting with 0x80 for a pickle and refuses it,
-    which would hit 1 in 256 files. A padding metadata entry moves the length."""
-    path = save_hypernet(hypernet, path, force=force)
-    if path.suffix == ".safetensors" and _first_byte(path) == b"\x80":
-        hypernet.config.extra["header_padding"] = "-"
-        try:
-            path = save_hypernet(hypernet, path, force=True)
-        finally:
-            hypernet.config.extra.pop("header_padding", None)
-    return path
-
-
 def save_checkpoint(directory: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer,
                     scaler_state: dict, extra: dict) -> Path:
     folder = directory / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_hypernet_file(hypernet, folder / "hypernet.safetensors", force=True)
+    save_hypernet(hypernet, folder / "hypernet.safetensors", force=True)
     sd = optimizer.state_dict()
     tensors = {f"opt.{index}.{key}": value.detach().cpu().contiguous()
                for index, state in sd["state"].items() for key, value in state.items()
@@ -77,11 +58,7 @@ def save_checkpoint(directory: Path, step: int, hypernet: HyperNetwork, optimize
     # safetensors refuses an empty dict of tensors only in old versions; keep one marker anyway.
     tensors.setdefault("step", torch.tensor(step, dtype=torch.int64))
     state_path = folder / "state.safetensors"
-    for padding in ("", "-"):  # see save_hypernet_file: avoid a first byte of 0x80
-        metadata["padding"] = padding
-        atomic_write(state_path, lambda tmp: save_file(tensors, str(tmp), metadata), force=True)
-        if _first_byte(state_path) != b"\x80":
-            break
+    atomic_write(state_path, lambda tmp: save_file(tensors, str(tmp), metadata), force=True)
     return folder
 
 

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..injection import Coefficients, LoraInjection, attention_widths, checkpointed_blocks, linear_layer_shapes
-from ..model import DEFAULT_TARGETS, HypernetConfig, HyperNetwork
+from ..model import DEFAULT_TARGETS, HypernetConfig, HyperNetwork, save_hypernet
 from ..objective import LAMBDA, Sample, draw_noise, ones_coefficients, ziplora_objective
-from .checkpoint import load_checkpoint, save_checkpoint, save_hypernet_file
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Example, LoraCache, TrainingBase, encode_examples, load_image
 from .ddp import World
 from .manifest import Entry, Manifest
@@ -312,7 +312,7 @@ class Trainer:
         plot_path = self.write_plot() if world.is_main else None
         out_path = None
         if output is not None and world.is_main:
-            out_path = save_hypernet_file(self.final_hypernet(validation), Path(output), force=force)
+            out_path = save_hypernet(self.final_hypernet(validation), Path(output), force=force)
             log.info("saved the hypernetwork to %s", out_path)
         world.barrier()
         return TrainResult(self.hypernet, self.step, validation, out_path, self.log_path, plot_path, history)
