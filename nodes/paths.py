@@ -23,10 +23,17 @@ def register_model_folder() -> None:
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    # is_default puts models/lorarar first even when extra_model_paths.yaml registered the
-    # folder name before us (ComfyUI reads that file before loading custom nodes).
-    folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
-    folder_paths.add_model_folder_path(FOLDER, pack_weights_dir())
+    registered = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0]
+    if not registered or registered[0] != default:
+        try:
+            # is_default puts models/lorarar first even when extra_model_paths.yaml registered
+            # the folder name before us (ComfyUI reads that file before loading custom nodes).
+            folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
+        except TypeError:  # ComfyUI of 2024, before is_default (and it appends duplicates)
+            if default not in registered:
+                folder_paths.add_model_folder_path(FOLDER, default)
+    if pack_weights_dir() not in folder_paths.folder_names_and_paths[FOLDER][0]:
+        folder_paths.add_model_folder_path(FOLDER, pack_weights_dir())
     paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
     if set(extensions) != EXTENSIONS:
         # The yaml path registers the name with an empty extension set (= every file).

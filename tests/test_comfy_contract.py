@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -283,3 +284,52 @@ def test_strength_change_reuses_coefficients_and_still_patches_exactly(comfy, ti
     for state_dict, strength in nodelogic.patch_plan(second):
         model, clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
     assert_patched_as_merged(comfy, tiny, model, second, base)
+
+
+@pytest.fixture()
+def folder_paths_module(comfy, tmp_path, monkeypatch):
+    """ComfyUI's real folder_paths, pointed at a temporary models folder."""
+    folder_paths = importlib.import_module("folder_paths")
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "lorarar", raising=False)
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    yield folder_paths
+    folder_paths.folder_names_and_paths.pop("lorarar", None)
+
+
+def load_paths_module():
+    """nodes/paths.py by file (importing the `nodes` package needs comfy_api, absent in V1)."""
+    path = Path(__file__).resolve().parents[1] / "nodes" / "paths.py"
+    spec = importlib.util.spec_from_file_location("lorarar_nodes_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_folder_registration_keeps_yaml_paths_and_lists_hypernetworks(folder_paths_module, tmp_path):
+    folder_paths = folder_paths_module
+    paths = load_paths_module()
+    extra = tmp_path / "from_yaml"
+    extra.mkdir()
+    # What extra_model_paths.yaml does before custom nodes load: the name with no extensions.
+    folder_paths.add_model_folder_path("lorarar", str(extra))
+    for _ in range(2):  # idempotent: on_load and every schema call register again
+        paths.register_model_folder()
+    registered, extensions = folder_paths.folder_names_and_paths["lorarar"]
+    default = str(tmp_path / "models" / "lorarar")
+    assert set(registered) == {default, str(extra), paths.pack_weights_dir()} and len(registered) == 3
+    if "is_default" in inspect.signature(folder_paths.add_model_folder_path).parameters:
+        assert registered[0] == default  # downloads and the user's own files come first
+    assert set(extensions) == {".safetensors", ".pth"}
+    (tmp_path / "models" / "lorarar").mkdir(parents=True)
+    (tmp_path / "models" / "lorarar" / "mine.safetensors").write_bytes(b"x")
+    (extra / "shared.pth").write_bytes(b"x")
+    (extra / "readme.txt").write_text("not a checkpoint")
+    listed = paths.hypernet_files()
+    assert {"mine.safetensors", "shared.pth"} <= set(listed) and "readme.txt" not in listed
+    choices = nodelogic.hypernet_choices(listed)
+    assert choices[0] == nodelogic.official_file_name() and "shared.pth" in choices
+    assert paths.hypernet_full_path("shared.pth") == str(extra / "shared.pth")
+    assert paths.default_model_folder() == default
