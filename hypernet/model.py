@@ -118,9 +118,11 @@ class HyperNetwork(nn.Module):
         width = up_c.shape[-2]
         first = self.input_layer(width)
         w_c, w_s = first.weight[:, :width], first.weight[:, width:]
-        pre = torch.baddbmm(first.bias[:, None].expand(-1, down_c.shape[-1]), w_c @ up_c, down_c) \
-            if up_c.dim() == 3 else torch.addmm(first.bias[:, None], w_c @ up_c, down_c)
-        pre = pre + (w_s @ up_s) @ down_s
+        # One product with the inner dimension r_c + r_s instead of two plus a sum: a single pass
+        # over the (hidden × in) activations, the largest tensor here.
+        left = torch.cat([w_c @ up_c, w_s @ up_s], dim=-1)
+        right = torch.cat([down_c, down_s], dim=-2)
+        pre = (torch.baddbmm if left.dim() == 3 else torch.addmm)(first.bias[:, None], left, right)
         head = self.output[1]
         m = head.weight @ torch.relu_(pre) + head.bias[:, None]
         return m[..., 0, :], m[..., 1, :]
