@@ -59,6 +59,22 @@ def default_search_dirs() -> list[Path]:
     return [PACK_WEIGHTS_DIR, user_cache_dir()]
 
 
+def entry_for_file(name: str) -> CatalogEntry | None:
+    """The catalog entry whose file name is `name` (a bare name or a path in either slash style)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return next((e for e in load_catalog().values() if e.file == base), None)
+
+
+def load_checkpoint_file(path: Path, entry: CatalogEntry | None) -> HyperNetwork:
+    """Load a hypernetwork file; a catalog checkpoint must match its sha256 and carries the
+    catalog's name, license and base family."""
+    model = load_hypernet(path, expected_sha256=entry.sha256 if entry else None)
+    if entry:
+        model.config.name, model.config.license = entry.name, entry.license
+        model.config.base_family = entry.base_family
+    return model
+
+
 def find_checkpoint(spec: str, search_dirs: Iterable[Path] = ()) -> tuple[Path | None, CatalogEntry | None]:
     """`spec` is a file path or a catalog name. Returns (path or None if not present, entry)."""
     catalog = load_catalog()
@@ -66,8 +82,7 @@ def find_checkpoint(spec: str, search_dirs: Iterable[Path] = ()) -> tuple[Path |
     if entry is None:
         path = Path(spec).expanduser()
         if path.is_file():
-            by_file = {e.file: e for e in catalog.values()}
-            return path, by_file.get(path.name)
+            return path, entry_for_file(path.name)
         raise HypernetError(
             f"hypernetwork {spec!r}: not a file and not a known name (known: {', '.join(catalog)})")
     for folder in [*search_dirs, *default_search_dirs()]:
@@ -122,8 +137,4 @@ def resolve_hypernet(spec: str, search_dirs: Iterable[Path] = (), allow_download
                 f"hypernetwork {entry.name} ({entry.file}) not found in {places}. Put the file "
                 f"there, or download it explicitly (license: {entry.license})")
         path = download(entry, download_dir or user_cache_dir(), accept_license=True)
-    model = load_hypernet(path, expected_sha256=entry.sha256 if entry else None)
-    if entry:
-        model.config.name, model.config.license = entry.name, entry.license
-        model.config.base_family = entry.base_family
-    return model
+    return load_checkpoint_file(path, entry)

@@ -25,7 +25,7 @@ from .errors import HypernetError, LoraFormatError, LoraRarError, OutputExistsEr
 from .lazy import LazyMergedLora, LoadedLora, MergeProvenance
 from .lora import LoraFile, lora_from_state_dict, require_family
 from .merge import METHODS, Coefficients, MergedLora, assemble, compute_coefficients
-from .model import HyperNetwork, load_hypernet
+from .model import HyperNetwork
 from .safetensors_io import _DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
 from .writer import DTYPES, merge_metadata, save_merged
 
@@ -139,11 +139,6 @@ def hypernet_choices(listed: list[str]) -> list[str]:
     return [official, *rest]
 
 
-def catalog_entry_for_file(name: str) -> catalog.CatalogEntry | None:
-    base = PurePosixPath(name.replace("\\", "/")).name
-    return next((e for e in catalog.load_catalog().values() if e.file == base), None)
-
-
 _HYPERNETS: dict[tuple[str, int, int], HyperNetwork] = {}
 
 
@@ -157,11 +152,9 @@ def load_hypernet_cached(path: str | Path) -> HyperNetwork:
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     model = _HYPERNETS.get(key)
     if model is None:
-        entry = catalog_entry_for_file(path.name)
-        model = load_hypernet(path, expected_sha256=entry.sha256 if entry else None)
+        entry = catalog.entry_for_file(path.name)
+        model = catalog.load_checkpoint_file(path, entry)
         if entry:
-            model.config.name, model.config.license = entry.name, entry.license
-            model.config.base_family = entry.base_family
             log.info("loaded %s from %s (license: %s)", entry.title, path, entry.license)
         else:
             model.config.name = model.config.name or path.stem
@@ -179,7 +172,7 @@ def resolve_hypernet_choice(name: str, full_path: str | Path | None, download: b
     (`url` overrides the catalog's address, for mirrors and tests; the sha256 check stays)."""
     if full_path is not None and Path(full_path).is_file():
         return load_hypernet_cached(full_path)
-    entry = catalog_entry_for_file(name)
+    entry = catalog.entry_for_file(name)
     places = ", ".join(str(d) for d in search_dirs) or "the lorarar model folder"
     if entry is None:
         raise HypernetError(f"hypernetwork {name!r} was not found in {places}")
@@ -247,7 +240,7 @@ def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
     check_sdxl(style, "style LoRA", hypernet if method == "lorarar" else None)
     coefficients: Coefficients = _NO_COEFFICIENTS  # one shared object: caches keyed on it hit for "sum"
     if method == "lorarar":
-        coefficients, fallback = merge_coefficients(content, style, hypernet, progress)
+        coefficients, _ = merge_coefficients(content, style, hypernet, progress)  # widths: 'error', never a fallback
     merged = assemble(content, style, coefficients, content_strength, style_strength, method)
     log.info("LoRA.rar merge: %s", merged.report.summary())
     return MergeResult(merged, content, style, coefficients)
