@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -109,9 +109,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], force: 
     """
     path = Path(path)
     check_writable(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # A fresh unique name that `write` creates itself, so the file gets the user's umask like any
+    # other (tempfile.mkstemp's 0600 would make merged LoRAs and reports private to the writer).
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp_path)
         if not force and path.exists():  # someone else wrote it meanwhile

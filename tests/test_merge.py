@@ -245,3 +245,17 @@ def test_conv_locon_layers_concatenate(tmp_path):
     torch.testing.assert_close(merged.delta(name), 2 * c.layers[name].delta() + s.layers[name].delta())
     again = read_lora(save_merged(merged, tmp_path / "conv.safetensors"))
     torch.testing.assert_close(again.layers[name].delta(), merged.delta(name))
+
+
+def test_written_files_get_the_users_umask_not_private_modes(tmp_path):
+    import os
+    import stat
+
+    small = synthetic.to_state_dict(synthetic.random_factors(synthetic.text_encoder_layers(1), 2, 0))
+    merged = merge(lora_from_state_dict(small), lora_from_state_dict(small), method="sum")
+    old = os.umask(0o022)
+    try:
+        path = save_merged(merged, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -12,13 +12,12 @@ import html
 import io
 import json
 import math
-import os
-import threading
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..safetensors_io import atomic_write
 from .images import PreparedImage, thumbnail_data_uri
 from .parsing import NO, YES
 from .protocol import CONTENT, STYLE, ImageJob
@@ -81,16 +80,7 @@ def text_report(result: JudgeResult) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    # Not tempfile.mkstemp: its 0600 mode would make the reports private; "x" mode respects
-    # the umask like any other file the user writes.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), force=True)  # reports are rewritten each run
 
 
 def _csv_bytes(rows: Sequence[dict], columns: Sequence[str]) -> bytes:
