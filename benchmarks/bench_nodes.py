@@ -262,7 +262,7 @@ def main() -> int:
         order = [("stacked", stacked), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("stacked", stacked)]
         for phase, values in (("cold", strengths[0]), ("strengths", s)):
             for label, runner in order:
-                rows[f"{label} {phase}"].append(timed(lambda: runner.run(patcher, names, values))[0])
+                rows[f"{label} {phase}"].append(timed(lambda r=runner, v=values: r.run(patcher, names, v))[0])
                 cpu[f"{label} {phase}"].append(CPU_TIMES[-1])
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"\n(a) node execution, two LoRA files -> patched MODEL object ({args.repeats} repeats; wall, CPU in brackets):")

@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hypernet import synthetic  # noqa: E402
 from hypernet.lora import lora_from_state_dict  # noqa: E402
 from hypernet.merge import assemble, compute_coefficients  # noqa: E402
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet  # noqa: E402
-from hypernet.objective import DiscreteSchedule, ldm_denoiser  # noqa: E402
+from hypernet.tooling import synthetic  # noqa: E402
 from hypernet.training.data import TrainingBase  # noqa: E402
 from hypernet.training.manifest import load_manifest  # noqa: E402
+from hypernet.training.objective import DiscreteSchedule, ldm_denoiser  # noqa: E402
 from hypernet.training.testmodel import ToyEncoder, UNetConfig, build_unet, random_lora, write_dataset  # noqa: E402
-from hypernet.training.trainer import TrainSettings, Trainer  # noqa: E402
-from hypernet.ziplora import ZipLoraSettings, ziplora_merge  # noqa: E402
+from hypernet.training.trainer import Trainer, TrainSettings  # noqa: E402
+from hypernet.training.ziplora import ZipLoraSettings, ziplora_merge  # noqa: E402
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official-hypernets" / "lorarar_sdxl_hypernet.pth"
 

@@ -9,7 +9,6 @@ Tensors keep the file's dtype; maths happens in float32 on demand.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -171,7 +170,7 @@ class LoraFile:
         return {k: v for k, v in self.layers.items() if naming.is_text_encoder(k)}
 
     def kinds(self) -> Counter:
-        return Counter("dora" if l.is_dora else l.kind for l in self.layers.values())
+        return Counter("dora" if layer.is_dora else layer.kind for layer in self.layers.values())
 
 
 def _split_key(key: str) -> tuple[str, str] | None:

@@ -114,7 +114,7 @@ class MergedLora:
         for name, layer in self.layers.items():
             key = naming.ldm_to_kohya_key(name)
             if layer.diff is not None:
-                entries.append((f"{key}.diff", dtype, tuple(layer.diff.shape), lambda l=layer: l.diff))
+                entries.append((f"{key}.diff", dtype, tuple(layer.diff.shape), lambda layer=layer: layer.diff))
                 continue
             first = layer.parts[0]
             rank = layer.rank
@@ -131,7 +131,7 @@ class MergedLora:
         return {key: make().to(kind).contiguous() for key, kind, _, make in self.kohya_entries(dtype)}
 
     def ranks(self) -> list[int]:
-        return [l.rank for l in self.layers.values() if l.diff is None]
+        return [layer.rank for layer in self.layers.values() if layer.diff is None]
 
 
 def is_hypernet_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -160,9 +160,9 @@ _BATCH = 4
 
 def _stacked_factors(layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale·up, down) of same-shape layers stacked to (L, out, r) and (L, r, in), float32."""
-    scales = torch.tensor([l.scale for l in layers], dtype=torch.float32).reshape(-1, 1, 1)
-    ups = torch.stack([l.up.reshape(l.up.shape[0], -1) for l in layers]).float() * scales
-    downs = torch.stack([l.down.reshape(l.down.shape[0], -1) for l in layers]).float()
+    scales = torch.tensor([layer.scale for layer in layers], dtype=torch.float32).reshape(-1, 1, 1)
+    ups = torch.stack([layer.up.reshape(layer.up.shape[0], -1) for layer in layers]).float() * scales
+    downs = torch.stack([layer.down.reshape(layer.down.shape[0], -1) for layer in layers]).float()
     return ups, downs
 
 

@@ -11,8 +11,8 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..hypernet import nodelogic
 from ..hypernet.errors import LoraFormatError
+from ..hypernet.nodelogic import lora as lora_logic
 from ..hypernet.writer import DTYPES
 
 CATEGORY = "LoRA.rar"
@@ -21,7 +21,7 @@ CATEGORY = "LoRA.rar"
 def _lora_files() -> list[str]:
     import folder_paths
 
-    return [n for n in folder_paths.get_filename_list("loras") if nodelogic.is_lora_file_name(n)]
+    return [n for n in folder_paths.get_filename_list("loras") if lora_logic.is_lora_file_name(n)]
 
 
 class LoraRarLoadLora(io.ComfyNode):
@@ -57,13 +57,13 @@ class LoraRarLoadLora(io.ComfyNode):
     def execute(cls, lora_name) -> io.NodeOutput:
         import folder_paths
 
-        if not nodelogic.is_lora_file_name(lora_name):
+        if not lora_logic.is_lora_file_name(lora_name):
             raise LoraFormatError(
                 f"lora_name: {lora_name} is not a .safetensors file; only safetensors LoRAs are read")
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:
             raise LoraFormatError(f"lora_name: {lora_name} was not found in the loras folders")
-        return io.NodeOutput(nodelogic.load_lora_model(path, lora_name))
+        return io.NodeOutput(lora_logic.load_lora_model(path, lora_name))
 
 
 class LoraRarSaveMergedLora(io.ComfyNode):
@@ -79,7 +79,7 @@ class LoraRarSaveMergedLora(io.ComfyNode):
                 io.LoraModel.Input("merged_lora",
                                    tooltip="The LoRA to save. From LoRA.rar Merge it is written with "
                                            "its merge provenance (method, strengths, source hashes)."),
-                io.String.Input("filename_prefix", default=nodelogic.DEFAULT_SAVE_PREFIX,
+                io.String.Input("filename_prefix", default=lora_logic.DEFAULT_SAVE_PREFIX,
                                 tooltip="File name relative to models/loras; subfolders allowed, '..' "
                                         "and absolute paths are not. A counter is appended "
                                         "(_00001, _00002, …); existing files are never overwritten."),
@@ -96,7 +96,7 @@ class LoraRarSaveMergedLora(io.ComfyNode):
         import folder_paths
 
         loras_dir = folder_paths.get_folder_paths("loras")[0]
-        path = nodelogic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype)
+        path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype)
         relative = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(ui=ui.PreviewText(f"saved models/loras/{relative}"))
 

@@ -1,8 +1,8 @@
 """Merge nodes: "Load Hypernetwork (LoRA.rar)" and "LoRA.rar Merge".
 
 The merge patches MODEL/CLIP through `comfy.sd.load_lora_for_models` with a few batched dicts
-(see `hypernet.nodelogic.patch_plan`), outputs the exact merged LoRA lazily as a LORA_MODEL and
-draws the merge coefficients per UNet transformer block. Logic lives in `hypernet.nodelogic`.
+(see `hypernet.nodelogic.merge.patch_plan`), outputs the exact merged LoRA lazily as a LORA_MODEL and
+draws the merge coefficients per UNet transformer block. Logic lives in `hypernet.nodelogic.hypernet` and `.merge`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..hypernet import nodelogic
 from ..hypernet.merge import METHODS
+from ..hypernet.nodelogic import hypernet as hypernet_logic
+from ..hypernet.nodelogic import merge as merge_logic
 from . import paths
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ Hypernet = io.Custom("LORARAR_HYPERNET")
 class LoraRarLoadHypernet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        choices = nodelogic.hypernet_choices(paths.hypernet_files())
+        choices = hypernet_logic.hypernet_choices(paths.hypernet_files())
         return io.Schema(
             node_id="LoraRarLoadHypernet",
             display_name="Load Hypernetwork (LoRA.rar)",
@@ -35,8 +36,8 @@ class LoraRarLoadHypernet(io.ComfyNode):
                         "for a subject LoRA and a style LoRA.",
             inputs=[
                 io.Combo.Input("hypernet_name", options=choices, default=choices[0],
-                               tooltip=nodelogic.hypernet_file_tooltip()),
-                io.Boolean.Input("download", default=False, tooltip=nodelogic.download_tooltip()),
+                               tooltip=hypernet_logic.hypernet_file_tooltip()),
+                io.Boolean.Input("download", default=False, tooltip=hypernet_logic.download_tooltip()),
             ],
             outputs=[Hypernet.Output("hypernetwork", display_name="hypernetwork",
                                      tooltip="The loaded hypernetwork, for LoRA.rar Merge.")],
@@ -55,7 +56,7 @@ class LoraRarLoadHypernet(io.ComfyNode):
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(100)
-        model = nodelogic.resolve_hypernet_choice(
+        model = hypernet_logic.resolve_hypernet_choice(
             hypernet_name, paths.hypernet_full_path(hypernet_name), download,
             download_dir=Path(paths.default_model_folder()),
             search_dirs=[Path(p) for p in paths.model_folder_paths()],
@@ -115,22 +116,22 @@ class LoraRarMerge(io.ComfyNode):
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(1)
-        result = nodelogic.run_merge(
+        result = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork if method == "lorarar" else None,
             content_strength, style_strength, method,
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = model, clip
-        plan = nodelogic.patch_plan(result, include_text_encoders=clip is not None)
+        plan = merge_logic.patch_plan(result, include_text_encoders=clip is not None)
         for state_dict, strength in plan:
             new_model, new_clip = comfy.sd.load_lora_for_models(new_model, new_clip, state_dict, strength, strength)
         if not plan:  # both strengths 0: hand out the inputs unchanged
             new_model, new_clip = model, clip
 
         hypernet_name = hypernetwork.config.name if (hypernetwork is not None and method == "lorarar") else ""
-        content_name = nodelogic.name_of(content_lora, "content LoRA")
-        style_name = nodelogic.name_of(style_lora, "style LoRA")
-        image = nodelogic.coefficient_image(result, content_name, style_name, hypernet_name)
-        merged = nodelogic.merged_lora_output(result, content_lora, style_lora,
+        content_name = merge_logic.name_of(content_lora, "content LoRA")
+        style_name = merge_logic.name_of(style_lora, "style LoRA")
+        image = merge_logic.coefficient_image(result, content_name, style_name, hypernet_name)
+        merged = merge_logic.merged_lora_output(result, content_lora, style_lora,
                                               hypernetwork if method == "lorarar" else None)
         return io.NodeOutput(new_model, new_clip, merged, image)
 

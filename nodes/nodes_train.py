@@ -2,7 +2,7 @@
 
 Both run gradient descent through the loaded MODEL's UNet: ComfyUI executes nodes under
 torch.inference_mode, so the work runs inside `torch.inference_mode(False)` + `enable_grad`.
-The logic lives in `hypernet.ziplora`, `hypernet.training` (comfy_adapter wraps MODEL/CLIP/VAE).
+The logic lives in `hypernet.nodelogic.train` (on top of `hypernet.training`).
 """
 
 from __future__ import annotations
@@ -40,25 +40,14 @@ class _Progress:
             log.info("%s: step %d/%d, loss %.5g, eta %.0f s", self.label, done, total, record.get("total", float("nan")), eta)
 
 
-def _examples(base, images, prompt: str, resolution: int, role: str):
-    from ..hypernet.errors import TrainingError
-    from ..hypernet.training.data import encode_examples, fit_image
-
-    if images is None or images.shape[0] == 0:
-        raise TrainingError(f"{role}: no images connected")
-    batch = [fit_image(images[i:i + 1].clone(), resolution) for i in range(images.shape[0])]
-    return encode_examples(base.encoder, batch, prompt, base.device)
-
-
-def _base(model, clip, vae, resolution: int):
+def _hooks():
     import comfy.model_management
 
-    from ..hypernet.training.comfy_adapter import comfy_training_base
+    from ..hypernet.nodelogic.train import ComfyHooks
 
-    return comfy_training_base(
-        model, clip, vae, resolution,
+    return ComfyHooks(
         check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-        load_model=lambda: comfy.model_management.load_models_gpu([model], force_full_load=True))
+        load_model=lambda model: comfy.model_management.load_models_gpu([model], force_full_load=True))
 
 
 class LoraRarZipLoraMerge(io.ComfyNode):
@@ -103,34 +92,20 @@ class LoraRarZipLoraMerge(io.ComfyNode):
     def execute(cls, model, clip, vae, content_lora, subject_images, subject_prompt, style_lora, style_image,
                 style_prompt, steps, learning_rate, seed, resolution) -> io.NodeOutput:
         import comfy.sd
-        import torch
 
-        from ..hypernet import nodelogic, plot
-        from ..hypernet.training.plot import plot_curves
-        from ..hypernet.ziplora import ZipLoraSettings, ziplora_merge
+        from ..hypernet.nodelogic import merge as merge_logic
+        from ..hypernet.nodelogic.train import run_ziplora_node
+        from ..hypernet.training.ziplora import ZipLoraSettings
 
-        content = nodelogic.lora_file_of(content_lora, "content LoRA")
-        style = nodelogic.lora_file_of(style_lora, "style LoRA")
-        with torch.inference_mode(False), torch.enable_grad():
-            base = _base(model, clip, vae, resolution)
-            subjects = _examples(base, subject_images, subject_prompt, resolution, "subject_images")
-            styles = _examples(base, style_image, style_prompt, resolution, "style_image")
-            base.before_training()
-            result = ziplora_merge(base.unet, base.denoise, base.schedule, content, style, subjects, styles,
-                                   ZipLoraSettings(steps=steps, lr=learning_rate, seed=seed), base.device,
-                                   base.autocast_dtype, progress=_Progress(steps, "ZipLoRA"),
-                                   check_interrupt=base.check_interrupt)
-        merge = nodelogic.MergeResult(result.merged, content, style, result.merged.coefficients)
+        result = run_ziplora_node(
+            model, clip, vae, content_lora, subject_images, subject_prompt, style_lora, style_image,
+            style_prompt, ZipLoraSettings(steps=steps, lr=learning_rate, seed=seed), resolution, _hooks(),
+            progress=_Progress(steps, "ZipLoRA"))
         new_model = model
-        for state_dict, strength in nodelogic.patch_plan(merge, include_text_encoders=False):
+        for state_dict, strength in merge_logic.patch_plan(result.merge, include_text_encoders=False):
             new_model, _ = comfy.sd.load_lora_for_models(new_model, None, state_dict, strength, 0)
-        history = result.history
-        series = {k: [(h["step"], h[k]) for h in history] for k in ("total", "content", "style")}
-        image = plot.image_to_tensor(plot_curves(
-            series, title=f"ZipLoRA {nodelogic.name_of(content_lora, 'content')} × "
-                          f"{nodelogic.name_of(style_lora, 'style')}: {steps} steps, {result.seconds:.0f} s"))
-        merged = nodelogic.merged_lora_output(merge, content_lora, style_lora, None)
-        return io.NodeOutput(new_model, merged, image)
+        merged = merge_logic.merged_lora_output(result.merge, content_lora, style_lora, None)
+        return io.NodeOutput(new_model, merged, result.loss_image)
 
 
 class LoraRarTrainHypernet(io.ComfyNode):
@@ -192,48 +167,27 @@ class LoraRarTrainHypernet(io.ComfyNode):
                 checkpoint_every, validate_every, init_hypernet, gradient_checkpointing, resume,
                 overwrite) -> io.NodeOutput:
         import folder_paths
-        import torch
-        from PIL import Image
 
-        from ..hypernet import plot
-        from ..hypernet.errors import OutputExistsError, TrainingError
-        from ..hypernet.injection import linear_layer_shapes
+        from ..hypernet.errors import TrainingError
         from ..hypernet.model import load_hypernet
-        from ..hypernet.training.manifest import check_loras, load_manifest
-        from ..hypernet.training.trainer import TrainSettings, Trainer
+        from ..hypernet.nodelogic.train import run_train_node
+        from ..hypernet.training.trainer import TrainSettings
 
         name = Path(output_name.strip() or "my_hypernet").name.removesuffix(".safetensors")
-        output = Path(paths.default_model_folder()) / f"{name}.safetensors"
-        run_dir = Path(folder_paths.get_output_directory()) / "lorarar_training" / name
-        if output.exists() and not (overwrite or resume):
-            raise OutputExistsError(f"output_name: {output} exists; choose another name or enable overwrite")
-        if not manifest.strip():
-            raise TrainingError("manifest: give the path of a training manifest (.json or .yaml)")
-        data = load_manifest(Path(manifest.strip()).expanduser())
         init = None
         if init_hypernet != NO_INIT:
             init_path = paths.hypernet_full_path(init_hypernet)
             if init_path is None:
                 raise TrainingError(f"init_hypernet: {init_hypernet} is not in models/lorarar")
             init = load_hypernet(init_path)
-        with torch.inference_mode(False), torch.enable_grad():
-            base = _base(model, clip, vae, resolution)
-            check_loras(data, linear_layer_shapes(base.unet))
-            settings = TrainSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
-                                     validate_every=validate_every, gradient_checkpointing=gradient_checkpointing,
-                                     name=name)
-            trainer = Trainer(base, data, settings, run_dir, init_hypernet=init,
-                              resume=run_dir if resume and (run_dir / "checkpoints").is_dir() else None)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            result = trainer.run(output, force=True, progress=_Progress(steps, "Train Hypernetwork"))
-        with Image.open(result.plot_path) as im:
-            image = plot.image_to_tensor(im.convert("RGB"))
-        summary = f"saved {result.output} after {result.step} steps; log and checkpoints in {run_dir}"
-        if result.validation:
-            v = result.validation
-            summary += (f"\nvalidation objective on {v['pairs']} held-out pairs: hypernetwork "
-                        f"{v['hypernet']['total']:.5g}, plain sum {v['sum']['total']:.5g}")
-        return io.NodeOutput(image, summary)
+        settings = TrainSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+                                 validate_every=validate_every, gradient_checkpointing=gradient_checkpointing,
+                                 name=name)
+        result = run_train_node(
+            model, clip, vae, manifest, Path(paths.default_model_folder()) / f"{name}.safetensors",
+            Path(folder_paths.get_output_directory()) / "lorarar_training" / name, settings, resolution,
+            init, resume, overwrite, _hooks(), progress=_Progress(steps, "Train Hypernetwork"))
+        return io.NodeOutput(result.loss_image, result.summary)
 
 
 NODES = [LoraRarZipLoraMerge, LoraRarTrainHypernet]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hypernet import synthetic
+from hypernet.tooling import synthetic
 
 OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "official-hypernets"
 OFFICIAL_SDXL = OFFICIAL_DIR / "lorarar_sdxl_hypernet.pth"

@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
-from hypernet import synthetic
 from hypernet.cli import main
 from hypernet.lora import read_lora
+from hypernet.tooling import synthetic
 
 from .conftest import write_lora
 

@@ -31,9 +31,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypernet import naming, nodelogic, synthetic
-from hypernet.lazy import LazyMergedLora
-from hypernet.model import HyperNetwork, HypernetConfig
+from hypernet import naming
+from hypernet.model import HypernetConfig, HyperNetwork
+from hypernet.nodelogic import hypernet as hypernet_logic
+from hypernet.nodelogic import merge as merge_logic
+from hypernet.nodelogic.lazy import LazyMergedLora
+from hypernet.tooling import synthetic
 
 pytestmark = pytest.mark.comfyui
 
@@ -190,13 +193,13 @@ def assert_patched_as_merged(comfy, tiny, patched_model, result, base) -> None:
 @pytest.mark.parametrize("method", ["lorarar", "sum"])
 def test_node_patch_plan_patches_exactly_the_merged_delta(comfy, tiny, method):
     base = base_weights(tiny.patcher)
-    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet if method == "lorarar" else None,
+    result = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet if method == "lorarar" else None,
                                  0.8, 1.3, method)
     if method == "lorarar":
         assert result.merged.report.hypernet_layers > 20
         m_c = torch.cat([c for c, _ in result.coefficients.values()])
         assert (m_c - 1).abs().max() > 0.1  # the coefficients really change the columns
-    plan = nodelogic.patch_plan(result)
+    plan = merge_logic.patch_plan(result)
     assert 2 <= len(plan) <= 3  # a few batched calls, never one per layer
     model, clip = tiny.patcher, None
     for state_dict, strength in plan:
@@ -210,8 +213,8 @@ def test_merged_lora_model_loads_like_a_file(comfy, tiny):
     """The LORA_MODEL output (lazy, kohya keys, rank r_c + r_s) through core's path (as core's
     "Load LoRA Model" node does) patches the same weights."""
     base = base_weights(tiny.patcher)
-    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 0.6, "lorarar")
-    lora_model = nodelogic.merged_lora_output(result, tiny.content, tiny.style, tiny.hypernet)
+    result = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 0.6, "lorarar")
+    lora_model = merge_logic.merged_lora_output(result, tiny.content, tiny.style, tiny.hypernet)
     assert isinstance(lora_model, LazyMergedLora) and not lora_model.is_materialised
     model, _ = comfy.sd.load_lora_for_models(tiny.patcher, None, lora_model, 1.0, 1.0)
     assert lora_model.is_materialised
@@ -222,7 +225,7 @@ def test_merged_lora_model_loads_like_a_file(comfy, tiny):
 
 
 def test_every_kohya_key_of_the_merge_is_mapped(comfy, tiny):
-    result = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
+    result = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
     key_map = comfy.lora.model_lora_keys_unet(tiny.patcher.model, {})
     kohya = {naming.ldm_to_kohya_key(n) for n in result.merged.layers}
     assert kohya <= key_map.keys(), sorted(kohya - key_map.keys())[:5]
@@ -260,7 +263,7 @@ def test_text_encoder_keys_map_onto_sdxl_clip_names(comfy):
 
         def state_dict(self, *args, **kwargs):
             out = {}
-            for name, shape in names.items():
+            for name in names:
                 encoder, path = name.split(".", 1)
                 out[f"{'clip_l' if encoder == 'te1' else 'clip_g'}.transformer.{path}.weight"] = torch.empty(0)
             return out
@@ -273,15 +276,15 @@ def test_text_encoder_keys_map_onto_sdxl_clip_names(comfy):
 
 
 def test_strength_change_reuses_coefficients_and_still_patches_exactly(comfy, tiny):
-    nodelogic._COEFFICIENTS.clear()
-    first = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
-    misses = nodelogic._COEFFICIENTS.misses
-    second = nodelogic.run_merge(tiny.content, tiny.style, tiny.hypernet, 0.5, -0.25, "lorarar")
-    assert nodelogic._COEFFICIENTS.misses == misses
+    merge_logic._COEFFICIENTS.clear()
+    first = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 1.0, 1.0, "lorarar")
+    misses = merge_logic._COEFFICIENTS.misses
+    second = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 0.5, -0.25, "lorarar")
+    assert merge_logic._COEFFICIENTS.misses == misses
     assert all(second.coefficients[n][0] is first.coefficients[n][0] for n in first.coefficients)
     base = base_weights(tiny.patcher)
     model, clip = tiny.patcher, None
-    for state_dict, strength in nodelogic.patch_plan(second):
+    for state_dict, strength in merge_logic.patch_plan(second):
         model, clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
     assert_patched_as_merged(comfy, tiny, model, second, base)
 
@@ -329,7 +332,7 @@ def test_model_folder_registration_keeps_yaml_paths_and_lists_hypernetworks(fold
     (extra / "readme.txt").write_text("not a checkpoint")
     listed = paths.hypernet_files()
     assert {"mine.safetensors", "shared.pth"} <= set(listed) and "readme.txt" not in listed
-    choices = nodelogic.hypernet_choices(listed)
-    assert choices[0] == nodelogic.official_file_name() and "shared.pth" in choices
+    choices = hypernet_logic.hypernet_choices(listed)
+    assert choices[0] == hypernet_logic.official_file_name() and "shared.pth" in choices
     assert paths.hypernet_full_path("shared.pth") == str(extra / "shared.pth")
     assert paths.default_model_folder() == default

@@ -13,7 +13,7 @@ import torch
 from hypernet.model import load_hypernet
 from hypernet.training.manifest import load_manifest
 from hypernet.training.testmodel import tiny_base
-from hypernet.training.trainer import TrainSettings, Trainer
+from hypernet.training.trainer import Trainer, TrainSettings
 from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,4 +49,4 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert moved
     # each step's two pairs were split over the two ranks: the log lists both
     log_lines = (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()
-    assert len([l for l in log_lines if '"kind": "train"' in l]) == steps
+    assert len([line for line in log_lines if '"kind": "train"' in line]) == steps

@@ -7,10 +7,16 @@ import torch
 from torch import nn
 
 from hypernet.errors import LoraMismatchError
-from hypernet.injection import LoraInjection, attention_widths, checkpointed_blocks, find_module, linear_layer_shapes
 from hypernet.lora import lora_from_state_dict
 from hypernet.model import HypernetConfig, HyperNetwork
-from hypernet.objective import DiscreteSchedule, Sample, ldm_denoiser, ones_coefficients, ziplora_objective
+from hypernet.training.injection import (
+    LoraInjection,
+    attention_widths,
+    checkpointed_blocks,
+    find_module,
+    linear_layer_shapes,
+)
+from hypernet.training.objective import DiscreteSchedule, Sample, ldm_denoiser, ones_coefficients, ziplora_objective
 from hypernet.training.testmodel import ToyEncoder, UNetConfig, build_unet, random_lora
 from hypernet.training.trainer import CoefficientModel
 from tests.training_support import one_thread  # noqa: F401 - fixture
@@ -149,7 +155,8 @@ def test_gradient_checkpointing_gives_same_gradients(setup):
 def test_full_size_sdxl_topology_has_the_722_kohya_layers():
     """The benchmark's `--full-sdxl` model (built on the meta device: no memory) has exactly
     SDXL's 722 LoRA targets, and a synthetic SDXL LoRA attaches with 280 coefficient layers."""
-    from hypernet import naming, synthetic
+    from hypernet import naming
+    from hypernet.tooling import synthetic
     from hypernet.training.testmodel import LdmUNet
 
     with torch.device("meta"):

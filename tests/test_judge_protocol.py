@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from hypernet.judge import NO, UNPARSEABLE, YES, make_prompt, majority, parse_score, parse_yes_no, prepare
+from hypernet.judge import NO, UNPARSEABLE, YES, majority, make_prompt, parse_score, parse_yes_no, prepare
 from hypernet.judge.protocol import ImageJob, build_questions, joint_verdict, score_jobs, summarize
 
 YES_NO_CASES = [

@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from hypernet import lora as lora_mod
-from hypernet import naming, synthetic
+from hypernet import naming
 from hypernet.cli.inspect import describe_lora
 from hypernet.errors import LoraFormatError
 from hypernet.lora import read_lora
+from hypernet.tooling import synthetic
 
 from .conftest import write_lora
 

@@ -7,14 +7,12 @@ import re
 import pytest
 import torch
 
-from hypernet import synthetic
 from hypernet.errors import HypernetError, LoraMismatchError
 from hypernet.lora import lora_from_state_dict, read_lora
 from hypernet.merge import merge
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet
+from hypernet.tooling import synthetic
 from hypernet.writer import merge_metadata, save_merged
-
-from .conftest import write_lora
 
 TARGET = re.compile(r"\.attn[12]\.(to_q|to_out\.0)$")
 

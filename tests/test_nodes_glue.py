@@ -1,4 +1,4 @@
-"""The logic behind the ComfyUI nodes (`hypernet.nodelogic`, `hypernet.lazy`, `hypernet.plot`),
+"""The logic behind the ComfyUI nodes (`hypernet.nodelogic`, `hypernet.nodelogic.lazy`, `hypernet.nodelogic.plot`),
 without ComfyUI: LORA_MODEL handling, caches, errors that name the input, the patch plan's
 algebra, saving, hypernetwork choices/downloads and the coefficient plot."""
 
@@ -9,18 +9,24 @@ import http.server
 import pickle
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hypernet import catalog, naming, nodelogic, plot, synthetic
+from hypernet import catalog, naming
 from hypernet.errors import HypernetError, LoraFormatError, LoraRarError
-from hypernet.lazy import LazyMergedLora, LoadedLora
 from hypernet.lora import read_lora
-from hypernet.model import HyperNetwork, HypernetConfig, save_hypernet
+from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
+from hypernet.nodelogic import cache as cache_logic
+from hypernet.nodelogic import hypernet as hypernet_logic
+from hypernet.nodelogic import lora as lora_logic
+from hypernet.nodelogic import merge as merge_logic
+from hypernet.nodelogic import plot
+from hypernet.nodelogic.lazy import LazyMergedLora, LoadedLora
+from hypernet.safetensors_io import sha256_file
+from hypernet.tooling import synthetic
 
 from .conftest import OFFICIAL_SDXL
 
@@ -72,7 +78,7 @@ def pair():
 # LazyMergedLora / LoadedLora
 
 def merged_of(pair, cs=1.0, ss=1.0):
-    return nodelogic.run_merge(pair[0], pair[1], tiny_hypernet(), cs, ss, "lorarar")
+    return merge_logic.run_merge(pair[0], pair[1], tiny_hypernet(), cs, ss, "lorarar")
 
 
 def test_lazy_merged_lora_knows_its_keys_without_building(pair):
@@ -121,7 +127,7 @@ def test_lazy_merged_lora_behaves_like_the_plain_dict(pair, how, tmp_path):
 
 def test_editing_a_lazy_merged_lora_drops_its_provenance(pair):
     result = merged_of(pair)
-    lazy = nodelogic.merged_lora_output(result, pair[0], pair[1], tiny_hypernet())
+    lazy = merge_logic.merged_lora_output(result, pair[0], pair[1], tiny_hypernet())
     assert lazy.provenance is not None
     key = next(iter(lazy))
     lazy[key] = lazy[key] * 2
@@ -130,7 +136,7 @@ def test_editing_a_lazy_merged_lora_drops_its_provenance(pair):
 
 
 def test_identity_cache_keys_by_object_not_by_value():
-    cache = nodelogic.IdentityCache(size=2)
+    cache = cache_logic.IdentityCache(size=2)
     a, b, c = {"x": 1}, {"x": 1}, {"y": 2}
     calls = []
     compute = lambda tag: (lambda: calls.append(tag) or tag)  # noqa: E731
@@ -145,33 +151,33 @@ def test_identity_cache_keys_by_object_not_by_value():
 def test_loaded_lora_is_parsed_once_and_plain_dicts_are_cached_by_identity(tmp_path, pair):
     path = tmp_path / "subject.safetensors"
     save_file(pair[0], str(path))
-    loaded = nodelogic.load_lora_model(path, "subject.safetensors")
+    loaded = lora_logic.load_lora_model(path, "subject.safetensors")
     assert isinstance(loaded, LoadedLora) and dict(loaded).keys() == pair[0].keys()
-    assert nodelogic.lora_file_of(loaded, "content LoRA") is loaded.lora_file
+    assert lora_logic.lora_file_of(loaded, "content LoRA") is loaded.lora_file
     assert loaded.lora_file.source == "subject.safetensors"
-    first = nodelogic.lora_file_of(pair[1], "style LoRA")
-    assert nodelogic.lora_file_of(pair[1], "style LoRA") is first
-    assert nodelogic.lora_file_of(dict(pair[1]), "style LoRA") is not first
+    first = lora_logic.lora_file_of(pair[1], "style LoRA")
+    assert lora_logic.lora_file_of(pair[1], "style LoRA") is first
+    assert lora_logic.lora_file_of(dict(pair[1]), "style LoRA") is not first
 
 
 def test_load_lora_errors_name_the_file(tmp_path):
     not_lora = tmp_path / "vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(not_lora))
     with pytest.raises(LoraFormatError, match=r"vae\.safetensors.*no LoRA layers"):
-        nodelogic.load_lora_model(not_lora, "vae.safetensors")
+        lora_logic.load_lora_model(not_lora, "vae.safetensors")
     truncated = tmp_path / "cut.safetensors"
     good = tmp_path / "good.safetensors"
     save_file(tiny_lora(1), str(good))
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(LoraFormatError, match=r"cut\.safetensors"):
-        nodelogic.load_lora_model(truncated)
+        lora_logic.load_lora_model(truncated)
 
 
 def test_non_tensor_lora_model_names_the_input():
     with pytest.raises(LoraFormatError, match=r"^content LoRA: entry 'a' is not a tensor"):
-        nodelogic.run_merge({"a": 3}, tiny_lora(2), None, 1, 1, "sum")
+        merge_logic.run_merge({"a": 3}, tiny_lora(2), None, 1, 1, "sum")
     with pytest.raises(LoraFormatError, match=r"^style LoRA: expected a LoRA state dict"):
-        nodelogic.run_merge(tiny_lora(1), [1, 2], None, 1, 1, "sum")
+        merge_logic.run_merge(tiny_lora(1), [1, 2], None, 1, 1, "sum")
 
 
 def sd15_like_lora() -> dict[str, torch.Tensor]:
@@ -185,19 +191,19 @@ def sd15_like_lora() -> dict[str, torch.Tensor]:
 
 def test_a_non_sdxl_lora_is_refused_naming_the_input_and_the_hypernetwork_widths():
     with pytest.raises(LoraFormatError) as info:
-        nodelogic.run_merge(tiny_lora(1), sd15_like_lora(), tiny_hypernet(), 1, 1, "lorarar")
+        merge_logic.run_merge(tiny_lora(1), sd15_like_lora(), tiny_hypernet(), 1, 1, "lorarar")
     message = str(info.value)
     assert message.startswith("style LoRA") and "SD1.5" in message and "320" in message
     assert "widths 64/128" in message
     with pytest.raises(LoraFormatError, match=r"^content LoRA.*SD1\.5"):
-        nodelogic.run_merge(sd15_like_lora(), tiny_lora(1), None, 1, 1, "sum")
+        merge_logic.run_merge(sd15_like_lora(), tiny_lora(1), None, 1, 1, "sum")
 
 
 def test_lorarar_without_hypernetwork_and_unknown_method_are_clear_errors(pair):
     with pytest.raises(HypernetError, match=r"^hypernetwork: method 'lorarar' needs a hypernetwork"):
-        nodelogic.run_merge(pair[0], pair[1], None, 1, 1, "lorarar")
+        merge_logic.run_merge(pair[0], pair[1], None, 1, 1, "lorarar")
     with pytest.raises(LoraRarError, match=r"^method: expected one of lorarar, sum"):
-        nodelogic.run_merge(pair[0], pair[1], None, 1, 1, "average")
+        merge_logic.run_merge(pair[0], pair[1], None, 1, 1, "average")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,20 +211,20 @@ def test_lorarar_without_hypernetwork_and_unknown_method_are_clear_errors(pair):
 
 def test_changing_strengths_reuses_the_coefficients(pair):
     hypernet = tiny_hypernet()
-    nodelogic._COEFFICIENTS.clear()
-    first = nodelogic.run_merge(pair[0], pair[1], hypernet, 1.0, 1.0, "lorarar")
-    misses = nodelogic._COEFFICIENTS.misses
-    second = nodelogic.run_merge(pair[0], pair[1], hypernet, 0.5, 2.0, "lorarar")
-    assert nodelogic._COEFFICIENTS.misses == misses
+    merge_logic._COEFFICIENTS.clear()
+    first = merge_logic.run_merge(pair[0], pair[1], hypernet, 1.0, 1.0, "lorarar")
+    misses = merge_logic._COEFFICIENTS.misses
+    second = merge_logic.run_merge(pair[0], pair[1], hypernet, 0.5, 2.0, "lorarar")
+    assert merge_logic._COEFFICIENTS.misses == misses
     assert second.coefficients is first.coefficients
     name = "middle_block.1.transformer_blocks.0.attn2.to_q"
     assert name in first.coefficients
-    c_only = nodelogic.run_merge(pair[0], pair[1], hypernet, 1.0, 0.0, "lorarar").merged.delta(name)
-    s_only = nodelogic.run_merge(pair[0], pair[1], hypernet, 0.0, 1.0, "lorarar").merged.delta(name)
+    c_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 1.0, 0.0, "lorarar").merged.delta(name)
+    s_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 0.0, 1.0, "lorarar").merged.delta(name)
     assert torch.allclose(second.merged.delta(name), 0.5 * c_only + 2.0 * s_only, atol=1e-6)
     # Another hypernetwork (or other LoRA objects) does run it again.
-    nodelogic.run_merge(pair[0], pair[1], tiny_hypernet(seed=4), 1.0, 1.0, "lorarar")
-    assert nodelogic._COEFFICIENTS.misses == misses + 1
+    merge_logic.run_merge(pair[0], pair[1], tiny_hypernet(seed=4), 1.0, 1.0, "lorarar")
+    assert merge_logic._COEFFICIENTS.misses == misses + 1
 
 
 def plan_delta(plan, name: str) -> torch.Tensor:
@@ -241,9 +247,9 @@ def plan_delta(plan, name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["lorarar", "sum"])
 def test_patch_plan_adds_up_to_the_merged_delta_without_copying_factors(pair, method):
-    result = nodelogic.run_merge(pair[0], pair[1], tiny_hypernet() if method == "lorarar" else None,
+    result = merge_logic.run_merge(pair[0], pair[1], tiny_hypernet() if method == "lorarar" else None,
                                  0.7, 1.4, method)
-    plan = nodelogic.patch_plan(result)
+    plan = merge_logic.patch_plan(result)
     assert [s for _, s in plan] == [0.7, 1.4]
     for name in result.merged.layers:
         assert torch.allclose(plan_delta(plan, name), result.merged.delta(name), atol=1e-7, rtol=1e-5), name
@@ -256,11 +262,11 @@ def test_patch_plan_adds_up_to_the_merged_delta_without_copying_factors(pair, me
 
 
 def test_patch_plan_options(pair):
-    result = nodelogic.run_merge(pair[0], pair[1], tiny_hypernet(), 1.0, 0.0, "lorarar")
-    plan = nodelogic.patch_plan(result, include_text_encoders=False)
+    result = merge_logic.run_merge(pair[0], pair[1], tiny_hypernet(), 1.0, 0.0, "lorarar")
+    plan = merge_logic.patch_plan(result, include_text_encoders=False)
     assert len(plan) == 1 and plan[0][1] == 1.0  # style strength 0: its side is left out
     assert not any(k.startswith("lora_te") for k in plan[0][0])
-    assert any(k.startswith("lora_te") for k in nodelogic.patch_plan(result)[0][0])
+    assert any(k.startswith("lora_te") for k in merge_logic.patch_plan(result)[0][0])
 
 
 def test_layers_without_low_rank_form_go_in_as_diffs(pair):
@@ -275,8 +281,8 @@ def test_layers_without_low_rank_form_go_in_as_diffs(pair):
                     f"{key}.hada_w1_b": torch.randn(2, inp, generator=gen) * 0.1,
                     f"{key}.hada_w2_a": torch.randn(out, 2, generator=gen) * 0.1,
                     f"{key}.hada_w2_b": torch.randn(2, inp, generator=gen) * 0.1})
-    result = nodelogic.run_merge(content, pair[1], tiny_hypernet(), 0.9, 1.1, "lorarar")
-    plan = nodelogic.patch_plan(result)
+    result = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 0.9, 1.1, "lorarar")
+    plan = merge_logic.patch_plan(result)
     assert len(plan) == 3 and plan[2][1] == 1.0 and set(plan[2][0]) == {f"{key}.diff"}
     assert torch.allclose(plan_delta(plan, name), result.merged.delta(name), atol=1e-7)
 
@@ -289,13 +295,13 @@ def test_layers_without_low_rank_form_go_in_as_diffs(pair):
     ("sub\\name", "sub/name"), ("we:ird*na?me", "we_ird_na_me"), ("x.safetensors", "x"), ("", "lorarar/merged"),
 ])
 def test_sanitise_prefix(prefix, expected):
-    assert str(nodelogic.sanitise_prefix(prefix)) == expected
+    assert str(lora_logic.sanitise_prefix(prefix)) == expected
 
 
 @pytest.mark.parametrize("prefix", ["../up", "a/../../b", "/etc/x", "C:\\loras\\x", "~/x", "..\\x"])
 def test_sanitise_prefix_refuses_leaving_the_folder(prefix):
     with pytest.raises(LoraRarError, match="filename_prefix"):
-        nodelogic.sanitise_prefix(prefix)
+        lora_logic.sanitise_prefix(prefix)
 
 
 def test_save_never_overwrites_and_streams_the_merge_with_provenance(tmp_path, pair):
@@ -303,15 +309,15 @@ def test_save_never_overwrites_and_streams_the_merge_with_provenance(tmp_path, p
     (loras / "lorarar").mkdir(parents=True)
     content_path = tmp_path / "subject.safetensors"
     save_file(pair[0], str(content_path))
-    content = nodelogic.load_lora_model(content_path)
+    content = lora_logic.load_lora_model(content_path)
     hypernet_path = tmp_path / "tiny_hypernet.safetensors"
     save_hypernet(tiny_hypernet(), hypernet_path)
-    hypernet = nodelogic.load_hypernet_cached(hypernet_path)
-    result = nodelogic.run_merge(content, pair[1], hypernet, 1.0, 0.5, "lorarar")
-    lazy = nodelogic.merged_lora_output(result, content, pair[1], hypernet)
+    hypernet = hypernet_logic.load_hypernet_cached(hypernet_path)
+    result = merge_logic.run_merge(content, pair[1], hypernet, 1.0, 0.5, "lorarar")
+    lazy = merge_logic.merged_lora_output(result, content, pair[1], hypernet)
     existing = loras / "lorarar" / "merged_00001.safetensors"
     existing.write_bytes(b"someone else's file")
-    path = nodelogic.save_lora_model(lazy, loras, "lorarar/merged", "fp32")
+    path = lora_logic.save_lora_model(lazy, loras, "lorarar/merged", "fp32")
     assert path == loras / "lorarar" / "merged_00002.safetensors"
     assert existing.read_bytes() == b"someone else's file"
     assert not lazy.is_materialised  # streamed from the merge, never built as a dict
@@ -319,12 +325,12 @@ def test_save_never_overwrites_and_streams_the_merge_with_provenance(tmp_path, p
     meta = saved.metadata
     assert meta["lorarar.method"] == "lorarar" and meta["lorarar.style_strength"] == "0.5"
     assert meta["lorarar.content"] == "subject.safetensors"
-    assert meta["lorarar.content_sha256"] == nodelogic.sha256_file(content_path)
-    assert meta["lorarar.hypernet_sha256"] == nodelogic.sha256_file(hypernet_path)
+    assert meta["lorarar.content_sha256"] == sha256_file(content_path)
+    assert meta["lorarar.hypernet_sha256"] == sha256_file(hypernet_path)
     assert "lorarar.style_sha256" not in meta  # the style came from a node, not a file
     for name in result.merged.layers:
         assert torch.allclose(saved.layers[name].delta(), result.merged.delta(name), atol=1e-7)
-    second = nodelogic.save_lora_model(lazy, loras, "lorarar/merged", "fp16")
+    second = lora_logic.save_lora_model(lazy, loras, "lorarar/merged", "fp16")
     assert second.name == "merged_00003.safetensors"
     with safe_open(str(second), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
@@ -334,7 +340,7 @@ def test_save_never_overwrites_and_streams_the_merge_with_provenance(tmp_path, p
 
 def test_save_a_plain_lora_model(tmp_path):
     state_dict = tiny_lora(1, alpha=4.0)
-    path = nodelogic.save_lora_model(state_dict, tmp_path, "core/trained", "bf16")
+    path = lora_logic.save_lora_model(state_dict, tmp_path, "core/trained", "bf16")
     assert path == tmp_path / "core" / "trained_00001.safetensors"
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == set(state_dict)
@@ -343,7 +349,7 @@ def test_save_a_plain_lora_model(tmp_path):
         assert f.get_tensor(key).dtype == torch.bfloat16
         assert torch.allclose(f.get_tensor(key).float(), state_dict[key], rtol=1e-2)
     with pytest.raises(LoraRarError, match="dtype"):
-        nodelogic.save_lora_model(state_dict, tmp_path, "x", "fp8")
+        lora_logic.save_lora_model(state_dict, tmp_path, "x", "fp8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,19 +357,19 @@ def test_save_a_plain_lora_model(tmp_path):
 
 def test_hypernet_choices_always_offer_the_official_checkpoint_first():
     official = catalog.load_catalog()["lorarar-sdxl"].file
-    assert nodelogic.hypernet_choices([]) == [official]
+    assert hypernet_logic.hypernet_choices([]) == [official]
     listed = ["b.safetensors", official, "a.pth", "notes.txt", "sub/c.safetensors"]
-    assert nodelogic.hypernet_choices(listed) == [official, "a.pth", "b.safetensors", "sub/c.safetensors"]
-    assert "CC BY-NC-SA" in nodelogic.hypernet_file_tooltip() and "CC BY-NC-SA" in nodelogic.download_tooltip()
+    assert hypernet_logic.hypernet_choices(listed) == [official, "a.pth", "b.safetensors", "sub/c.safetensors"]
+    assert "CC BY-NC-SA" in hypernet_logic.hypernet_file_tooltip() and "CC BY-NC-SA" in hypernet_logic.download_tooltip()
 
 
 def test_hypernet_cache_by_path_mtime_and_size(tmp_path):
     path = tmp_path / "mine.safetensors"
     save_hypernet(tiny_hypernet(1), path)
-    first = nodelogic.load_hypernet_cached(path)
-    assert nodelogic.load_hypernet_cached(path) is first
+    first = hypernet_logic.load_hypernet_cached(path)
+    assert hypernet_logic.load_hypernet_cached(path) is first
     save_hypernet(tiny_hypernet(2), path, force=True)
-    second = nodelogic.load_hypernet_cached(path)
+    second = hypernet_logic.load_hypernet_cached(path)
     assert second is not first
     assert not torch.equal(second.output[1].weight, first.output[1].weight)
 
@@ -372,18 +378,18 @@ def test_a_file_named_like_the_official_checkpoint_must_match_its_sha256(tmp_pat
     fake = tmp_path / catalog.load_catalog()["lorarar-sdxl"].file
     torch.save({"input_1.weight": torch.zeros(2, 2)}, fake)
     with pytest.raises(HypernetError, match="sha256"):
-        nodelogic.load_hypernet_cached(fake)
+        hypernet_logic.load_hypernet_cached(fake)
 
 
 def test_missing_official_checkpoint_without_download_explains_where_and_the_license(tmp_path):
     name = catalog.load_catalog()["lorarar-sdxl"].file
     with pytest.raises(HypernetError) as info:
-        nodelogic.resolve_hypernet_choice(name, None, False, tmp_path / "lorarar", [tmp_path / "lorarar"])
+        hypernet_logic.resolve_hypernet_choice(name, None, False, tmp_path / "lorarar", [tmp_path / "lorarar"])
     message = str(info.value)
     assert "not installed" in message and "'download'" in message and "CC BY-NC-SA 4.0" in message
     assert str(tmp_path / "lorarar") in message
     with pytest.raises(HypernetError, match="not found"):
-        nodelogic.resolve_hypernet_choice("other.pth", None, True, tmp_path, [tmp_path])
+        hypernet_logic.resolve_hypernet_choice("other.pth", None, True, tmp_path, [tmp_path])
 
 
 class _FileServer:
@@ -418,13 +424,13 @@ def test_opt_in_download_is_sha256_checked(tmp_path):
     target = tmp_path / "lorarar"
     with _FileServer(b"x" * entry.bytes) as server:  # right size, wrong bytes
         with pytest.raises(HypernetError, match="sha256"):
-            nodelogic.resolve_hypernet_choice(entry.file, None, True, target, [target], url=server.url)
+            hypernet_logic.resolve_hypernet_choice(entry.file, None, True, target, [target], url=server.url)
     assert not (target / entry.file).exists() and not list(target.glob("*.tmp"))
     if not OFFICIAL_SDXL.is_file():
         pytest.skip("official checkpoint absent: only the refusal was tested")
     done = []
     with _FileServer(OFFICIAL_SDXL.read_bytes()) as server:
-        model = nodelogic.resolve_hypernet_choice(entry.file, None, True, target, [target],
+        model = hypernet_logic.resolve_hypernet_choice(entry.file, None, True, target, [target],
                                                   progress=lambda d, t: done.append((d, t)), url=server.url)
     assert (target / entry.file).is_file() and done[-1] == (entry.bytes, entry.bytes)
     assert model.config.name == "lorarar-sdxl" and "CC BY-NC-SA" in model.config.license
@@ -438,7 +444,7 @@ def test_official_checkpoint_in_a_folder_is_found_and_verified(tmp_path):
     folder.mkdir()
     local = folder / OFFICIAL_SDXL.name
     shutil.copyfile(OFFICIAL_SDXL, local)  # a temp copy only; never into the repository
-    model = nodelogic.resolve_hypernet_choice(local.name, local, False, folder, [folder])
+    model = hypernet_logic.resolve_hypernet_choice(local.name, local, False, folder, [folder])
     assert model.config.base_family == "sdxl" and model.source_path == local
 
 
@@ -447,7 +453,7 @@ def test_official_checkpoint_in_a_folder_is_found_and_verified(tmp_path):
 
 def fake_sdxl_coefficients() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     coefficients = {}
-    for index, (name, (_, inp)) in enumerate(naming.sdxl_linear_layers().items()):
+    for name, (_, inp) in naming.sdxl_linear_layers().items():
         if name.endswith(("attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0")):
             block = naming.transformer_block_of(name)
             level = naming.unet_block_order_key(block)[0]  # 0 in, 1 mid, 2 out
@@ -481,7 +487,7 @@ def test_coefficient_plot_draws_both_series():
 
 
 def test_merge_plot_title_names_inputs(pair):
-    result = nodelogic.run_merge(pair[0], pair[1], tiny_hypernet(), 1.0, 0.8, "lorarar")
-    title, subtitle = nodelogic.plot_title(result, "dog.safetensors", "watercolor.safetensors", "tiny")
+    result = merge_logic.run_merge(pair[0], pair[1], tiny_hypernet(), 1.0, 0.8, "lorarar")
+    title, subtitle = merge_logic.plot_title(result, "dog.safetensors", "watercolor.safetensors", "tiny")
     assert "lorarar" in title and "tiny" in title
     assert "dog.safetensors x1" in subtitle and "watercolor.safetensors x0.8" in subtitle

@@ -66,8 +66,8 @@ def comfy_parts():
 def _loras(model, tmp: Path | None = None):
     import torch
 
-    from hypernet import synthetic
-    from hypernet.injection import linear_layer_shapes
+    from hypernet.tooling import synthetic
+    from hypernet.training.injection import linear_layer_shapes
 
     shapes = linear_layer_shapes(model.model.diffusion_model)
     loras = []

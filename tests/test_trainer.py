@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from hypernet.errors import ManifestError, TrainingError
-from hypernet.injection import linear_layer_shapes
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet, save_hypernet
 from hypernet.training.checkpoint import find_checkpoint
+from hypernet.training.injection import linear_layer_shapes
 from hypernet.training.manifest import check_loras, load_manifest
 from hypernet.training.testmodel import UNetConfig, tiny_base
-from hypernet.training.trainer import TrainSettings, Trainer, build_hypernet
+from hypernet.training.trainer import Trainer, TrainSettings, build_hypernet
 from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +94,7 @@ def test_resume_is_bit_exact(tmp_path, dataset, base):
     assert resumed.step == 4
     for key, value in straight.hypernet.state_dict().items():
         assert torch.equal(value, resumed.hypernet.state_dict()[key]), key
-    lines = [json.loads(l) for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
     assert find_checkpoint(tmp_path / "b").name == "step_000004"
 
@@ -104,7 +104,7 @@ def test_run_outputs_and_metadata(tmp_path, dataset, base):
     out = tmp_path / "models" / "lorarar" / "mine.safetensors"
     out.parent.mkdir(parents=True)
     result = Trainer(base, manifest, settings(steps=3, validate_every=2, name="mine"), tmp_path / "run").run(out)
-    records = [json.loads(l) for l in result.log_path.read_text().splitlines()]
+    records = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all({"total", "content", "style", "cosine", "grad_norm", "pairs"} <= r.keys() for r in train)
     for r in train:

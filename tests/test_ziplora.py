@@ -5,12 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypernet.injection import LoraInjection
 from hypernet.lora import lora_from_state_dict
 from hypernet.merge import merge
-from hypernet.objective import DiscreteSchedule, Sample, draw_noise, ldm_denoiser, ones_coefficients, ziplora_objective
+from hypernet.training.injection import LoraInjection
+from hypernet.training.objective import (
+    DiscreteSchedule,
+    Sample,
+    draw_noise,
+    ldm_denoiser,
+    ones_coefficients,
+    ziplora_objective,
+)
 from hypernet.training.testmodel import ToyEncoder, build_unet, random_lora
-from hypernet.ziplora import ZipLoraSettings, ziplora_merge
+from hypernet.training.ziplora import ZipLoraSettings, ziplora_merge
 from tests.training_support import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")

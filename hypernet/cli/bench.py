@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..bench import format_results, run_benchmark
     from ..catalog import find_checkpoint
+    from ..tooling.bench import format_results, run_benchmark
 
     hypernet = args.hypernet
     if hypernet is None:

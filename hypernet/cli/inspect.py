@@ -30,7 +30,7 @@ def describe_lora(path) -> dict:
     order = sorted((b for b in blocks if b not in te_order),
                    key=lambda b: naming.unet_block_order_key(b) if b.split(".")[0] in
                    ("input_blocks", "middle_block", "output_blocks") else (3, 0))
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for l in lora.layers.values() for t in l.tensors.values())
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for layer in lora.layers.values() for t in layer.tensors.values())
     kinds = lora.kinds()
     notes = []
     for kind, label in (("loha", "LoHa"), ("lokr", "LoKr"), ("full", "full weight difference"), ("dora", "DoRA")):
@@ -49,8 +49,8 @@ def describe_lora(path) -> dict:
         "text_encoder_layers": len(lora.text_encoder_layers),
         "layers_per_block": {b: blocks[b] for b in [*order, *te_order] if b in blocks},
         "adapter_kinds": dict(kinds),
-        "ranks": dict(sorted(Counter(l.rank for l in lora.layers.values()).items())),
-        "alphas": {str(k): v for k, v in Counter(l.alpha for l in lora.layers.values()).items()},
+        "ranks": dict(sorted(Counter(layer.rank for layer in lora.layers.values()).items())),
+        "alphas": {str(k): v for k, v in Counter(layer.alpha for layer in lora.layers.values()).items()},
         "dtypes": dict(dtypes),
         "unrecognised_keys": len(lora.unrecognised_keys),
         "unrecognised_examples": lora.unrecognised_keys[:5],

@@ -67,7 +67,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..judge import AnswerCache, BackendConfig, judge, load_jobs, make_backend, write_outputs
-    from ..progress import ProgressLine
+    from ..tooling.progress import ProgressLine
 
     log = logging.getLogger("hypernet.judge")
     config = BackendConfig(

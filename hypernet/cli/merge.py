@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import OutputExistsError
     from ..lora import read_lora, require_family
     from ..merge import merge
-    from ..progress import ProgressLine
     from ..safetensors_io import sha256_file
+    from ..tooling.progress import ProgressLine
     from ..writer import merge_metadata, save_merged
 
     log = logging.getLogger("hypernet.merge")

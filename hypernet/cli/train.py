@@ -53,12 +53,12 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import TrainingError
-    from ..injection import linear_layer_shapes
     from ..model import load_hypernet
-    from ..progress import ProgressLine
+    from ..tooling.progress import ProgressLine
     from ..training.ddp import init_world, shutdown
+    from ..training.injection import linear_layer_shapes
     from ..training.manifest import check_loras, load_manifest
-    from ..training.trainer import TrainSettings, Trainer
+    from ..training.trainer import Trainer, TrainSettings
 
     log = logging.getLogger("hypernet.train")
     world = init_world(args.device)
@@ -72,7 +72,7 @@ def run(args) -> int:
 
             base = tiny_base(device=world.device, **({"resolution": args.resolution} if args.resolution else {}))
         else:
-            from ..training.comfy_adapter import load_comfy_checkpoint
+            from ..training.comfyui_bridge import load_comfy_checkpoint
 
             base, _ = load_comfy_checkpoint(args.base, args.resolution)
         if args.resolution:

@@ -64,11 +64,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..lora import read_lora
-    from ..progress import ProgressLine
+    from ..tooling.progress import ProgressLine
     from ..training.data import encode_examples, load_image
     from ..training.plot import plot_curves
+    from ..training.ziplora import ZipLoraSettings, ziplora_merge
     from ..writer import merge_metadata, save_merged
-    from ..ziplora import ZipLoraSettings, ziplora_merge
 
     log = logging.getLogger("hypernet.ziplora")
     out = Path(args.out)
@@ -83,7 +83,7 @@ def run(args) -> int:
 
         base = tiny_base(**({"resolution": args.resolution} if args.resolution else {}))
     else:
-        from ..training.comfy_adapter import load_comfy_checkpoint
+        from ..training.comfyui_bridge import load_comfy_checkpoint
 
         base, _ = load_comfy_checkpoint(args.base, args.resolution)
     resolution = args.resolution or base.resolution

@@ -307,9 +307,7 @@ class TransformersBackend:
         import torch
         import transformers
 
-        auto_model = getattr(transformers, "AutoModelForImageTextToText", None) or getattr(
-            transformers, "AutoModelForVision2Seq"
-        )
+        auto_model = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         self._processor = transformers.AutoProcessor.from_pretrained(self.folder, local_files_only=True)
         # transformers 4.56 renamed torch_dtype to dtype; older releases only know the old name
         version = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])

@@ -1,6 +1,5 @@
-"""ComfyUI's MODEL / CLIP / VAE as a `TrainingBase` — duck-typed, so `hypernet` never imports
-ComfyUI; `load_comfy_checkpoint` imports it lazily (the CLI, with COMFYUI_PATH) and is the only
-function here that does.
+"""ComfyUI's MODEL / CLIP / VAE as a `TrainingBase` — duck-typed, so this module never imports
+ComfyUI (the one module in `hypernet` that does is `comfyui_bridge`, for the CLI's `--base CKPT`).
 
 What is used (ComfyUI ≥ 0.3.60):
 - MODEL (ModelPatcher): `.model` (BaseModel) → `.diffusion_model` (UNetModel,
@@ -15,15 +14,11 @@ What is used (ComfyUI ≥ 0.3.60):
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-from ..errors import TrainingError
-from ..objective import ComfyModelSampling
 from .data import TrainingBase
+from .objective import ComfyModelSampling
 
 log = logging.getLogger(__name__)
 
@@ -105,41 +100,3 @@ def comfy_training_base(model, clip, vae, resolution: int | None = None, family:
                         encoder=ComfyEncoder(model, clip, vae), resolution=resolution or (1024 if family == "sdxl" else 512),
                         family=family, description=description or f"ComfyUI {name}", device=device,
                         autocast_dtype=autocast, check_interrupt=check_interrupt, before_training=before_training)
-
-
-def import_comfyui():
-    """Put COMFYUI_PATH on sys.path and import what the CLI needs (comfy.sd, model_management)."""
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        raise TrainingError("COMFYUI_PATH is not set: point it at a ComfyUI checkout (the folder with "
-                            "main.py and comfy/) to load a base checkpoint, or use --base tiny for the "
-                            "built-in test model")
-    if not (Path(root) / "comfy" / "sd.py").is_file():
-        raise TrainingError(f"COMFYUI_PATH={root} is not a ComfyUI checkout (no comfy/sd.py there)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        import comfy.model_management
-        import comfy.sd
-    except ImportError as exc:
-        raise TrainingError(f"cannot import ComfyUI from {root} ({exc}); run with ComfyUI's Python "
-                            "environment") from None
-    return comfy
-
-
-def load_comfy_checkpoint(path: str | Path, resolution: int | None = None) -> tuple[TrainingBase, object]:
-    """Load a base checkpoint through ComfyUI → (TrainingBase, ModelPatcher)."""
-    comfy = import_comfyui()
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: no such checkpoint")
-    with torch.inference_mode(False):
-        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-        model, clip, vae = out[:3]
-        if model is None or clip is None or vae is None:
-            raise TrainingError(f"{path}: ComfyUI found no UNet, text encoder and VAE in this checkpoint")
-        base = comfy_training_base(
-            model, clip, vae, resolution, description=f"{path.name} via ComfyUI",
-            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-            load_model=lambda: comfy.model_management.load_models_gpu([model], force_full_load=True))
-    return base, model

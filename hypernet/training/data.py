@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from ..errors import TrainingError
 from ..lora import LoraFile, read_lora
-from ..objective import Cond, Denoise
+from .objective import Cond, Denoise
 
 log = logging.getLogger(__name__)
 

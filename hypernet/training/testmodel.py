@@ -288,8 +288,8 @@ def random_lora(unet: nn.Module, rank: int = 4, seed: int = 0, magnitude: float 
                 only: str | None = None) -> dict[str, torch.Tensor]:
     """A LoRA state dict for every transformer-block Linear of `unet` (optionally only names
     containing `only`), with ΔW large enough to change the test UNet's output visibly."""
-    from .. import synthetic
-    from ..injection import linear_layer_shapes
+    from ..tooling import synthetic
+    from .injection import linear_layer_shapes
 
     shapes = {n: s for n, s in linear_layer_shapes(unet).items() if only is None or only in n}
     gen = torch.Generator().manual_seed(seed)
@@ -304,8 +304,8 @@ def random_lora(unet: nn.Module, rank: int = 4, seed: int = 0, magnitude: float 
 def tiny_base(seed: int = 0, device: str | torch.device = "cpu", config: UNetConfig | None = None,
               resolution: int = 64):
     """The built-in test model as a TrainingBase (`--base tiny` on the command line)."""
-    from ..objective import DiscreteSchedule, ldm_denoiser
     from .data import TrainingBase
+    from .objective import DiscreteSchedule, ldm_denoiser
 
     config = config or UNetConfig.tiny()
     device = torch.device(device)

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
-from ..injection import Coefficients, LoraInjection, attention_widths, checkpointed_blocks, linear_layer_shapes
 from ..model import DEFAULT_TARGETS, HypernetConfig, HyperNetwork, save_hypernet
-from ..objective import LAMBDA, Sample, draw_noise, ones_coefficients, ziplora_objective
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Example, LoraCache, TrainingBase, encode_examples, load_image
 from .ddp import World
+from .injection import Coefficients, LoraInjection, attention_widths, checkpointed_blocks, linear_layer_shapes
 from .manifest import Entry, Manifest
+from .objective import LAMBDA, Sample, draw_noise, ones_coefficients, ziplora_objective
 from .plot import plot_curves, smooth
 
 log = logging.getLogger(__name__)

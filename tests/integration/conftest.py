@@ -16,7 +16,13 @@ import sys
 import pytest
 
 from tests.integration.comfy_support import (
-    ComfyServer, comfyui_path, free_port, git_commit, import_failures, make_base_dir, require_comfyui,
+    ComfyServer,
+    comfyui_path,
+    free_port,
+    git_commit,
+    import_failures,
+    make_base_dir,
+    require_comfyui,
     wait_ready,
 )
 

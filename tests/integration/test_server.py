@@ -23,10 +23,14 @@ from safetensors.torch import load_file, save_file
 from hypernet import merge as merge_lib
 from hypernet.lora import read_lora
 from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
-from hypernet.synthetic import random_factors, to_state_dict
-
+from hypernet.tooling.synthetic import random_factors, to_state_dict
 from tests.integration.comfy_support import (
-    PACK_FOLDER, REPO, SCHEMA_SNAPSHOT, import_failures, pack_node_ids_in_source, schema_snapshot,
+    PACK_FOLDER,
+    REPO,
+    SCHEMA_SNAPSHOT,
+    import_failures,
+    pack_node_ids_in_source,
+    schema_snapshot,
     ui_to_api,
 )
 

@@ -11,8 +11,6 @@ patching and sampling run unchanged on it in well under a second.
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -20,6 +18,7 @@ import comfy.sd1_clip
 import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.taesd.taesd
+import torch
 
 MODEL_CHANNELS = 32          # widths 32 / 64 / 128 (SDXL: 320 / 640 / 1280)
 TEXT_WIDTH = 32              # each text encoder's hidden width (SDXL: 768 / 1280)
@@ -58,7 +57,7 @@ class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
     """SDXLClipModel with both encoders shrunk; attribute names (clip_l / clip_g) kept, so
     ComfyUI maps `lora_te1_*` / `lora_te2_*` keys onto it exactly as onto a real SDXL."""
 
-    def __init__(self, device="cpu", dtype=None, model_options={}):
+    def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 - never mutated; ComfyUI passes it
         torch.nn.Module.__init__(self)
         self.clip_l = comfy.sd1_clip.SDClipModel(
             layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .lora import LoraFile
-from .merge import MergedLora
+from ..lora import LoraFile
+from ..merge import MergedLora
 
 
 class LoadedLora(dict):

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import TrainingError
+from ..errors import TrainingError
+from ..lora import LoraFile
+from ..merge import MergedLora, assemble
+from ..model import DEFAULT_TARGETS
 from .injection import LoraInjection
-from .lora import LoraFile
-from .merge import MergedLora, assemble
-from .model import DEFAULT_TARGETS
 from .objective import LAMBDA, Cond, Denoise, Sample, draw_noise, ziplora_objective
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ZipLoraResult:
 
 def ziplora_merge(unet: torch.nn.Module, denoise: Denoise, schedule, content: LoraFile, style: LoraFile,
                   subject_examples: list[Example], style_examples: list[Example],
-                  settings: ZipLoraSettings = ZipLoraSettings(), device: torch.device | str | None = None,
+                  settings: ZipLoraSettings | None = None, device: torch.device | str | None = None,
                   autocast_dtype: torch.dtype | None = None,
                   progress: Callable[[int, int, dict], None] | None = None,
                   check_interrupt: Callable[[], None] | None = None) -> ZipLoraResult:
@@ -61,6 +61,7 @@ def ziplora_merge(unet: torch.nn.Module, denoise: Denoise, schedule, content: Lo
     `progress(step, steps, losses)` is called after every step; `check_interrupt()` before
     every step (it raises to stop, as ComfyUI's interrupt check does).
     """
+    settings = settings or ZipLoraSettings()
     if not subject_examples or not style_examples:
         raise TrainingError("ZipLoRA needs at least one subject example and one style example")
     if settings.steps < 1:

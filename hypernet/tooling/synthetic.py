@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import naming
+from .. import naming
 
 NAMING_FAMILIES = ("kohya", "kohya_diffusers", "diffusers_old", "diffusers_processor",
                    "peft", "peft_default", "comfyui")

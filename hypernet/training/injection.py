@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import naming
-from .errors import LoraMismatchError
-from .lora import LoraFile, LoraLayer
-from .merge import is_hypernet_target
-from .model import DEFAULT_TARGETS
+from .. import naming
+from ..errors import LoraMismatchError
+from ..lora import LoraFile, LoraLayer
+from ..merge import is_hypernet_target
+from ..model import DEFAULT_TARGETS
 
 log = logging.getLogger(__name__)
 

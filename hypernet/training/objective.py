@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import TrainingError
+from ..errors import TrainingError
 from .injection import Coefficients, LoraInjection
 
 LAMBDA = 0.01
@@ -74,14 +74,6 @@ def ldm_denoiser(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Den
         d = dtype or x.dtype
         y = cond.get("y")
         return unet(x.to(d), t, context=cond["context"].to(d), y=None if y is None else y.to(d))
-    return denoise
-
-
-def diffusers_denoiser(unet: torch.nn.Module) -> Denoise:
-    """diffusers UNet2DConditionModel; SDXL's extra inputs go in cond["added_cond_kwargs"]."""
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        extra = {"added_cond_kwargs": cond["added_cond_kwargs"]} if "added_cond_kwargs" in cond else {}
-        return unet(x, t, encoder_hidden_states=cond["context"], **extra).sample
     return denoise
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import naming
+from .. import naming
 
 CONTENT_COLOUR = (31, 119, 180)
 STYLE_COLOUR = (255, 127, 14)
@@ -148,7 +148,7 @@ def coefficient_plot(means: list[BlockMeans], title: str, subtitle: str = "",
 
     for colour, pick in ((CONTENT_COLOUR, lambda m: m.content), (STYLE_COLOUR, lambda m: m.style)):
         points = [(xs[i], y_of(pick(m))) for i, m in enumerate(means)]
-        for (block, idx) in groups:  # connect points only inside one Transformer2D block
+        for (_block, idx) in groups:  # connect points only inside one Transformer2D block
             segment = [points[i] for i in idx]
             if len(segment) > 1:
                 draw.line(segment, fill=colour, width=2)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..lora import read_lora
+from ..merge import assemble, compute_coefficients
+from ..model import HypernetConfig, HyperNetwork, load_hypernet
+from ..writer import save_merged
 from . import synthetic
-from .lora import read_lora
-from .merge import assemble, compute_coefficients
-from .model import HypernetConfig, HyperNetwork, load_hypernet
-from .writer import save_merged
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,175 @@
+"""Logic of the LoRA file nodes (nodes/nodes_lora.py): reading a LoRA file into a `LORA_MODEL`,
+turning any `LORA_MODEL` back into a `LoraFile` with errors naming the input, and saving a
+`LORA_MODEL` into `models/loras` under a sanitised prefix, never overwriting."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from ..errors import LoraFormatError, LoraRarError, OutputExistsError
+from ..lora import LoraFile, lora_from_state_dict, require_family
+from ..model import HyperNetwork
+from ..safetensors_io import _DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
+from ..writer import DTYPES, merge_metadata
+from .cache import IdentityCache
+from .lazy import LazyMergedLora, LoadedLora
+
+log = logging.getLogger(__name__)
+
+LORA_EXTENSIONS = (".safetensors", ".sft")   # pickled LoRAs are refused (they can run code)
+DEFAULT_SAVE_PREFIX = "lorarar/merged"
+
+
+def is_lora_file_name(name: str) -> bool:
+    return name.lower().endswith(LORA_EXTENSIONS)
+
+
+def load_lora_model(path: str | Path, name: str = "") -> LoadedLora:
+    """Read a LoRA file for a `LORA_MODEL` socket; errors name the file and what is wrong."""
+    path = Path(path)
+    name = name or path.name
+    tensors, metadata = load_safetensors(path)
+    lora = lora_from_state_dict(tensors, metadata, source=name)
+    return LoadedLora(tensors, path, lora, name)
+
+
+_PARSED = IdentityCache()
+
+
+def lora_file_of(state_dict: dict, role: str) -> LoraFile:
+    """The canonical form of a `LORA_MODEL` input (`role` names the input in errors)."""
+    if not isinstance(state_dict, dict):
+        raise LoraFormatError(f"{role}: expected a LoRA state dict, got {type(state_dict).__name__}")
+    if isinstance(state_dict, LoadedLora) and state_dict.lora_file is not None:
+        return state_dict.lora_file
+    if isinstance(state_dict, LazyMergedLora) and state_dict.provenance is not None:
+        source = f"{role} (a LoRA.rar merge result)"
+    else:
+        source = role
+
+    def parse() -> LoraFile:
+        bad = next((k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise LoraFormatError(f"{role}: entry {bad!r} is not a tensor")
+        return lora_from_state_dict(state_dict, source=source)
+
+    return _PARSED.get_or_compute((state_dict,), parse)
+
+
+def name_of(state_dict: dict, role: str) -> str:
+    return getattr(state_dict, "name", "") or role
+
+
+def check_sdxl(lora: LoraFile, role: str, hypernet: HyperNetwork | None) -> None:
+    """Both inputs must look like SDXL LoRAs; one message naming the input otherwise."""
+    try:
+        require_family(lora, "sdxl", role)
+    except LoraFormatError as exc:
+        extra = ""
+        if hypernet is not None:
+            extra = (f"; this hypernetwork supports {hypernet.config.base_family.upper()} widths "
+                     f"{'/'.join(map(str, hypernet.widths))}")
+        raise LoraFormatError(f"{exc}{extra}") from None
+
+
+_UNSAFE_CHARS = re.compile(r"[^\w\-. ()\[\]+,=@]")
+
+
+def sanitise_prefix(prefix: str) -> PurePosixPath:
+    """A user's filename prefix → a safe relative path (subfolders allowed).
+
+    Rejects absolute paths, drive letters and `..`; replaces characters that are unsafe in file
+    names on some system; drops `.` parts and a trailing extension the node adds itself.
+    """
+    text = (prefix or "").strip().replace("\\", "/")
+    if not text:
+        return PurePosixPath(DEFAULT_SAVE_PREFIX)
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or text.startswith("~"):
+        raise LoraRarError(
+            f"filename_prefix: {prefix!r} is an absolute path; give a name relative to models/loras")
+    parts = []
+    for part in text.split("/"):
+        part = part.strip()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise LoraRarError(f"filename_prefix: {prefix!r} leaves the loras folder ('..' is not allowed)")
+        part = _UNSAFE_CHARS.sub("_", part).strip(". ")
+        if part:
+            parts.append(part)
+    if not parts:
+        return PurePosixPath(DEFAULT_SAVE_PREFIX)
+    if parts[-1].lower().endswith(".safetensors"):
+        parts[-1] = parts[-1][: -len(".safetensors")] or "merged"
+    return PurePosixPath(*parts)
+
+
+def _next_counter(folder: Path, stem: str) -> int:
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d+)\.safetensors$")
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))] if folder.is_dir() else []
+    return max(numbers, default=0) + 1
+
+
+def _file_sha256(path: Path | None) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    return sha256_file(path)
+
+
+def _writer_for(state_dict: dict, dtype: str) -> tuple[Callable[[Path], None], str]:
+    """(write(tmp_path), description) for a LORA_MODEL: streamed from the merge when it came
+    from our merge node (full provenance metadata), else the dict's tensors cast to `dtype`."""
+    provenance = getattr(state_dict, "provenance", None)
+    if isinstance(state_dict, LazyMergedLora) and provenance is not None:
+        merged = provenance.merged
+        metadata = merge_metadata(
+            merged, hypernet_name=provenance.hypernet_name,
+            hypernet_sha256=_file_sha256(provenance.hypernet_path),
+            content_sha256=_file_sha256(provenance.content_path),
+            style_sha256=_file_sha256(provenance.style_path),
+            content_name=provenance.content_name, style_name=provenance.style_name)
+        entries = merged.kohya_entries(DTYPES[dtype])
+        return (lambda tmp: write_safetensors_streaming(tmp, entries, metadata)), "LoRA.rar merge"
+    target = DTYPES[dtype]
+    entries = []
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise LoraFormatError(f"merged_lora: entry {key!r} is not a tensor")
+        kind = tensor.dtype
+        if kind.is_floating_point:
+            kind = torch.float32 if key.endswith(".alpha") else target
+        if kind not in _DTYPE_NAMES:
+            raise LoraFormatError(f"merged_lora: tensor {key!r} has dtype {tensor.dtype}, which safetensors here cannot store")
+        entries.append((key, kind, tuple(tensor.shape), lambda t=tensor: t.detach().cpu()))
+    metadata = {"lorarar.note": "LORA_MODEL saved by Save Merged LoRA (LoRA.rar); not a LoRA.rar merge result"}
+    return (lambda tmp: write_safetensors_streaming(tmp, entries, metadata)), "LORA_MODEL"
+
+
+def save_lora_model(state_dict: dict, loras_dir: str | Path, prefix: str, dtype: str = "fp32") -> Path:
+    """Write into `loras_dir/<prefix>_<counter>.safetensors`, the next free counter; never
+    overwrites (a file appearing meanwhile bumps the counter)."""
+    if dtype not in DTYPES:
+        raise LoraRarError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise LoraFormatError("merged_lora: expected a non-empty LoRA state dict")
+    relative = sanitise_prefix(prefix)
+    root = Path(loras_dir)
+    folder = root.joinpath(*relative.parts[:-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    write, kind = _writer_for(state_dict, dtype)
+    counter = _next_counter(folder, relative.name)
+    for _ in range(1000):
+        path = folder / f"{relative.name}_{counter:05d}.safetensors"
+        try:
+            atomic_write(path, write, force=False)
+        except OutputExistsError:
+            counter += 1
+            continue
+        log.info("saved %s (%s, %s) to %s", relative.name, kind, dtype, path)
+        return path
+    raise OutputExistsError(f"filename_prefix: no free file name for {relative} in {folder}")
