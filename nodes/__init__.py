@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from comfy_api.latest import ComfyExtension, io
+from .comfy_v3 import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from .comfy_v3 import io
 
 from ..hypernet import judge
 

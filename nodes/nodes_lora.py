@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io, ui
+from .comfy_v3 import io, ui
 
 from ..hypernet.errors import LoraFormatError
 from ..hypernet.nodelogic import lora as lora_logic

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from comfy_api.latest import io
+from .comfy_v3 import io
 
 from ..hypernet.merge import METHODS
 from ..hypernet.nodelogic import hypernet as hypernet_logic

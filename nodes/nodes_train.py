@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from comfy_api.latest import io
+from .comfy_v3 import io
 
 from . import paths
 
