@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .comfy_v3 import io
 
 from ..hypernet import judge
+from .comfy_v3 import io
 
 log = logging.getLogger(__name__)
 

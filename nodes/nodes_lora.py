@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 
-from .comfy_v3 import io, ui
-
 from ..hypernet.errors import LoraFormatError
 from ..hypernet.nodelogic import lora as lora_logic
 from ..hypernet.writer import DTYPES
+from .comfy_v3 import io, ui
 
 CATEGORY = "LoRA.rar"
 

@@ -11,12 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from .comfy_v3 import io
-
 from ..hypernet.merge import METHODS
 from ..hypernet.nodelogic import hypernet as hypernet_logic
 from ..hypernet.nodelogic import merge as merge_logic
 from . import paths
+from .comfy_v3 import io
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from .comfy_v3 import io
-
 from . import paths
+from .comfy_v3 import io
 
 log = logging.getLogger(__name__)
 
