@@ -15,7 +15,7 @@ import sys
 from ..errors import LoraRarError
 
 # module name (inside hypernet.cli) for each subcommand, in help order
-COMMAND_MODULES = ("merge", "inspect", "convert", "bench", "judge", "ziplora", "train")
+COMMAND_MODULES = ("demo", "merge", "inspect", "convert", "bench", "judge", "ziplora", "train", "testbed")
 
 log = logging.getLogger("hypernet")
 
