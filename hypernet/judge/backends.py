@@ -8,30 +8,34 @@
 
 Secrets: the API key is read from an environment variable (its *name* is configured) or from a
 key file (its *path* is configured). The key lives only inside the backend object, goes only
-into the Authorization header, and every error message passes through `scrub` first. A
+into the Authorization header — and only to the configured origin: transport.py refuses
+redirects elsewhere — and every error message and every answer passes through `scrub` first,
+so a key the server echoes back reaches no report, cache, log line or exception. A
 `BackendConfig` never holds the key, so it is safe to pass through ComfyUI or into reports.
+
+Hostile servers (docs/judge.md, "Security and limits"): each attempt has one wall-clock
+deadline (`timeout`), bodies are capped (transport.MAX_RESPONSE_BYTES), and everything a server
+can send — broken HTTP, deep or huge JSON, wrong types, bad UTF-8 — ends as JudgeBackendError.
 """
 
 from __future__ import annotations
 
 import email.utils
-import http.client
 import importlib.util
 import inspect
 import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ..errors import JudgeBackendError, JudgeInputError
+from . import transport
 from .images import PreparedImage
 
 log = logging.getLogger(__name__)
@@ -77,10 +81,15 @@ def check_config(config: BackendConfig) -> BackendConfig:
         )
     if not config.model.strip():
         raise JudgeInputError("judge backend model: expected a model name (or folder), found none")
-    if config.protocol != "transformers" and not re.match(r"^https?://", config.url.strip()):
-        raise JudgeInputError(
-            f"judge backend url: expected http(s)://host:port[/v1], found {config.url!r}"
-        )
+    if config.protocol != "transformers":
+        if not re.match(r"^https?://", config.url.strip(), re.IGNORECASE):
+            raise JudgeInputError(
+                f"judge backend url: expected http(s)://host:port[/v1], found {config.url!r}"
+            )
+        try:
+            transport.parse_url(config.url.strip())
+        except ValueError as exc:
+            raise JudgeInputError(f"judge backend url: {exc}") from None
     if config.api_key_env and not _ENV_NAME.match(config.api_key_env):
         # Never echo the value: someone may have pasted the key itself into this field.
         raise JudgeInputError(
@@ -101,14 +110,25 @@ def resolve_api_key(config: BackendConfig, environ: dict | None = None) -> str |
     if config.api_key_env:
         value = environ.get(config.api_key_env, "").strip()
         if value:
-            return value
+            return _check_key(value, f"environment variable {config.api_key_env}")
         if not config.api_key_file:
             raise JudgeInputError(
                 f"judge API key: environment variable {config.api_key_env} is not set or empty"
             )
     if config.api_key_file:
-        return _read_key_file(Path(config.api_key_file).expanduser())
+        return _check_key(_read_key_file(Path(config.api_key_file).expanduser()), config.api_key_file)
     return None
+
+
+def _check_key(key: str, source: str) -> str:
+    # A header value with a newline or non-ASCII text would be refused by http.client (or,
+    # worse, split into two headers); say so here, naming where the key came from, not the key.
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise JudgeInputError(
+            f"judge API key from {source}: expected printable ASCII without spaces, found other "
+            "characters (a second word, a non-ASCII letter or a control character)"
+        )
+    return key
 
 
 def _read_key_file(path: Path) -> str:
@@ -142,7 +162,14 @@ def make_backend(config: BackendConfig, sleep: Callable[[float], None] = time.sl
 
 
 class HttpBackend:
-    """Shared HTTP machinery: JSON POST, bounded retries with backoff, key scrubbing."""
+    """Shared HTTP machinery: JSON POST (transport.py), bounded retries with backoff, strict
+    reading of the answer, key scrubbing.
+
+    Worst case for one question: (max_retries + 1) attempts of at most `timeout` seconds each
+    (one wall-clock deadline per attempt), plus the backoff sleeps (each ≤ max_backoff), and at
+    most MAX_RESPONSE_BYTES of body in memory at a time. Answers that cannot get better by
+    asking again — malformed or oversized bodies, refused redirects, 4xx — are not retried.
+    """
 
     path_suffix = ""
 
@@ -150,6 +177,10 @@ class HttpBackend:
         self.config = config
         self.max_concurrency = config.concurrency
         self._api_key = api_key
+        # The key as a server might echo it: verbatim, JSON-escaped, percent-encoded.
+        self._key_forms = sorted(
+            {api_key, json.dumps(api_key)[1:-1], urllib.parse.quote(api_key, safe="")} if api_key else (),
+            key=len, reverse=True)
         self._sleep = sleep
         self.endpoint = self._endpoint(config.url.strip().rstrip("/"))
 
@@ -157,43 +188,53 @@ class HttpBackend:
         return f"{type(self).__name__}({self.endpoint!r}, model={self.config.model!r})"
 
     def scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        """`text` with every form of the key replaced by ***. Scrub first, truncate after."""
+        for form in self._key_forms:
+            text = text.replace(form, "***")
         return text
 
     def ask(self, prompt: str, images: Sequence[PreparedImage]) -> str:
-        payload = self._post(json.dumps(self.payload(prompt, images)).encode("utf-8"))
-        try:
-            return self.extract(payload)
-        except (KeyError, IndexError, TypeError) as exc:
-            snippet = self.scrub(json.dumps(payload)[:300])
+        body = self._post(json.dumps(self.payload(prompt, images)).encode("utf-8"))
+        payload = _parse_json(body)
+        if payload is _NOT_JSON:
+            raise JudgeBackendError(f"{self.endpoint}: expected a JSON response, got {self._snippet(body, 200)!r}")
+        if isinstance(payload, dict) and payload.get("error"):
+            raise JudgeBackendError(f"{self.endpoint}: server error {_error_text(payload, body, self.scrub)}")
+        answer = self.extract(payload)
+        if not isinstance(answer, str):  # `answer` is a description of what was wrong
             raise JudgeBackendError(
-                f"{self.endpoint}: unexpected response shape ({exc!r}); got {snippet}"
-            ) from None
+                f"{self.endpoint}: unexpected response shape ({answer.problem}); got {self._snippet(body, 300)}")
+        # Lone surrogates ("\ud800" is valid JSON) cannot be written as UTF-8 to the cache or a
+        # report; an echoed key must not reach either.
+        return self.scrub(answer.encode("utf-8", "replace").decode("utf-8"))
 
-    def _post(self, data: bytes) -> dict:
+    def _snippet(self, body: bytes, length: int) -> str:
+        return self.scrub(body.decode("utf-8", "replace"))[:length]
+
+    def _post(self, data: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
-            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                    body = response.read()
-                return self._decode(body)
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace")
-                problem = f"HTTP {exc.code} {self.scrub(detail)!r}"
-                if exc.code not in _RETRY_STATUS:
-                    hint = " (check the API key and its variable/file)" if exc.code in (401, 403) else ""
-                    raise JudgeBackendError(f"{self.endpoint}: {problem}{hint}") from None
-                retry_after = _retry_after_seconds(exc.headers.get("Retry-After"))
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
-                    http.client.HTTPException) as exc:
-                reason = getattr(exc, "reason", exc)
-                problem = f"{type(reason).__name__}: {self.scrub(str(reason))}"
+                response = transport.post(self.endpoint, data, headers, self.config.timeout, self.scrub)
+            except transport.TransportError as exc:
+                # Only the (scrubbed) text survives: the exception itself is not chained into
+                # the error raised below, so nothing the server sent rides along unscrubbed.
+                problem, retryable, response = str(exc), exc.retryable, None
+            if response is not None:
+                if 200 <= response.status < 300:
+                    return response.body
+                problem = f"HTTP {response.status} {_error_text(None, response.body, self.scrub)!r}"
+                retryable = response.status in _RETRY_STATUS
+                if not retryable:
+                    hint = " (check the API key and its variable/file)" if response.status in (401, 403) else ""
+                    raise JudgeBackendError(f"{self.endpoint}: {problem}{hint}")
+                retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+            if not retryable:
+                raise JudgeBackendError(f"{self.endpoint}: {problem}")
             if attempt + 1 == attempts:
                 raise JudgeBackendError(
                     f"{self.endpoint}: gave up after {attempts} attempt(s); last problem: {problem}"
@@ -204,30 +245,78 @@ class HttpBackend:
             self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _decode(self, body: bytes) -> dict:
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            snippet = self.scrub(body[:200].decode("utf-8", "replace"))
-            raise JudgeBackendError(f"{self.endpoint}: expected a JSON response, got {snippet!r}") from None
-        if isinstance(payload, dict) and payload.get("error"):
-            raise JudgeBackendError(f"{self.endpoint}: server error {self.scrub(str(payload['error']))[:300]}")
-        return payload
+
+_NOT_JSON = object()
+
+
+def _parse_json(body: bytes):
+    """The decoded JSON, or _NOT_JSON. ValueError covers bad syntax, bad UTF-8 and integers past
+    Python's 4300-digit limit; RecursionError is what deeply nested arrays/objects raise."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _error_text(payload, body: bytes, scrub: Callable[[str], str]) -> str:
+    """A short message from an error body: {"error": "…"} or {"error": {"message": "…"}} or
+    {"message": "…"} when the server sent one, else the start of the body."""
+    if payload is None and len(body) < transport.MAX_ERROR_BYTES:
+        payload = _parse_json(body)
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            error = error.get("message")
+        if isinstance(error, str):
+            return scrub(error)[:300]
+    return scrub(body.decode("utf-8", "replace"))[:300]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    problem: str
+
+
+def _content_text(content, where: str) -> str | _Shape:
+    """The answer text from a message's content: a string, null (→ ""), or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # some servers return content parts
+        texts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+        return _Shape(f"{where}: expected text parts, found a part whose text is not a string")
+    return _Shape(f"{where}: expected a string, found {type(content).__name__}")
+
+
+def _field(value, name: str, expected: type):
+    """value[name] when value is a dict and the entry has the expected type, else a _Shape."""
+    found = value.get(name) if isinstance(value, dict) else None
+    if isinstance(found, expected) and found:
+        return found
+    what = "nothing" if found is None else type(found).__name__
+    if isinstance(found, expected):
+        what = "an empty one"
+    return _Shape(f"{name}: expected a non-empty {expected.__name__}, found {what}")
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number or an HTTP date (RFC 9110 §10.2.3)."""
+    """Retry-After as seconds: either a number or an HTTP date (RFC 9110 §10.2.3). Anything
+    else (garbage, NaN, dates no calendar holds) is ignored: the usual backoff applies."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        seconds = None
+    if seconds is None:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None
+    return max(0.0, seconds) if seconds == seconds else None  # NaN ≠ NaN
 
 
 class OpenAIBackend(HttpBackend):
@@ -248,11 +337,14 @@ class OpenAIBackend(HttpBackend):
         }
 
     @staticmethod
-    def extract(payload: dict) -> str:
-        content = payload["choices"][0]["message"]["content"]
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content or ""
+    def extract(payload) -> str | _Shape:
+        choices = _field(payload, "choices", list)
+        if isinstance(choices, _Shape):
+            return choices
+        message = _field(choices[0], "message", dict)
+        if isinstance(message, _Shape):
+            return _Shape(f"choices[0].{message.problem}")
+        return _content_text(message.get("content"), "choices[0].message.content")
 
 
 class OllamaBackend(HttpBackend):
@@ -270,8 +362,11 @@ class OllamaBackend(HttpBackend):
         }
 
     @staticmethod
-    def extract(payload: dict) -> str:
-        return payload["message"]["content"] or ""
+    def extract(payload) -> str | _Shape:
+        message = _field(payload, "message", dict)
+        if isinstance(message, _Shape):
+            return message
+        return _content_text(message.get("content"), "message.content")
 
 
 class TransformersBackend:

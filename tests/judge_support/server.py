@@ -40,6 +40,7 @@ class Seen:
     path: str
     headers: dict
     body: dict
+    method: str = "POST"
 
     @property
     def protocol(self) -> str:
@@ -100,10 +101,15 @@ class JudgeServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
+            def do_GET(self):
+                # Recorded and answered like a POST, so a client that wrongly turns a redirected
+                # POST into a GET gets an answer — and the test sees the GET it should not send.
+                self.do_POST()
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
-                seen = Seen(self.path, dict(self.headers), body)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                seen = Seen(self.path, dict(self.headers), body, self.command)
                 with server.lock:
                     server.requests.append(seen)
                     server.in_flight += 1
