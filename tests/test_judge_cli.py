@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from hypernet.cli import main
+from hypernet.errors import JudgeInputError
 from hypernet.judge import AnswerCache
 from tests.judge_support.layout import make_layout
 from tests.judge_support.server import JudgeServer, Reply, colour_judge
@@ -225,3 +226,43 @@ def test_cache_skips_a_truncated_line_and_survives_threads(tmp_path):
     reloaded = AnswerCache(path)
     assert len(reloaded) == 400 and reloaded.get("k7-49") == "Yes " * 50
     assert reloaded.get("cut") is None
+
+
+def test_cache_skips_hostile_lines_and_keeps_only_string_answers(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    good = json.dumps({"key": "good", "answer": "Yes", "model": "m"})
+    path.write_bytes(b"\n".join([
+        b"[" * 100_000,  # RecursionError in json
+        b'{"key": "big", "answer": ' + b"9" * 5000 + b"}",  # int past the digit limit
+        b'{"key": "num", "answer": 5}', b'{"key": ["k"], "answer": "Yes"}', b'["key", "answer"]',
+        b"\xff\xfe not utf-8", good.encode(),
+    ]) + b"\n")
+    cache = AnswerCache(path)
+    assert len(cache) == 1 and cache.get("good") == "Yes" and cache.get("num") is None
+
+
+def test_cache_that_cannot_be_read_or_appended_is_one_clean_error(tmp_path):
+    folder_as_cache = tmp_path / "answers.jsonl"
+    folder_as_cache.mkdir()
+    with pytest.raises(JudgeInputError, match="answers.jsonl: cannot be read"):
+        AnswerCache(folder_as_cache)
+    path = tmp_path / "ok.jsonl"
+    cache = AnswerCache(path)
+    path.mkdir()  # the file became a folder after loading: appending fails
+    with pytest.raises(JudgeInputError, match="ok.jsonl: cannot append an answer"):
+        cache.put("k", "Yes", "m")
+
+
+def test_cli_hostile_server_gives_one_error_line(layout, tmp_path, capsys, monkeypatch):
+    from tests.judge_support.hostile import HostileServer, http_response, respond
+
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    generated, references = layout
+    body = b'{"echo": "' + KEY.encode() + b'", "choices": ' + b"[" * 100_000  # RecursionError
+    with HostileServer(respond(http_response(body=body))) as server:
+        code = main(_argv(generated, references, tmp_path / "out", server.url,
+                          "--api-key-env", "JUDGE_TEST_KEY", "--retries", "0", "--concurrency", "1"))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(lines) == 1 and "expected a JSON response" in lines[0]
+    assert "Traceback" not in err and KEY not in err

@@ -27,6 +27,7 @@ from tests.judge_support.hostile import (
     respond,
 )
 from tests.judge_support.server import JudgeServer, Reply
+from tests.judge_support.tls import make_certificate, server_context
 
 KEY = "sk-hostile-" + "Zq9" * 8
 FAST = dict(backoff=0.01, max_backoff=0.02)
@@ -166,6 +167,58 @@ def test_retries_of_a_dripping_server_are_bounded_in_total():
         elapsed = time.monotonic() - started
     assert len(server.requests) == 3
     assert elapsed < 3 * 0.4 + 2 * 0.02 + 0.8  # attempts × deadline + backoffs + slack
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    made = make_certificate(tmp_path_factory.mktemp("tls"))
+    if made is None:
+        pytest.skip("the openssl command line tool is needed to make a test certificate")
+    return made
+
+
+@pytest.fixture()
+def trusted(certificate, monkeypatch):
+    """A server context for 127.0.0.1 whose certificate the client trusts (via SSL_CERT_FILE,
+    which OpenSSL reads whenever a default context loads its CA list)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    return server_context(*certificate)
+
+
+def test_https_answers_and_the_key_arrive_through_the_deadline_wrapper(trusted, key_env):
+    with HostileServer(respond(http_response(body=chat_body("Yes over TLS"))), tls=trusted) as server:
+        assert _ask(_backend(server.url, key_env)) == "Yes over TLS"
+    assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_https_body_dripped_is_cut_at_the_deadline(trusted):
+    answer = http_response(body=chat_body("Yes" + " " * 100))
+    behaviour = drip(answer, 0.1, start=answer.index(b"\r\n\r\n") + 4)
+    with HostileServer(behaviour, tls=trusted) as server:
+        started = time.monotonic()
+        with pytest.raises(JudgeBackendError, match="deadline"):
+            _ask(_backend(server.url, timeout=0.6))
+        assert time.monotonic() - started < 1.2
+
+
+def test_tls_handshake_dripped_is_cut_at_the_deadline():
+    # A TLS record header claiming a 16 KiB handshake message, then its bytes one at a time:
+    # every read returns within any per-read timeout, the handshake never completes.
+    record = b"\x16\x03\x03\x40\x00" + bytes(16384)
+    server = HostileServer(drip(record, 0.05), read_request=False)
+    with server:
+        started = time.monotonic()
+        with pytest.raises(JudgeBackendError, match="0.6 s deadline"):
+            _ask(_backend(server.url.replace("http://", "https://"), timeout=0.6))
+        assert time.monotonic() - started < 1.2
+
+
+def test_untrusted_certificate_is_a_clean_error_and_not_retried(certificate, monkeypatch):
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with HostileServer(respond(http_response(body=chat_body())), tls=server_context(*certificate)) as server:
+        with pytest.raises(JudgeBackendError, match="TLS certificate not accepted.*self.signed"):
+            _ask(_backend(server.url, max_retries=2))
+    assert server.requests == []
 
 
 # --- size -----------------------------------------------------------------------------------

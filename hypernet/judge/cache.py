@@ -46,13 +46,17 @@ class AnswerCache:
         if not self.path.exists():
             return
         skipped = 0
-        with open(self.path, "rb") as handle:
+        try:
+            handle = open(self.path, "rb")
+        except OSError as exc:
+            raise JudgeInputError(f"judge cache {self.path}: cannot be read ({exc.strerror})") from None
+        with handle:
             for line in handle:
-                try:
-                    entry = json.loads(line)
-                    self._answers[entry["key"]] = entry["answer"]
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                    skipped += 1  # a line cut short by a crash: that question is asked again
+                entry = _entry(line)
+                if entry is None:
+                    skipped += 1  # a line cut short by a crash, or not ours: asked again
+                else:
+                    self._answers[entry[0]] = entry[1]
         if skipped:
             log.warning("judge cache %s: skipped %d unreadable line(s)", self.path, skipped)
         log.info("judge cache %s: %d answer(s) on file", self.path, len(self._answers))
@@ -65,16 +69,37 @@ class AnswerCache:
 
     def put(self, key: str, answer: str, model: str) -> None:
         line = json.dumps({"key": key, "answer": answer, "model": model}, ensure_ascii=False) + "\n"
-        data = line.encode("utf-8")
+        data = line.encode("utf-8", "replace")  # a lone surrogate must not stop the run
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                written = os.write(fd, data)
-                if written != len(data):  # practically impossible for one short line
-                    raise OSError(f"short write to {self.path}")
-            finally:
-                os.close(fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    written = os.write(fd, data)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # full disk, read-only folder, path is a folder, …
+                raise JudgeInputError(
+                    f"judge cache {self.path}: cannot append an answer ({exc.strerror or exc}); "
+                    "free space or choose another cache file (--cache), or run with --no-cache"
+                ) from None
+            if written != len(data):  # practically impossible for one short line
+                raise JudgeInputError(f"judge cache {self.path}: short write ({written} of {len(data)} bytes)")
             self._answers[key] = answer
+
+
+def _entry(line: bytes) -> tuple[str, str] | None:
+    """(key, answer) from one cache line, or None for anything else. ValueError covers bad
+    JSON and bad UTF-8 (and integers past Python's digit limit), RecursionError deep nesting."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    key, answer = entry.get("key"), entry.get("answer")
+    if isinstance(key, str) and isinstance(answer, str):
+        return key, answer
+    return None
 
 
 def default_cache_path() -> Path:

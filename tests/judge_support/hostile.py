@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -98,8 +99,15 @@ def huge_body(total: int = GIB, chunked: bool = False, claim: bool = True) -> Be
 
 
 class HostileServer:
-    def __init__(self, behaviour: Behaviour):
+    """`tls`: a server-side context to speak HTTPS: the TLS handshake first, then the behaviour.
+    `read_request=False`: run the behaviour at once on the raw connection (to misbehave during
+    the TLS handshake, say); it then gets None for the request."""
+
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None,
+                 read_request: bool = True):
         self.behaviour = behaviour
+        self.tls = tls
+        self.read_request = read_request
         self.requests: list[RawRequest] = []
         self.bytes_sent = 0  # over all connections: shows how much of a huge body was taken
         self.stop = threading.Event()
@@ -115,7 +123,7 @@ class HostileServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "HostileServer":
         self._accept_thread.start()
@@ -139,16 +147,21 @@ class HostileServer:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            try:
-                request = _read_request(conn)
-                if request is None:
-                    return
+        conn.settimeout(10)
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            if not self.read_request:
+                self.behaviour(_Counting(conn, self), None, self.stop)
+                return
+            request = _read_request(conn)
+            if request is not None:
                 self.requests.append(request)
                 self.behaviour(_Counting(conn, self), request, self.stop)
-            except OSError:
-                pass  # the client gave up and hung up: that is what these tests want
+        except (OSError, ValueError):
+            pass  # the client gave up and hung up (or refused our certificate): as intended
+        finally:
+            conn.close()
 
 
 class _Counting:
