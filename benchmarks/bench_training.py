@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hypernet.lora import lora_from_state_dict  # noqa: E402
-from hypernet.merge import assemble, compute_coefficients  # noqa: E402
+from hypernet.merged import assemble  # noqa: E402
+from hypernet.methods.lorarar import compute_coefficients  # noqa: E402
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet  # noqa: E402
 from hypernet.tooling import synthetic  # noqa: E402
 from hypernet.training.data import TrainingBase  # noqa: E402

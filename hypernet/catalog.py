@@ -75,21 +75,28 @@ def load_checkpoint_file(path: Path, entry: CatalogEntry | None) -> HyperNetwork
     return model
 
 
-def find_checkpoint(spec: str, search_dirs: Iterable[Path] = ()) -> tuple[Path | None, CatalogEntry | None]:
-    """`spec` is a file path or a catalog name. Returns (path or None if not present, entry)."""
+def find_checkpoint(spec: str | Path, search_dirs: Iterable[Path] = ()) -> tuple[Path | None, CatalogEntry | None]:
+    """`spec` is a file path, a catalog name (`lorarar-sdxl`) or a catalog file name.
+    Returns (its path, or None if not present in any folder; its catalog entry, if any)."""
     catalog = load_catalog()
-    entry = catalog.get(spec)
+    text = str(spec)
+    entry = catalog.get(text) or entry_for_file(text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path, entry_for_file(path.name)
     if entry is None:
-        path = Path(spec).expanduser()
-        if path.is_file():
-            return path, entry_for_file(path.name)
         raise HypernetError(
-            f"hypernetwork {spec!r}: not a file and not a known name (known: {', '.join(catalog)})")
+            f"hypernetwork {text!r} was not found: it is neither a file nor a known name "
+            f"(known: {', '.join(catalog)}; searched: {_places(search_dirs)})")
     for folder in [*search_dirs, *default_search_dirs()]:
         candidate = Path(folder) / entry.file
         if candidate.is_file():
             return candidate, entry
     return None, entry
+
+
+def _places(search_dirs: Iterable[Path]) -> str:
+    return ", ".join(dict.fromkeys(str(d) for d in [*search_dirs, *default_search_dirs()]))
 
 
 def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
@@ -124,17 +131,30 @@ def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
     return atomic_write(target, fetch, force=True)
 
 
-def resolve_hypernet(spec: str, search_dirs: Iterable[Path] = (), allow_download: bool = False,
-                     download_dir: Path | None = None) -> HyperNetwork:
-    """Load a hypernetwork by catalog name or path; catalog files are sha256-verified."""
+def resolve_hypernet(spec: str | Path, search_dirs: Iterable[Path] = (), allow_download: bool = False,
+                     download_dir: Path | None = None, url: str | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     load: Callable[[Path], HyperNetwork] | None = None) -> HyperNetwork:
+    """The one way CLI and nodes turn a user's choice into a loaded hypernetwork.
+
+    `spec`: a path, a catalog name or a catalog file name. A catalog checkpoint found nowhere is
+    downloaded into `download_dir` (default: the user cache) only with `allow_download` — the
+    user's explicit acceptance of its license; `url` overrides the catalog's address (mirrors,
+    tests; the size and sha256 checks stay). `load` replaces the plain loader (the node's cache).
+    """
     search_dirs = list(search_dirs)
     path, entry = find_checkpoint(spec, search_dirs)
     if path is None:
         assert entry is not None
+        target = download_dir or user_cache_dir()
         if not allow_download:
-            places = ", ".join(str(d) for d in [*search_dirs, *default_search_dirs()])
             raise HypernetError(
-                f"hypernetwork {entry.name} ({entry.file}) not found in {places}. Put the file "
-                f"there, or download it explicitly (license: {entry.license})")
-        path = download(entry, download_dir or user_cache_dir(), accept_license=True)
-    return load_checkpoint_file(path, entry)
+                f"hypernetwork {entry.name} ({entry.title}) is not installed: {entry.file} was not found in "
+                f"{_places(search_dirs)}. Put it into {target}, or allow its download ('download' switch on "
+                f"the node, --download on the command line) to fetch it from {entry.url} "
+                f"({entry.bytes:,} bytes, sha256-checked). License: {entry.license}")
+        log.warning("downloading %s: license %s (%s)", entry.title, entry.license, entry.license_url)
+        path = download(entry, target, accept_license=True, url=url, progress=progress)
+    if load is not None:
+        return load(path)
+    return load_checkpoint_file(path, entry_for_file(path.name))

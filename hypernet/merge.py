@@ -1,277 +1,156 @@
-"""Merge a content (subject) LoRA and a style LoRA: LoRA.rar's hypernetwork merge and the plain sum.
+"""Merge a content (subject) LoRA and a style LoRA — the one entry point for CLI, nodes and the
+testbed, whatever the method.
 
-Per layer with updates ΔW_c and ΔW_s (DESIGN §4, §10):
-- hypernetwork layers (`to_q`, `to_out.0` of attn1/attn2 by default):
-  ΔW = cs·ΔW_c·diag(m_c) + ss·ΔW_s·diag(m_s), (m_c, m_s) = H applied to each column pair;
-- every other layer, text encoders included: ΔW = cs·ΔW_c + ss·ΔW_s;
-- a layer present in only one LoRA: that side times its strength.
+    merged = merge(content, style, hypernet, content_strength=1.0, style_strength=0.8, method="lorarar")
 
-The coefficients depend only on the LoRAs as their files define them, never on the strengths,
-so `compute_coefficients` runs once and `assemble` is cheap to redo for new strengths.
-
-For low-rank inputs the result is exactly a LoRA of rank r_c + r_s:
-up = [cs·s_c·B_c | ss·s_s·B_s], down = [A_c·diag(m_c); A_s·diag(m_s)], alpha = rank —
-no out×in matrix is ever formed. Layers involving LoHa/LoKr/DoRA/full diffs or Tucker convs
-have no such form and are kept as dense weight differences.
+Methods register here by name (`METHODS`); each computes a strength-free `MergedLora`
+(hypernet/merged.py), and the strengths are applied afterwards (DESIGN §10), so a strength change
+never reruns a method. Callers that merge the same inputs repeatedly (the ComfyUI node) pass a
+`cache`; the CLI passes none.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import torch
-
-from . import naming
-from .errors import HypernetError, LoraMismatchError
-from .lora import LoraFile, LoraLayer
+from .errors import HypernetError, LoraFormatError, LoraRarError
+from .lora import LoraFile, require_family
+from .merged import Coefficients, MergedLora, assemble  # noqa: F401 - re-exported: the result types' home is merged.py
+from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
 from .model import HyperNetwork
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lorarar", "sum")
 Progress = Callable[[int, int], None]
-Coefficients = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
-class LowRankPart:
-    """One side's contribution `scale · up @ down · diag(columns)`."""
+@dataclass(frozen=True)
+class Param:
+    """One method-specific setting: its default, type and a sentence for help texts."""
 
-    up: torch.Tensor              # (out, r) or (out, r, 1, 1), file dtype
-    down: torch.Tensor            # (r, in) or (r, in, k, k), file dtype
-    scale: float                  # alpha/rank × strength
-    columns: torch.Tensor | None  # m for each input column, or None (= all ones)
-
-    def scaled_up(self) -> torch.Tensor:
-        return self.up.float() * self.scale
-
-    def scaled_down(self) -> torch.Tensor:
-        down = self.down.float()
-        return down if self.columns is None else down * self.columns.reshape(1, -1, *([1] * (down.dim() - 2)))
+    default: Any
+    kind: type
+    help: str
+    choices: tuple = ()
 
 
-@dataclass
-class MergedLayer:
-    parts: list[LowRankPart] = field(default_factory=list)
-    diff: torch.Tensor | None = None  # dense ΔW when there is no low-rank form
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str                  # one line: what it does (CLI help, node tooltip)
+    needs_hypernet: bool
+    # (content, style, hypernet or None, resolved params, progress) → strength-free MergedLora
+    run: Callable[..., MergedLora]
+    params: Mapping[str, Param] = field(default_factory=dict)
 
-    @property
-    def rank(self) -> int:
-        return sum(p.down.shape[0] for p in self.parts)
-
-    def up(self) -> torch.Tensor:
-        return torch.cat([p.scaled_up() for p in self.parts], dim=1)
-
-    def down(self) -> torch.Tensor:
-        return torch.cat([p.scaled_down() for p in self.parts], dim=0)
-
-    def delta(self) -> torch.Tensor:
-        if self.diff is not None:
-            return self.diff
-        up, down = self.up(), self.down()
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-
-
-@dataclass
-class MergeReport:
-    method: str
-    hypernet_layers: int = 0
-    summed_layers: int = 0
-    content_only_layers: int = 0
-    style_only_layers: int = 0
-    dense_layers: int = 0          # kept as full weight differences (LoHa, LoKr, DoRA, diff, Tucker)
-    width_fallback_layers: int = 0  # hypernetwork layers summed because H lacks their width
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [f"method {self.method}", f"{self.hypernet_layers} layers merged by the hypernetwork",
-                 f"{self.summed_layers} summed", f"{self.content_only_layers} content-only",
-                 f"{self.style_only_layers} style-only"]
-        if self.dense_layers:
-            parts.append(f"{self.dense_layers} kept as full weight differences (non-low-rank adapters)")
-        if self.width_fallback_layers:
-            parts.append(f"{self.width_fallback_layers} summed because the hypernetwork has no input for their width")
-        return "; ".join(parts)
+    def resolve(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Defaults filled in, names and types checked; errors name the parameter."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise LoraRarError(f"method {self.name}: unknown parameter(s) {', '.join(unknown)} (known: {known})")
+        out = {}
+        for name, param in self.params.items():
+            value = given.get(name, param.default)
+            if value is not None and not isinstance(value, param.kind):
+                try:
+                    value = param.kind(value)
+                except (TypeError, ValueError):
+                    raise LoraRarError(f"method {self.name}: {name} must be {param.kind.__name__}, "
+                                       f"got {value!r}") from None
+            if param.choices and value not in param.choices:
+                raise LoraRarError(f"method {self.name}: {name} must be one of "
+                                   f"{', '.join(map(str, param.choices))}, got {value!r}")
+            out[name] = value
+        return out
 
 
-@dataclass
-class MergedLora:
-    layers: dict[str, MergedLayer]
-    coefficients: Coefficients
-    report: MergeReport
-    content_strength: float
-    style_strength: float
-
-    def delta(self, name: str) -> torch.Tensor:
-        return self.layers[name].delta()
-
-    def kohya_entries(self, dtype: torch.dtype = torch.float32):
-        """(key, dtype, shape, make_tensor) for every tensor of the kohya file, lazily."""
-        entries = []
-        for name, layer in self.layers.items():
-            key = naming.ldm_to_kohya_key(name)
-            if layer.diff is not None:
-                entries.append((f"{key}.diff", dtype, tuple(layer.diff.shape), lambda layer=layer: layer.diff))
-                continue
-            first = layer.parts[0]
-            rank = layer.rank
-            up_shape = (first.up.shape[0], rank, *first.up.shape[2:])
-            down_shape = (rank, *first.down.shape[1:])
-            entries.append((f"{key}.lora_up.weight", dtype, up_shape, layer.up))
-            entries.append((f"{key}.lora_down.weight", dtype, down_shape, layer.down))
-            # alpha = rank: the scale is already inside up.
-            entries.append((f"{key}.alpha", torch.float32, (), lambda r=rank: torch.tensor(float(r))))
-        return entries
-
-    def to_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Materialise as a kohya SDXL LoRA state dict (what ComfyUI's LORA_MODEL carries)."""
-        return {key: make().to(kind).contiguous() for key, kind, _, make in self.kohya_entries(dtype)}
-
-    def ranks(self) -> list[int]:
-        return [layer.rank for layer in self.layers.values() if layer.diff is None]
+def _run_sum(content, style, hypernet, params, progress) -> MergedLora:
+    return assemble(content, style, method="sum")
 
 
-def is_hypernet_target(name: str, targets: tuple[str, ...]) -> bool:
-    if naming.is_text_encoder(name):
-        return False
-    return any(re.search(rf"\.attn[12]\.{re.escape(t)}$", name) for t in targets)
+def _run_lorarar(content, style, hypernet, params, progress) -> MergedLora:
+    return lorarar_merge(content, style, hypernet, params["unsupported_width"], progress)
 
 
-def _check_same_shape(name: str, content: LoraFile, style: LoraFile) -> None:
-    c, s = content.layers[name].shape, style.layers[name].shape
-    if c != s:
-        raise LoraMismatchError(
-            f"layer {name} has shape {c} in the content LoRA ({content.source}) but {s} in the "
-            f"style LoRA ({style.source}); were they trained for different base models?")
+REGISTRY: dict[str, Method] = {}
 
 
-def _concatenable(layer: LoraLayer) -> bool:
-    return layer.is_low_rank and layer.mid is None
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
 
 
-# Layers per batched hypernetwork call. Small batches keep the (batch, hidden, in) activations
-# in cache: on the idle 2-core CPU, batches of 2–16 took 0.20–0.22 s for SDXL's 280 rank-64
-# matrices, batches of 48 took 0.28–0.36 s.
-_BATCH = 4
+register(Method(
+    "lorarar", "LoRA.rar: a hypernetwork predicts per-column coefficients for to_q/to_out.0 of every "
+    "attention layer; every other layer is summed", needs_hypernet=True, run=_run_lorarar,
+    params={"unsupported_width": Param("error", str, "layers whose width the hypernetwork has no input "
+                                       "for: 'error', or 'sum' them", WIDTH_POLICIES)}))
+register(Method("sum", "direct merge: the plain sum of both LoRAs (baseline)", needs_hypernet=False, run=_run_sum))
+
+METHODS = tuple(REGISTRY)
 
 
-def _stacked_factors(layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale·up, down) of same-shape layers stacked to (L, out, r) and (L, r, in), float32."""
-    scales = torch.tensor([layer.scale for layer in layers], dtype=torch.float32).reshape(-1, 1, 1)
-    ups = torch.stack([layer.up.reshape(layer.up.shape[0], -1) for layer in layers]).float() * scales
-    downs = torch.stack([layer.down.reshape(layer.down.shape[0], -1) for layer in layers]).float()
-    return ups, downs
+def method_spec(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise LoraRarError(f"method: expected one of {', '.join(REGISTRY)}, got {name!r}") from None
 
 
-def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
-                         unsupported_width: str = "error", progress: Progress | None = None,
-                         ) -> tuple[Coefficients, int]:
-    """(m_c, m_s) for every layer the hypernetwork merges; also how many layers were left to the
-    sum because H has no input layer for their width (only with unsupported_width="sum")."""
-    if unsupported_width not in ("error", "sum"):
-        raise ValueError(f"unsupported_width must be 'error' or 'sum', not {unsupported_width!r}")
-    targets = hypernet.config.targets
-    names = [n for n in content.layers if n in style.layers and is_hypernet_target(n, targets)]
-    for n in names:
-        _check_same_shape(n, content, style)
-    unsupported = sorted({content.layers[n].shape[0] for n in names} - set(hypernet.widths))
-    if unsupported and unsupported_width == "error":
-        example = next(n for n in names if content.layers[n].shape[0] in unsupported)
-        raise HypernetError(
-            f"layers such as {example} are {'/'.join(map(str, unsupported))} wide; this hypernetwork "
-            f"supports widths {'/'.join(map(str, hypernet.widths))} "
-            f"(base family {hypernet.config.base_family}). Use a hypernetwork trained for this base "
-            "model, or allow the sum for those layers")
-    coefficients: Coefficients = {}
-    fallback = sum(content.layers[n].shape[0] in unsupported for n in names)
-    # Layers of equal shapes and ranks go through H together: one batched product per group
-    # instead of a few small ones per layer (280 layers fall into 2 groups for SDXL).
-    groups: dict[tuple, list[str]] = {}
-    dense: list[str] = []
-    for name in names:
-        c, s = content.layers[name], style.layers[name]
-        if c.shape[0] in unsupported:
-            continue
-        if _concatenable(c) and _concatenable(s):
-            key = (c.up.shape[0], c.down.shape[1], c.rank, s.rank, c.dtype, s.dtype)
-            groups.setdefault(key, []).append(name)
-        else:
-            dense.append(name)
-    total, done = len(names) - fallback, 0
-    with torch.no_grad():
-        for group in groups.values():
-            for start in range(0, len(group), _BATCH):
-                chunk = group[start:start + _BATCH]
-                m_c, m_s = hypernet.coefficients_factored(
-                    *_stacked_factors([content.layers[n] for n in chunk]),
-                    *_stacked_factors([style.layers[n] for n in chunk]))
-                coefficients.update((n, (m_c[i], m_s[i])) for i, n in enumerate(chunk))
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-        for name in dense:
-            c, s = content.layers[name], style.layers[name]
-            coefficients[name] = hypernet.coefficients_dense(c.delta().flatten(1), s.delta().flatten(1))
-            done += 1
-            if progress:
-                progress(done, total)
-    return coefficients, fallback
+class MergeCache(Protocol):
+    """What `merge` needs of a cache: results keyed by the identity of `objects` (LoRAs,
+    hypernetwork) and the equality of `key` (method and parameters)."""
+
+    def get_or_compute(self, objects: tuple, compute: Callable[[], MergedLora], key: tuple = ()) -> MergedLora: ...
 
 
-def assemble(content: LoraFile, style: LoraFile, coefficients: Coefficients,
-             content_strength: float = 1.0, style_strength: float = 1.0,
-             method: str = "lorarar") -> MergedLora:
-    """Build the merged LoRA from precomputed coefficients (cheap: no hypernetwork call)."""
-    report = MergeReport(method)
-    layers: dict[str, MergedLayer] = {}
-    for name in list(content.layers) + [n for n in style.layers if n not in content.layers]:
-        sides = [(layer, strength, coefficients[name][i] if name in coefficients else None)
-                 for i, (lora, strength) in enumerate(((content, content_strength), (style, style_strength)))
-                 if (layer := lora.layers.get(name)) is not None]
-        if len(sides) == 2:
-            _check_same_shape(name, content, style)
-            if name in coefficients:
-                report.hypernet_layers += 1
-            else:
-                report.summed_layers += 1
-        elif name in content.layers:
-            report.content_only_layers += 1
-        else:
-            report.style_only_layers += 1
-        if all(_concatenable(layer) for layer, _, _ in sides):
-            layers[name] = MergedLayer(parts=[
-                LowRankPart(layer.up, layer.down, layer.scale * strength, m) for layer, strength, m in sides])
-        else:
-            report.dense_layers += 1
-            diff = None
-            for layer, strength, m in sides:
-                delta = layer.delta() * strength
-                if m is not None:
-                    delta = delta * m.reshape(1, -1, *([1] * (delta.dim() - 2)))
-                diff = delta if diff is None else diff + delta
-            layers[name] = MergedLayer(diff=diff)
-    return MergedLora(layers, coefficients, report, content_strength, style_strength)
+def check_family(lora: LoraFile, role: str, expected: str, hypernet: HyperNetwork | None) -> None:
+    """Both inputs must look like LoRAs for `expected`; one message naming the input otherwise."""
+    try:
+        require_family(lora, expected, role)
+    except LoraFormatError as exc:
+        extra = ""
+        if hypernet is not None:
+            extra = (f"; this hypernetwork supports {hypernet.config.base_family.upper()} widths "
+                     f"{'/'.join(map(str, hypernet.widths))}")
+        raise LoraFormatError(f"{exc}{extra}") from None
 
 
 def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = None,
-          content_strength: float = 1.0, style_strength: float = 1.0, method: str = "lorarar",
-          unsupported_width: str = "error", progress: Progress | None = None) -> MergedLora:
-    """Merge `content` and `style` with LoRA.rar (`method="lorarar"`) or the direct sum."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    fallback = 0
-    coefficients: Coefficients = {}
-    if method == "lorarar":
-        if hypernet is None:
-            raise HypernetError("method 'lorarar' needs a hypernetwork")
-        coefficients, fallback = compute_coefficients(content, style, hypernet, unsupported_width, progress)
-    merged = assemble(content, style, coefficients, content_strength, style_strength, method)
-    merged.report.width_fallback_layers = fallback
-    if method == "lorarar" and not coefficients:
-        merged.report.notes.append("no layer was merged by the hypernetwork: the two LoRAs share "
-                                   "no to_q/to_out.0 attention layer")
+          content_strength: float = 1.0, style_strength: float = 1.0, method: str = "lorarar", *,
+          params: Mapping[str, Any] | None = None, unsupported_width: str | None = None,
+          expected_family: str | None = None, progress: Progress | None = None,
+          cache: MergeCache | None = None) -> MergedLora:
+    """Merge `content` and `style` with `method` (see `METHODS`) at the given strengths.
+
+    `params` are the method's own settings (`REGISTRY[method].params`); `unsupported_width` is
+    shorthand for LoRA.rar's. `expected_family` ("sdxl" from the CLI and the node) checks both
+    inputs look like LoRAs of that base family; None skips the check (library use on other bases).
+    """
+    spec = method_spec(method)
+    if unsupported_width is not None:
+        params = {**(params or {}), "unsupported_width": unsupported_width}
+    resolved = spec.resolve(params)
+    if spec.needs_hypernet and hypernet is None:
+        raise HypernetError(
+            f"hypernetwork: method {method!r} needs a hypernetwork — connect 'Load Hypernetwork (LoRA.rar)' "
+            f"in ComfyUI or pass --hypernet on the command line — or choose another method "
+            f"({', '.join(m for m, s in REGISTRY.items() if not s.needs_hypernet)})")
+    hypernet = hypernet if spec.needs_hypernet else None
+    if expected_family:
+        check_family(content, "content LoRA", expected_family, hypernet)
+        check_family(style, "style LoRA", expected_family, hypernet)
+
+    def compute() -> MergedLora:
+        return spec.run(content, style, hypernet, resolved, progress)
+
+    key = (method, tuple(sorted(resolved.items())))
+    base = cache.get_or_compute((content, style, hypernet), compute, key) if cache is not None else compute()
+    merged = base.with_strengths(content_strength, style_strength)
     log.info("merge: %s", merged.report.summary())
     return merged

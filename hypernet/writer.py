@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .merge import MergedLora
+from .errors import LoraRarError
+from .merged import MergedLora, rank_summary
 from .safetensors_io import atomic_write, write_safetensors_streaming
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -18,8 +19,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def merge_metadata(merged: MergedLora, *, hypernet_name: str = "", hypernet_sha256: str = "",
                    content_sha256: str = "", style_sha256: str = "",
                    content_name: str = "", style_name: str = "") -> dict[str, str]:
-    ranks = merged.ranks()
-    dim = max(ranks) if ranks else 0
     report = merged.report
     meta = {
         "lorarar.method": report.method,
@@ -29,12 +28,11 @@ def merge_metadata(merged: MergedLora, *, hypernet_name: str = "", hypernet_sha2
         "lorarar.style": style_name, "lorarar.style_sha256": style_sha256,
         "lorarar.content_strength": repr(merged.content_strength),
         "lorarar.style_strength": repr(merged.style_strength),
-        "lorarar.report": json.dumps({k: v for k, v in vars(report).items() if k != "notes"}),
-        # kohya's keys, so trainers' and UIs' LoRA browsers show sensible values. Ranks may
-        # differ per layer (r_c + r_s); alpha always equals each layer's rank (scale 1).
+        "lorarar.report": json.dumps(report.as_dict()),
+        # kohya's keys, so trainers' and UIs' LoRA browsers show sensible values; where ranks
+        # differ per layer (r_c + r_s of different inputs) rank_summary records each.
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(dim),
-        "ss_network_alpha": str(dim),
+        **rank_summary(merged),
         "ss_base_model_version": "sdxl_base_v1-0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
     }
@@ -45,7 +43,7 @@ def save_merged(merged: MergedLora, path: str | Path, metadata: dict[str, str] |
                 dtype: str = "fp32", force: bool = False) -> Path:
     """Stream the merged LoRA to `path` (temporary file + rename; refuses to overwrite)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        raise LoraRarError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     entries = merged.kohya_entries(torch_dtype)
     return atomic_write(path, lambda tmp: write_safetensors_streaming(tmp, entries, metadata or {}), force)

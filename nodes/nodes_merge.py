@@ -115,12 +115,11 @@ class LoraRarMerge(io.ComfyNode):
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(1)
-        result = merge_logic.run_merge(
-            content_lora, style_lora, hypernetwork if method == "lorarar" else None,
-            content_strength, style_strength, method,
+        merged = merge_logic.run_merge(
+            content_lora, style_lora, hypernetwork, content_strength, style_strength, method,
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = model, clip
-        plan = merge_logic.patch_plan(result, include_text_encoders=clip is not None)
+        plan = merge_logic.patch_plan(merged, include_text_encoders=clip is not None)
         for state_dict, strength in plan:
             new_model, new_clip = comfy.sd.load_lora_for_models(new_model, new_clip, state_dict, strength, strength)
         if not plan:  # both strengths 0: hand out the inputs unchanged
@@ -129,10 +128,10 @@ class LoraRarMerge(io.ComfyNode):
         hypernet_name = hypernetwork.config.name if (hypernetwork is not None and method == "lorarar") else ""
         content_name = merge_logic.name_of(content_lora, "content LoRA")
         style_name = merge_logic.name_of(style_lora, "style LoRA")
-        image = merge_logic.coefficient_image(result, content_name, style_name, hypernet_name)
-        merged = merge_logic.merged_lora_output(result, content_lora, style_lora,
-                                              hypernetwork if method == "lorarar" else None)
-        return io.NodeOutput(new_model, new_clip, merged, image)
+        image = merge_logic.coefficient_image(merged, content_name, style_name, hypernet_name)
+        output = merge_logic.merged_lora_output(merged, content_lora, style_lora,
+                                                hypernetwork if method == "lorarar" else None)
+        return io.NodeOutput(new_model, new_clip, output, image)
 
 
 NODES = [LoraRarLoadHypernet, LoraRarMerge]

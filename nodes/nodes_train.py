@@ -101,9 +101,9 @@ class LoraRarZipLoraMerge(io.ComfyNode):
             style_prompt, ZipLoraSettings(steps=steps, lr=learning_rate, seed=seed), resolution, _hooks(),
             progress=_Progress(steps, "ZipLoRA"))
         new_model = model
-        for state_dict, strength in merge_logic.patch_plan(result.merge, include_text_encoders=False):
+        for state_dict, strength in merge_logic.patch_plan(result.merged, include_text_encoders=False):
             new_model, _ = comfy.sd.load_lora_for_models(new_model, None, state_dict, strength, 0)
-        merged = merge_logic.merged_lora_output(result.merge, content_lora, style_lora, None)
+        merged = merge_logic.merged_lora_output(result.merged, content_lora, style_lora, None)
         return io.NodeOutput(new_model, merged, result.loss_image)
 
 

@@ -24,7 +24,7 @@ def test_merge_command_writes_a_merged_lora(lora_pair, official_sdxl_path, tmp_p
     merged = read_lora(out)
     assert merged.metadata["lorarar.method"] == "lorarar"
     assert merged.metadata["lorarar.hypernet_sha256"] == "0cfa9772a0c56020a38c0bebd33834703cf915ead96136cf316be5b27e933b05"
-    assert json.loads(merged.metadata["lorarar.report"])["hypernet_layers"] == 280
+    assert json.loads(merged.metadata["lorarar.report"])["method_layers"] == 280
     assert merged.layers["middle_block.1.transformer_blocks.0.attn1.to_q"].rank == 8 + 16
     # refuses to overwrite, before doing any work
     assert main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--method", "sum"]) == 1

@@ -113,12 +113,12 @@ def test_catalog_matches_the_design_facts():
 
 def test_resolver_finds_a_checkpoint_in_a_folder(official_sdxl_path, tmp_path, monkeypatch):
     monkeypatch.setenv("LORARAR_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(HypernetError, match="not found in .*download it explicitly"):
+    with pytest.raises(HypernetError, match="not found in .*allow its download"):
         catalog.resolve_hypernet("lorarar-sdxl", [tmp_path])
     shutil.copy(official_sdxl_path, tmp_path / "lorarar_sdxl_hypernet.pth")
     model = catalog.resolve_hypernet("lorarar-sdxl", [tmp_path])
     assert model.config.name == "lorarar-sdxl"
-    with pytest.raises(HypernetError, match="not a file and not a known name"):
+    with pytest.raises(HypernetError, match="neither a file nor a known name"):
         catalog.resolve_hypernet("no-such-net")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
 
+from hypernet import naming
 from hypernet.errors import HypernetError, LoraMismatchError
 from hypernet.lora import lora_from_state_dict, read_lora
 from hypernet.merge import merge
@@ -74,10 +76,10 @@ def _check_against_reference(merged, reference, tol=2e-6, every=1):
     assert {naming.ldm_to_kohya_key(n) for n in merged.layers} == reference.modules
     worst, checked = 0.0, 0
     for index, (name, layer) in enumerate(merged.layers.items()):
-        if index % every and not (name in merged.coefficients and layer.parts[0].up.shape[0] == 640):
+        if index % every and not (name in merged.coefficients and layer.content.up.shape[0] == 640):
             continue
         expected = reference.delta(naming.ldm_to_kohya_key(name))
-        got = layer.delta().double()
+        got = merged.delta(name).double()
         worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
         checked += 1
     assert worst < tol, worst
@@ -93,11 +95,11 @@ def test_merge_equals_dense_reference(pair_sd, random_hypernet_pth, use_official
     merged = merge(content, style, load_hypernet(path), content_strength=0.8, style_strength=1.3)
     assert _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3), every=15) > 80
     report = merged.report
-    assert report.hypernet_layers == 279 and report.content_only_layers == 1 and report.style_only_layers == 1
+    assert report.method_layers == 279 and report.content_only_layers == 1 and report.style_only_layers == 1
     assert report.summed_layers == len(merged.layers) - 281 and report.dense_layers == 0
     # exact low rank: r_c + r_s where both exist
     both = merged.layers["middle_block.1.transformer_blocks.3.attn2.to_q"]
-    assert both.rank == 12 and both.diff is None
+    assert both.rank == 12 and both.is_low_rank
     assert merged.layers["input_blocks.4.1.proj_in"].rank == 4
 
 
@@ -154,13 +156,21 @@ def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_
     again = read_lora(path)
     assert set(again.layers) == set(merged.layers)
     assert not again.unrecognised_keys
-    for name, layer in merged.layers.items():  # fp32 factors are written bit for bit
-        assert torch.equal(again.layers[name].up, layer.up()) and torch.equal(again.layers[name].down, layer.down())
+    kohya = merged.to_state_dict()
+    for name in merged.layers:  # fp32 factors are written bit for bit
+        key = naming.ldm_to_kohya_key(name)
+        assert torch.equal(again.layers[name].up, kohya[f"{key}.lora_up.weight"])
+        assert torch.equal(again.layers[name].down, kohya[f"{key}.lora_down.weight"])
         assert again.layers[name].scale == 1.0
     for name in list(merged.layers)[::50]:
         torch.testing.assert_close(again.layers[name].delta(), merged.delta(name), atol=1e-8, rtol=1e-5)
     assert again.metadata["lorarar.method"] == "lorarar"
     assert again.metadata["ss_network_dim"] == "12" and again.metadata["lorarar.content_sha256"] == "c" * 64
+    # ranks differ (4 and 8 where only one LoRA has the layer): the most common one is claimed,
+    # every other layer's rank is recorded
+    assert json.loads(again.metadata["lorarar.rank_counts"]) == {"4": 1, "8": 1, "12": len(merged.layers) - 2}
+    assert json.loads(again.metadata["lorarar.other_ranks"]) == {
+        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_q": 8, "lora_unet_input_blocks_4_1_proj_in": 4}
     assert again.metadata["lorarar.content_strength"] == "1.2"
     # kohya names only
     from safetensors import safe_open
@@ -207,7 +217,7 @@ def test_width_without_an_input_layer_errors_or_falls_back():
     with pytest.raises(HypernetError, match="320 wide; this hypernetwork supports widths 640/1280"):
         merge(c, s, hypernet)
     merged = merge(c, s, hypernet, unsupported_width="sum")
-    assert merged.report.width_fallback_layers == 1 and merged.report.hypernet_layers == 1
+    assert merged.report.width_fallback_layers == 1 and merged.report.method_layers == 1
     name = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     torch.testing.assert_close(merged.delta(name), c.layers[name].delta() + s.layers[name].delta())
 
@@ -220,7 +230,7 @@ def test_non_low_rank_adapters_become_dense_differences(random_hypernet_pth, tmp
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     hypernet = load_hypernet(random_hypernet_pth)
     merged = merge(lyco, plain, hypernet)
-    assert merged.report.dense_layers == 4 and merged.report.hypernet_layers == 2
+    assert merged.report.dense_layers == 4 and merged.report.method_layers == 2
     q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     m_c, m_s = hypernet.coefficients_dense(lyco.layers[q].delta(), plain.layers[q].delta())
     torch.testing.assert_close(merged.delta(q), lyco.layers[q].delta() * m_c + plain.layers[q].delta() * m_s)

@@ -83,8 +83,8 @@ def merged_of(pair, cs=1.0, ss=1.0):
 
 def test_lazy_merged_lora_knows_its_keys_without_building(pair):
     result = merged_of(pair)
-    lazy = LazyMergedLora.from_merged(result.merged)
-    expected = result.merged.to_state_dict()
+    lazy = LazyMergedLora.from_merged(result)
+    expected = result.to_state_dict()
     assert len(lazy) == len(expected) and list(lazy) == list(expected)
     assert "lora_unet_input_blocks_4_1_proj_in.lora_up.weight" in lazy and "nope" not in lazy
     assert set(lazy.keys()) == set(expected)
@@ -98,8 +98,8 @@ def test_lazy_merged_lora_knows_its_keys_without_building(pair):
 @pytest.mark.parametrize("how", ["dict", "unpack", "items", "values", "get", "pickle", "copy", "or", "save_file"])
 def test_lazy_merged_lora_behaves_like_the_plain_dict(pair, how, tmp_path):
     result = merged_of(pair)
-    expected = result.merged.to_state_dict()
-    lazy = LazyMergedLora.from_merged(result.merged)
+    expected = result.to_state_dict()
+    lazy = LazyMergedLora.from_merged(result)
     if how == "dict":
         out = dict(lazy)
     elif how == "unpack":
@@ -132,7 +132,7 @@ def test_editing_a_lazy_merged_lora_drops_its_provenance(pair):
     key = next(iter(lazy))
     lazy[key] = lazy[key] * 2
     assert lazy.provenance is None  # the merge metadata no longer describes it
-    assert torch.equal(lazy[key], result.merged.to_state_dict()[key] * 2)
+    assert torch.equal(lazy[key], result.to_state_dict()[key] * 2)
 
 
 def test_identity_cache_keys_by_object_not_by_value():
@@ -211,20 +211,20 @@ def test_lorarar_without_hypernetwork_and_unknown_method_are_clear_errors(pair):
 
 def test_changing_strengths_reuses_the_coefficients(pair):
     hypernet = tiny_hypernet()
-    merge_logic._COEFFICIENTS.clear()
+    merge_logic._MERGES.clear()
     first = merge_logic.run_merge(pair[0], pair[1], hypernet, 1.0, 1.0, "lorarar")
-    misses = merge_logic._COEFFICIENTS.misses
+    misses = merge_logic._MERGES.misses
     second = merge_logic.run_merge(pair[0], pair[1], hypernet, 0.5, 2.0, "lorarar")
-    assert merge_logic._COEFFICIENTS.misses == misses
+    assert merge_logic._MERGES.misses == misses
     assert second.coefficients is first.coefficients
     name = "middle_block.1.transformer_blocks.0.attn2.to_q"
     assert name in first.coefficients
-    c_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 1.0, 0.0, "lorarar").merged.delta(name)
-    s_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 0.0, 1.0, "lorarar").merged.delta(name)
-    assert torch.allclose(second.merged.delta(name), 0.5 * c_only + 2.0 * s_only, atol=1e-6)
+    c_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 1.0, 0.0, "lorarar").delta(name)
+    s_only = merge_logic.run_merge(pair[0], pair[1], hypernet, 0.0, 1.0, "lorarar").delta(name)
+    assert torch.allclose(second.delta(name), 0.5 * c_only + 2.0 * s_only, atol=1e-6)
     # Another hypernetwork (or other LoRA objects) does run it again.
     merge_logic.run_merge(pair[0], pair[1], tiny_hypernet(seed=4), 1.0, 1.0, "lorarar")
-    assert merge_logic._COEFFICIENTS.misses == misses + 1
+    assert merge_logic._MERGES.misses == misses + 1
 
 
 def plan_delta(plan, name: str) -> torch.Tensor:
@@ -251,9 +251,9 @@ def test_patch_plan_adds_up_to_the_merged_delta_without_copying_factors(pair, me
                                  0.7, 1.4, method)
     plan = merge_logic.patch_plan(result)
     assert [s for _, s in plan] == [0.7, 1.4]
-    for name in result.merged.layers:
-        assert torch.allclose(plan_delta(plan, name), result.merged.delta(name), atol=1e-7, rtol=1e-5), name
-    content, style = result.content, result.style
+    for name in result.layers:
+        assert torch.allclose(plan_delta(plan, name), result.delta(name), atol=1e-7, rtol=1e-5), name
+    content, style = lora_logic.lora_file_of(pair[0], "content LoRA"), lora_logic.lora_file_of(pair[1], "style LoRA")
     name = "output_blocks.3.1.transformer_blocks.0.ff.net.0.proj"  # summed: passed through as is
     key = naming.ldm_to_kohya_key(name)
     assert plan[0][0][f"{key}.lora_up.weight"] is content.layers[name].up
@@ -283,8 +283,11 @@ def test_layers_without_low_rank_form_go_in_as_diffs(pair):
                     f"{key}.hada_w2_b": torch.randn(2, inp, generator=gen) * 0.1})
     result = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 0.9, 1.1, "lorarar")
     plan = merge_logic.patch_plan(result)
-    assert len(plan) == 3 and plan[2][1] == 1.0 and set(plan[2][0]) == {f"{key}.diff"}
-    assert torch.allclose(plan_delta(plan, name), result.merged.delta(name), atol=1e-7)
+    # each side stays its own patch at its strength: the LoHa side as a `.diff` (columns inside)
+    assert [s for _, s in plan] == [0.9, 1.1]
+    assert f"{key}.diff" in plan[0][0] and f"{key}.lora_up.weight" not in plan[0][0]
+    assert f"{key}.lora_up.weight" in plan[1][0]
+    assert torch.allclose(plan_delta(plan, name), result.delta(name), atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +331,8 @@ def test_save_never_overwrites_and_streams_the_merge_with_provenance(tmp_path, p
     assert meta["lorarar.content_sha256"] == sha256_file(content_path)
     assert meta["lorarar.hypernet_sha256"] == sha256_file(hypernet_path)
     assert "lorarar.style_sha256" not in meta  # the style came from a node, not a file
-    for name in result.merged.layers:
-        assert torch.allclose(saved.layers[name].delta(), result.merged.delta(name), atol=1e-7)
+    for name in result.layers:
+        assert torch.allclose(saved.layers[name].delta(), result.delta(name), atol=1e-7)
     second = lora_logic.save_lora_model(lazy, loras, "lorarar/merged", "fp16")
     assert second.name == "merged_00003.safetensors"
     with safe_open(str(second), "pt") as f:

@@ -60,6 +60,12 @@ def comfy_parts():
         ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
                     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
         vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+    # ComfyUI's ops skip weight initialisation (a checkpoint always follows), so a VAE built without
+    # one holds whatever memory it got — NaN more often than not. Random but finite weights instead.
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # the VAE's tensors were made there, as ComfyUI's loaders make them
+        for parameter in vae.first_stage_model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen) * 0.05)
     return module, model, clip, vae
 
 

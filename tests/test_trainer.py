@@ -173,3 +173,17 @@ def test_training_can_start_from_the_official_checkpoint(official_sdxl_path, dat
     # the test UNet's widths were trained; the SDXL input layers got no gradient
     assert torch.equal(result.hypernet.input["640"].bias.detach(), official.input["640"].bias)
     assert not torch.equal(result.hypernet.output[1].weight.detach(), official.output[1].weight)
+
+
+def test_non_finite_objective_stops_training_and_saves_nothing(tmp_path, dataset, base):
+    """A base model that outputs NaN must not yield a 'trained' hypernetwork full of NaN."""
+    import dataclasses
+
+    def denoise(x, t, cond):
+        return base.denoise(x, t, cond) * float("nan")
+
+    broken = dataclasses.replace(base, denoise=denoise)
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(TrainingError, match="step 1: the objective is not finite"):
+        Trainer(broken, load_manifest(dataset), settings(steps=2, checkpoint_every=0), tmp_path / "run").run(out)
+    assert not out.exists()

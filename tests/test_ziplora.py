@@ -138,3 +138,18 @@ def test_cli_ziplora_on_the_tiny_base(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 0
     capsys.readouterr()
     assert main(argv) == 1 and "exists" in capsys.readouterr().err
+
+
+def test_non_finite_objective_is_an_error_not_a_result(pair):
+    """A LoRA with an Inf factor makes every step's objective non-finite: ZipLoRA must say so
+    instead of returning NaN coefficients as a merge."""
+    from hypernet.errors import TrainingError
+
+    unet, subject, style, content, style_lora = pair
+    broken = dict(random_lora(unet, 4, 2))
+    key = next(k for k in broken if k.endswith("attn1_to_q.lora_up.weight"))
+    broken[key] = broken[key].clone()
+    broken[key][0, 0] = float("inf")
+    with pytest.raises(TrainingError, match="step 1: the objective is not finite"):
+        ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content,
+                      lora_from_state_dict(broken, source="style"), subject, style, ZipLoraSettings(steps=2))

@@ -19,8 +19,10 @@ def add_parser(subparsers) -> None:
                         "CC BY-NC-SA 4.0 license)")
     p.add_argument("--content-strength", type=float, default=1.0, help="default: %(default)s")
     p.add_argument("--style-strength", type=float, default=1.0, help="default: %(default)s")
-    p.add_argument("--method", choices=("lorarar", "sum"), default="lorarar",
-                   help="lorarar: hypernetwork coefficients; sum: direct merge (default: %(default)s)")
+    from ..merge import REGISTRY
+
+    p.add_argument("--method", choices=tuple(REGISTRY), default="lorarar",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default: %(default)s)")
     p.add_argument("--allow-width-fallback", action="store_true",
                    help="sum layers whose width the hypernetwork has no input for, instead of failing")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
@@ -35,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..catalog import resolve_hypernet
     from ..errors import OutputExistsError
-    from ..lora import read_lora, require_family
-    from ..merge import merge
+    from ..lora import read_lora
+    from ..merge import merge, method_spec
     from ..safetensors_io import sha256_file
     from ..tooling.progress import ProgressLine
     from ..writer import merge_metadata, save_merged
@@ -45,17 +47,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:  # fail before the slow part
         raise OutputExistsError(f"{out} already exists; refusing to overwrite it (use --force)")
+    spec = method_spec(args.method)
     content = read_lora(args.content)
     style = read_lora(args.style)
-    require_family(content, "sdxl", "content LoRA")
-    require_family(style, "sdxl", "style LoRA")
     hypernet = None
-    if args.method == "lorarar":
+    if spec.needs_hypernet:
         hypernet = resolve_hypernet(args.hypernet, [Path(d) for d in args.hypernet_dir],
                                     allow_download=args.download)
-    with ProgressLine("hypernetwork") as bar:
-        merged = merge(content, style, hypernet, args.content_strength, args.style_strength,
-                       args.method, "sum" if args.allow_width_fallback else "error", bar.update)
+    params = {"unsupported_width": "sum" if args.allow_width_fallback else "error"} if args.method == "lorarar" else {}
+    with ProgressLine(args.method) as bar:
+        merged = merge(content, style, hypernet, args.content_strength, args.style_strength, args.method,
+                       params=params, expected_family="sdxl", progress=bar.update)
     metadata = merge_metadata(
         merged, hypernet_name=hypernet.config.name if hypernet else "",
         hypernet_sha256=sha256_file(hypernet.source_path) if hypernet else "",
@@ -63,5 +65,7 @@ def run(args: argparse.Namespace) -> int:
         content_name=Path(args.content).name, style_name=Path(args.style).name)
     save_merged(merged, out, metadata, args.dtype, args.force)
     log.info("wrote %s (%s)", out, merged.report.summary())
+    for note in merged.report.notes:
+        log.warning("%s", note)
     print(out)
     return 0

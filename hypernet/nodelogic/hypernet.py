@@ -58,23 +58,11 @@ def load_hypernet_cached(path: str | Path) -> HyperNetwork:
 def resolve_hypernet_choice(name: str, full_path: str | Path | None, download: bool,
                             download_dir: Path, search_dirs: list[Path],
                             progress: Progress | None = None, url: str | None = None) -> HyperNetwork:
-    """The node's choice → a loaded hypernetwork. `full_path` is where the folder lookup found
-    `name` (None if nowhere); a missing catalog file is downloaded only when `download`
-    (`url` overrides the catalog's address, for mirrors and tests; the sha256 check stays)."""
-    if full_path is not None and Path(full_path).is_file():
-        return load_hypernet_cached(full_path)
-    entry = catalog.entry_for_file(name)
-    places = ", ".join(str(d) for d in search_dirs) or "the lorarar model folder"
-    if entry is None:
-        raise HypernetError(f"hypernetwork {name!r} was not found in {places}")
-    if not download:
-        raise HypernetError(
-            f"hypernetwork {name!r} ({entry.title}) is not installed. Put {entry.file} into "
-            f"{download_dir} (searched: {places}), or switch 'download' on to fetch it from "
-            f"{entry.url} ({entry.bytes:,} bytes, sha256-checked). License: {entry.license}")
-    log.warning("downloading %s: license %s (%s)", entry.title, entry.license, entry.license_url)
-    path = catalog.download(entry, download_dir, accept_license=True, url=url, progress=progress)
-    return load_hypernet_cached(path)
+    """The node's choice → a loaded hypernetwork (cached). `full_path` is where ComfyUI's folder
+    lookup found `name` (None if nowhere); the rest is `catalog.resolve_hypernet`."""
+    spec = full_path if full_path is not None and Path(full_path).is_file() else name
+    return catalog.resolve_hypernet(spec, search_dirs, allow_download=download, download_dir=download_dir,
+                                    url=url, progress=progress, load=load_hypernet_cached)
 
 
 def hypernet_file_tooltip() -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..lora import LoraFile
-from ..merge import MergedLora
+from ..merged import MergedLora
 
 
 class LoadedLora(dict):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputExistsError, TrainingError
+from ..merged import MergedLora
 from ..model import HyperNetwork
 from ..training.comfy_adapter import comfy_training_base
 from ..training.data import TrainingBase, encode_examples, fit_image
@@ -26,7 +27,6 @@ from ..training.trainer import Trainer, TrainSettings
 from ..training.ziplora import ZipLoraSettings, ziplora_merge
 from . import plot
 from .lora import lora_file_of, name_of
-from .merge import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def encode_images(base: TrainingBase, images, prompt: str, resolution: int, role
 
 @dataclass
 class ZipLoraNodeResult:
-    merge: MergeResult
+    merged: MergedLora
     loss_image: torch.Tensor   # ComfyUI IMAGE of the loss curve
 
 
@@ -76,8 +76,7 @@ def run_ziplora_node(model, clip, vae, content_lora: dict, subject_images, subje
     series = {k: [(h["step"], h[k]) for h in result.history] for k in ("total", "content", "style")}
     title = (f"ZipLoRA {name_of(content_lora, 'content')} × {name_of(style_lora, 'style')}: "
              f"{settings.steps} steps, {result.seconds:.0f} s")
-    merge = MergeResult(result.merged, content, style, result.merged.coefficients)
-    return ZipLoraNodeResult(merge, plot.image_to_tensor(plot_curves(series, title=title)))
+    return ZipLoraNodeResult(result.merged, plot.image_to_tensor(plot_curves(series, title=title)))
 
 
 @dataclass

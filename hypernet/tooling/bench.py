@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..lora import read_lora
-from ..merge import assemble, compute_coefficients
+from ..merged import assemble
+from ..methods.lorarar import compute_coefficients
 from ..model import HypernetConfig, HyperNetwork, load_hypernet
 from ..writer import save_merged
 from . import synthetic
@@ -76,7 +77,7 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
         results["factored_min_s"] = min(times)
         results["matrices"] = len(coefficients)
         start = time.perf_counter()
-        merged = assemble(content, style, coefficients)
+        merged = assemble(content, style, coefficients, method="lorarar")
         results["assemble_s"] = time.perf_counter() - start
         if tracked:
             results["peak_read_merge_MiB"] = (_rss_kib("VmHWM") - baseline) / 1024

@@ -31,7 +31,7 @@ from torch import nn
 from .. import naming
 from ..errors import LoraMismatchError
 from ..lora import LoraFile, LoraLayer
-from ..merge import is_hypernet_target
+from ..methods.lorarar import is_hypernet_target
 from ..model import DEFAULT_TARGETS
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LoraRarError, ManifestError
-from ..merge import is_hypernet_target
+from ..methods.lorarar import is_hypernet_target
 from ..model import DEFAULT_TARGETS
 
 log = logging.getLogger(__name__)

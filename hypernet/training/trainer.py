@@ -229,6 +229,14 @@ class Trainer:
                 loss = terms.total / len(local)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.tensor([terms.as_dict()[k] for k in TERMS], dtype=torch.float64)
+        world.all_reduce_sum(sums)  # before any rank may raise below, so all ranks decide alike
+        if self.scaler is None and not torch.isfinite(sums).all():
+            # Without AMP's scaler (which skips such steps) a NaN objective would train H into NaN
+            # weights and save them as a "trained" hypernetwork.
+            raise TrainingError(
+                f"step {self.step + 1}: the objective is not finite ({', '.join(f'{k} {float(v):.4g}' for k, v in zip(TERMS, sums))}) "
+                f"for pairs {[[d[0].name, d[1].name] for d in draws]}; the base model, its VAE/text encoder or "
+                "a LoRA produces NaN/Inf. Nothing was saved from this step on")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), s.grad_clip))
@@ -238,7 +246,6 @@ class Trainer:
         else:
             self.optimizer.step()
         self.step += 1
-        world.all_reduce_sum(sums)
         record = {"step": self.step, "kind": "train", **{k: float(v) / s.pairs_per_step for k, v in zip(TERMS, sums)},
                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                   "pairs": [[d[0].name, d[1].name] for d in draws]}

@@ -4,7 +4,7 @@ Per merged layer (the same layer set LoRA.rar's hypernetwork merges: `to_q`, `to
 attn1/attn2, configurable) two free vectors m_c, m_s with one entry per input column,
 initialised to 1, are optimised with Adam (lr 0.01, 100 steps by default) on the ZipLoRA
 objective (objective.py). The result is the same exact low-rank `MergedLora` the hypernetwork
-merge produces (`merge.assemble(..., method="ziplora")`), plus the per-step loss history.
+merge produces (`merged.assemble(..., method="ziplora")`), plus the per-step loss history.
 
 This is the slow baseline LoRA.rar replaces: four UNet passes and a backward per step.
 """
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import TrainingError
 from ..lora import LoraFile
-from ..merge import MergedLora, assemble
+from ..merged import MergedLora, assemble
 from ..model import DEFAULT_TARGETS
 from .injection import LoraInjection
 from .objective import LAMBDA, Cond, Denoise, Sample, draw_noise, ziplora_objective
@@ -91,6 +91,10 @@ def ziplora_merge(unet: torch.nn.Module, denoise: Denoise, schedule, content: Lo
             with torch.enable_grad():
                 terms = ziplora_objective(injection, denoise, schedule, sample, params, t, noise,
                                           settings.lam, autocast_dtype)
+                if not torch.isfinite(terms.total.detach()):
+                    raise TrainingError(
+                        f"ZipLoRA step {step + 1}: the objective is not finite ({terms.as_dict()}); the base "
+                        "model, its VAE/text encoder or one of the LoRAs produces NaN/Inf")
                 terms.total.backward()
             optimizer.step()
             record = {"step": step + 1, **terms.as_dict()}
@@ -100,7 +104,7 @@ def ziplora_merge(unet: torch.nn.Module, denoise: Denoise, schedule, content: Lo
     coefficients = {name: (m_c.detach().float().cpu(), m_s.detach().float().cpu())
                     for name, (m_c, m_s) in params.items()}
     merged = assemble(content, style, coefficients, settings.content_strength, settings.style_strength,
-                      method="ziplora")
+                      method="ziplora", method_label="merged by ZipLoRA coefficients")
     seconds = time.perf_counter() - start
     log.info("ziplora: %d steps in %.1f s, loss %.5g → %.5g; %s", settings.steps, seconds,
              history[0]["total"], history[-1]["total"], merged.report.summary())

@@ -231,7 +231,7 @@ def assert_patched_equals(base, patched, merged, label):
 def test_lorarar_merge_patches_exactly_the_library_delta(merge_run):
     run = merge_run
     merged = run["expected"]["lorarar"]
-    assert merged.report.hypernet_layers > 0
+    assert merged.report.method_layers > 0
     checked, _ = assert_patched_equals(run["base"], dump(run["server"], "patched_lorarar"), merged, "lorarar")
     assert checked == len(run["shapes"])
     assert any(n.startswith("te2.") for n in merged.layers)  # the text encoders were covered too

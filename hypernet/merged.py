@@ -1,0 +1,333 @@
+"""The one result type of every merge method: a `MergedLora` of `MergedLayer`s, each recording
+both sides as they entered the merge.
+
+Per layer, each LoRA that has it contributes one `Side`:
+
+    ΔW_side = scale · up @ down · diag(columns)      (low-rank: LoRA, LoCon)
+    ΔW_side = ΔW_file · diag(columns)                (dense: LoHa, LoKr, DoRA, full diffs, Tucker)
+
+and the merged update is ΔW = cs·ΔW_content + ss·ΔW_style (DESIGN §10: strengths act after the
+method). `columns` are the per-input-column coefficients of LoRA.rar / ZipLoRA (None = all ones:
+a plain sum); NP-LoRA changes a side's `down` (or `up`) instead. Everything else derives from the
+sides through one fold, `Side.folded_down` (down · diag(columns)):
+
+- the kohya file (`kohya_entries`): up = [cs·s_c·B_c | ss·s_s·B_s], down = [folded_c; folded_s],
+  alpha = rank — exactly the merged ΔW at rank r_c + r_s, no out×in matrix formed;
+- ComfyUI's patches (`side_state_dicts`): each side as its own LoRA (its file tensors, the fold in
+  `down`), applied at its strength — the same work as two stacked LoRA loaders, and a strength
+  change reuses them as they are.
+
+Strengths live on the `MergedLora`, not in the sides, so `with_strengths` is free: the copies share
+their layers and therefore every fold already computed.
+
+A method whose weights depend on sampling progress p (K-LoRA) records, per layer, the p at which
+it switches from the content side to the style side (`switch_points`); `delta_at(name, p)` gives the
+update in use at p, and such a merge has no single-LoRA export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import naming
+from .errors import LoraMismatchError, LoraRarError
+from .lora import LoraFile, LoraLayer
+
+CONTENT, STYLE = "content", "style"
+ROLES = (CONTENT, STYLE)
+# name → (m_c, m_s): per-input-column coefficients of the layers a method scales column-wise
+Coefficients = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _column_shape(columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(in,) → broadcastable over a (r, in) or (r, in, k, k) factor, or an (out, in[, k, k]) ΔW."""
+    return columns.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+@dataclass(eq=False)
+class Side:
+    """One LoRA's contribution to one layer, before its strength."""
+
+    up: torch.Tensor | None = None        # (out, r) or (out, r, 1, 1); the file's tensor unless a method changed it
+    down: torch.Tensor | None = None      # (r, in) or (r, in, k, k)
+    scale: float = 1.0                    # alpha/rank as the file defines it
+    columns: torch.Tensor | None = None   # one coefficient per input column, or None (= ones)
+    dense: LoraLayer | None = None        # an adapter without a low-rank form: ΔW comes from here
+    _folded: torch.Tensor | None = field(default=None, repr=False)
+    _dense_delta: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, layer: LoraLayer, columns: torch.Tensor | None = None) -> Side:
+        if layer.is_low_rank and layer.mid is None:
+            return cls(layer.up, layer.down, layer.scale, columns)
+        return cls(scale=1.0, columns=columns, dense=layer)
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0] if self.is_low_rank else 0
+
+    def folded_down(self) -> torch.Tensor:
+        """down · diag(columns), float32 when columns apply (ComfyUI computes patches in float32
+        anyway); the file's own tensor when they do not (no copy)."""
+        if self.columns is None:
+            return self.down
+        if self._folded is None:
+            self._folded = self.down.float() * _column_shape(self.columns.float(), self.down)
+        return self._folded
+
+    def delta(self) -> torch.Tensor:
+        """This side's dense ΔW (float32, scale and columns inside). For dense sides and tests."""
+        if not self.is_low_rank:
+            if self._dense_delta is None:
+                delta = self.dense.delta()
+                if self.columns is not None:
+                    delta = delta * _column_shape(self.columns.float(), delta)
+                self._dense_delta = delta
+            return self._dense_delta
+        up, down = self.up.float(), self.folded_down().float()
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * self.scale
+
+
+def fold_columns(sides: Iterable[Side]) -> None:
+    """Compute `folded_down` for many sides at once: sides with equal factor shapes are scaled in
+    one batched multiply — a few large tensor ops instead of ~560 small ones for SDXL (each small op
+    pays thread start-up; on a busy machine that dominated the merge node)."""
+    groups: dict[tuple, list[Side]] = {}
+    for side in sides:
+        if side.is_low_rank and side.columns is not None and side._folded is None:
+            groups.setdefault((tuple(side.down.shape), side.down.dtype), []).append(side)
+    with torch.no_grad():
+        for group in groups.values():
+            downs = torch.stack([s.down for s in group]).float()
+            columns = torch.stack([s.columns for s in group]).float()
+            folded = downs.mul_(columns.reshape(len(group), 1, -1, *([1] * (downs.dim() - 3))))
+            for side, tensor in zip(group, folded.unbind(0)):
+                side._folded = tensor
+
+
+@dataclass(eq=False)
+class MergedLayer:
+    content: Side | None = None
+    style: Side | None = None
+
+    def sides(self) -> list[tuple[str, Side]]:
+        return [(role, side) for role, side in ((CONTENT, self.content), (STYLE, self.style)) if side is not None]
+
+    @property
+    def is_low_rank(self) -> bool:
+        return all(side.is_low_rank for _, side in self.sides())
+
+    @property
+    def rank(self) -> int:
+        return sum(side.rank for _, side in self.sides())
+
+
+@dataclass
+class MergeReport:
+    method: str
+    method_layers: int = 0          # layers the method did more than sum (coefficients, projection, switching)
+    summed_layers: int = 0
+    content_only_layers: int = 0
+    style_only_layers: int = 0
+    dense_layers: int = 0           # kept as full weight differences (LoHa, LoKr, DoRA, diff, Tucker)
+    width_fallback_layers: int = 0  # hypernetwork layers summed because H lacks their width
+    method_label: str = "merged by the method"
+    notes: list[str] = field(default_factory=list)
+    # what each input contributed nothing for: keys the reader did not recognise (role → count)
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"method {self.method}", f"{self.method_layers} layers {self.method_label}",
+                 f"{self.summed_layers} summed", f"{self.content_only_layers} content-only",
+                 f"{self.style_only_layers} style-only"]
+        if self.dense_layers:
+            parts.append(f"{self.dense_layers} kept as full weight differences (non-low-rank adapters)")
+        if self.width_fallback_layers:
+            parts.append(f"{self.width_fallback_layers} summed because the hypernetwork has no input for their width")
+        for role, count in self.left_out.items():
+            parts.append(f"{count} keys of the {role} LoRA left out (not recognised as SDXL LoRA layers)")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("notes", "method_label")}
+
+
+@dataclass(eq=False)
+class MergedLora:
+    layers: dict[str, MergedLayer]
+    report: MergeReport
+    coefficients: Coefficients = field(default_factory=dict)
+    content_strength: float = 1.0
+    style_strength: float = 1.0
+    # name → p at which the layer switches from the content side to the style side (K-LoRA)
+    switch_points: dict[str, float] = field(default_factory=dict)
+    # strength-free derived data shared by every `with_strengths` copy (ComfyUI patch dicts)
+    _shared: dict = field(default_factory=dict, repr=False)
+
+    def strength(self, role: str) -> float:
+        return self.content_strength if role == CONTENT else self.style_strength
+
+    def with_strengths(self, content_strength: float, style_strength: float) -> MergedLora:
+        """The same merge at other strengths; shares layers, folds and patch dicts (no copy)."""
+        return dataclasses.replace(self, content_strength=float(content_strength),
+                                   style_strength=float(style_strength),
+                                   report=dataclasses.replace(self.report, notes=list(self.report.notes)))
+
+    # -- dense views (tests, the testbed's sampler, small layers) ---------------------------------
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The merged ΔW of one layer (float32). For a scheduled layer: its update at p = 0."""
+        return self.delta_at(name, 0.0)
+
+    def delta_at(self, name: str, progress: float) -> torch.Tensor:
+        """The ΔW in use when a fraction `progress` of sampling is done. Static methods: the same
+        at every p; a scheduled layer uses only its content side before its switch point."""
+        layer = self.layers[name]
+        sides = layer.sides()
+        if name in self.switch_points:
+            role = CONTENT if progress < self.switch_points[name] else STYLE
+            sides = [(r, s) for r, s in sides if r == role]
+        total = None
+        for role, side in sides:
+            part = side.delta() * self.strength(role)
+            total = part if total is None else total + part
+        return total
+
+    # -- exports -------------------------------------------------------------------------------
+
+    def _require_single_lora(self, what: str) -> None:
+        if self.switch_points:
+            raise LoraRarError(
+                f"{what}: a {self.report.method} merge switches between the two LoRAs during sampling "
+                f"({len(self.switch_points)} layers), so it is not one LoRA that could be saved or loaded "
+                "elsewhere; use its patched MODEL, or save a merge of another method")
+
+    def ranks(self) -> list[int]:
+        return [layer.rank for layer in self.layers.values() if layer.is_low_rank]
+
+    def kohya_entries(self, dtype: torch.dtype = torch.float32):
+        """(key, dtype, shape, make_tensor) for every tensor of the kohya file, lazily."""
+        self._require_single_lora("merged LoRA")
+        fold_columns(side for layer in self.layers.values() for _, side in layer.sides())
+        entries = []
+        for name, layer in self.layers.items():
+            key = naming.ldm_to_kohya_key(name)
+            if not layer.is_low_rank:
+                shape = tuple(self.delta(name).shape)
+                entries.append((f"{key}.diff", dtype, shape, lambda n=name: self.delta(n)))
+                continue
+            sides = layer.sides()
+            first = sides[0][1]
+            rank = layer.rank
+            up_shape = (first.up.shape[0], rank, *first.up.shape[2:])
+            down_shape = (rank, *first.down.shape[1:])
+            entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
+                [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
+            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: torch.cat(
+                [side.folded_down().float() for _, side in s], dim=0)))
+            # alpha = rank: each side's scale and strength are already inside up.
+            entries.append((f"{key}.alpha", torch.float32, (), lambda r=rank: torch.tensor(float(r))))
+        return entries
+
+    def to_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Materialise as a kohya SDXL LoRA state dict (what ComfyUI's LORA_MODEL carries)."""
+        return {key: make().to(kind).contiguous() for key, kind, _, make in self.kohya_entries(dtype)}
+
+    def side_state_dicts(self, include_text_encoders: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """role → a kohya dict of that side alone (the fold in `down`, dense sides as `.diff`),
+        to be patched at the side's strength. Strength-free, so cached across `with_strengths`."""
+        self._require_single_lora("patches")
+        key = ("side_state_dicts", include_text_encoders)
+        if key not in self._shared:
+            layers = {n: layer for n, layer in self.layers.items()
+                      if include_text_encoders or not naming.is_text_encoder(n)}
+            fold_columns(side for layer in layers.values() for _, side in layer.sides())
+            dicts: dict[str, dict[str, torch.Tensor]] = {CONTENT: {}, STYLE: {}}
+            for name, layer in layers.items():
+                kohya = naming.ldm_to_kohya_key(name)
+                for role, side in layer.sides():
+                    out = dicts[role]
+                    if side.is_low_rank:
+                        out[f"{kohya}.lora_up.weight"] = side.up
+                        out[f"{kohya}.lora_down.weight"] = side.folded_down()
+                        # alpha such that ComfyUI's alpha/rank is exactly this side's scale, however
+                        # the file defined it (tensor, header metadata, rsLoRA)
+                        out[f"{kohya}.alpha"] = torch.tensor(float(side.scale * side.rank))
+                    else:
+                        out[f"{kohya}.diff"] = side.delta()
+            self._shared[key] = dicts
+        return self._shared[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a MergedLora from two LoRAs
+
+def check_same_shape(name: str, content: LoraFile, style: LoraFile) -> None:
+    c, s = content.layers[name].shape, style.layers[name].shape
+    if c != s:
+        raise LoraMismatchError(
+            f"layer {name} has shape {c} in the content LoRA ({content.source}) but {s} in the "
+            f"style LoRA ({style.source}); were they trained for different base models?")
+
+
+def layer_names(content: LoraFile, style: LoraFile) -> list[str]:
+    """Every layer of either LoRA, content's order first."""
+    return list(content.layers) + [n for n in style.layers if n not in content.layers]
+
+
+def assemble(content: LoraFile, style: LoraFile, coefficients: Coefficients | None = None,
+             content_strength: float = 1.0, style_strength: float = 1.0, method: str = "sum",
+             method_label: str = "merged by the method") -> MergedLora:
+    """The merged LoRA of a column-scaling method (LoRA.rar, ZipLoRA; no coefficients = sum):
+    layers in `coefficients` get those columns, every other shared layer is summed, a layer
+    present in one LoRA is passed through."""
+    coefficients = coefficients or {}
+    report = MergeReport(method, method_label=method_label)
+    layers: dict[str, MergedLayer] = {}
+    for name in layer_names(content, style):
+        c, s = content.layers.get(name), style.layers.get(name)
+        m = coefficients.get(name)
+        if c is not None and s is not None:
+            check_same_shape(name, content, style)
+            if m is not None:
+                report.method_layers += 1
+            else:
+                report.summed_layers += 1
+        elif c is not None:
+            report.content_only_layers += 1
+        else:
+            report.style_only_layers += 1
+        layer = MergedLayer(Side.of(c, m[0] if m else None) if c is not None else None,
+                            Side.of(s, m[1] if m else None) if s is not None else None)
+        report.dense_layers += not layer.is_low_rank
+        layers[name] = layer
+    report.left_out = {role: len(lora.unrecognised_keys) for role, lora in ((CONTENT, content), (STYLE, style))
+                       if lora.unrecognised_keys}
+    return MergedLora(layers, report, dict(coefficients), float(content_strength), float(style_strength))
+
+
+def rank_summary(merged: MergedLora) -> dict[str, str]:
+    """kohya's `ss_network_dim`/`ss_network_alpha` — the most common rank (alpha = rank in our
+    files) — and, where layers differ, the per-layer truth: a rank histogram and every layer whose
+    rank is not the common one (kohya keys)."""
+    ranks = Counter(merged.ranks())
+    if not ranks:
+        return {}
+    common = ranks.most_common(1)[0][0]
+    out = {"ss_network_dim": str(common), "ss_network_alpha": str(common)}
+    if len(ranks) > 1:
+        out["lorarar.rank_counts"] = json.dumps({str(r): n for r, n in sorted(ranks.items())})
+        out["lorarar.other_ranks"] = json.dumps(
+            {naming.ldm_to_kohya_key(n): layer.rank for n, layer in merged.layers.items()
+             if layer.is_low_rank and layer.rank != common}, separators=(",", ":"))
+    return out
