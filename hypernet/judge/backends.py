@@ -54,7 +54,7 @@ class BackendConfig:
     model: str = ""
     api_key_env: str = ""  # NAME of the environment variable holding the key
     api_key_file: str = ""  # path of a file holding the key (plain text or {"api_key": …})
-    timeout: float = 120.0  # seconds per request attempt
+    timeout: float = 120.0  # wall-clock seconds per attempt: the whole exchange, redirects included
     max_retries: int = 4  # extra attempts after the first, on 429/5xx/timeouts/refused
     backoff: float = 1.0  # first retry delay in seconds; doubles each retry
     max_backoff: float = 60.0  # ceiling for one delay, Retry-After included
