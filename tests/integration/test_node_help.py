@@ -125,7 +125,7 @@ def test_page_names_every_input_and_output(our_nodes):
         for name in entry["output_name"]:
             if f"`{name}`" not in section(text, "## Outputs"):
                 problems.append(f"{node_id}: output `{name}` is not described under ## Outputs")
-        for name in re.findall(r"^\| `(\w+)` \|", section(text, "## Inputs"), re.MULTILINE):
+        for name in re.findall(r"^- \*\*`(\w+)`\*\*", section(text, "## Inputs"), re.MULTILINE):
             if name not in inputs:
                 problems.append(f"{node_id}: ## Inputs describes `{name}`, which the node does not have")
     assert problems == []

@@ -1,11 +1,18 @@
 // Drives the real ComfyUI frontend (served by a real ComfyUI server) in Debian's headless
 // Chromium, for tests/integration/test_browser.py and for (re)building example_workflows/.
+// Written against two frontend generations (see frontendNotices): the 1.2x that ComfyUI pins
+// and the newest 1.5x from PyPI.
 //
-//   node drive.mjs check URL OUT_DIR WORKFLOW.json...   load each workflow as a user would,
-//        validate it, screenshot the canvas to OUT_DIR/<name>.png; prints one JSON report.
-//        SHOW_MISSING_MODELS=1 lets the missing-models dialog open (off: models are absent here).
-//   node drive.mjs template URL PACK NAME...           open each of the pack's templates from
-//        the frontend's template browser, as a user does; prints the loaded node types.
+//   node drive.mjs check URL OUT_DIR|- WORKFLOW.json...  open each workflow file as a user does
+//        (app.handleFile, what Open and drag-and-drop call), report what the frontend tells the
+//        user (missing nodes, missing models, anything else), node errors, links and the API
+//        prompt; OUT_DIR gets <name>.user.png (the screen right after opening),
+//        <name>.notices.png (after "View details", where there is one) and <name>.png (the
+//        fitted canvas, for thumbnails). Prints one JSON report.
+//   node drive.mjs template URL PACK NAME...            open each of the pack's templates from
+//        the frontend's template browser, as a user does; prints the loaded node types and notices.
+//   node drive.mjs help URL OUT_DIR NEEDLES.json         open the node help panel for each node
+//        ID in NEEDLES.json ({id: text}) and report whether that text is shown.
 //   node drive.mjs build URL SPEC.json OUT.json          build a graph from a layout spec with
 //        the frontend's own LiteGraph API and save what the frontend serialises (UI format).
 //
@@ -45,6 +52,8 @@ async function openApp(url) {
   await page.waitForFunction(() => window.app?.graph && window.LiteGraph
     && Object.keys(window.LiteGraph.registered_node_types).length > 100, null, { timeout: 120000 });
   await page.waitForTimeout(1000);
+  // Page functions are sent as source and cannot call each other: install the shared one.
+  await page.evaluate(`window.lorararNotices = ${frontendNotices.toString()};`);
   const close = async () => {
     await context.close();
     fs.rmSync(profile, { recursive: true, force: true });
@@ -52,27 +61,74 @@ async function openApp(url) {
   return { page, close, consoleErrors };
 }
 
-// Runs in the page: load one workflow the way "Open" / drag-and-drop does, then collect every
-// sign of a broken workflow.
-async function loadAndValidate([workflow, showModels]) {
-  const visibleDialogs = () => [...document.querySelectorAll('.p-dialog')]
-    .filter((d) => d.offsetParent !== null || d.getClientRects().length)
-    .map((d) => d.innerText.trim().slice(0, 500));
+// Runs in the page. What the frontend tells the user, read from its own state rather than from
+// one version's DOM. Two generations are known:
+//  - "dialogs" (frontend ≤ 1.2x, e.g. the 1.27 that ComfyUI 0.3.64 pins): modal dialogs on the
+//    dialog store's stack — "global-load-workflow-warning" (missing node types) and
+//    "global-missing-models-warning" (models declared in properties.models / `models` that the
+//    server lacks);
+//  - "issues-panel" (1.3x+, e.g. 1.58): no modal; the missingNodesError / missingModel stores
+//    feed an "N issues found" overlay and the right-side panel's Issues tab, and every node whose
+//    model-file combo value is not among its options is drawn with an error outline.
+// Anything else on the dialog stack, or any other error the frontend holds, is reported as
+// `other` so a test can insist there is none.
+function frontendNotices() {
+  const stores = document.querySelector('#vue-app')?.__vue_app__?.config?.globalProperties?.$pinia?._s ?? new Map();
+  const typeName = (t) => (typeof t === 'string' ? t : t?.type ?? JSON.stringify(t));
+  const notices = {
+    surface: stores.has('missingModel') ? 'issues-panel' : 'dialogs',
+    missingNodeTypes: [],
+    missingModels: [],
+    errorOverlay: Boolean(stores.get('executionError')?.isErrorOverlayOpen),
+    dialogs: [],
+    other: [],
+  };
+  for (const entry of stores.get('dialog')?.dialogStack ?? []) {
+    const props = entry.contentProps ?? {};
+    notices.dialogs.push(entry.key);
+    if (props.missingNodeTypes) notices.missingNodeTypes.push(...props.missingNodeTypes.map(typeName));
+    else if (props.missingModels) {
+      notices.missingModels.push(...props.missingModels.map((m) => ({ name: m.name, directory: m.directory ?? null, url: m.url ?? null })));
+    } else notices.other.push(`dialog ${entry.key}`);
+  }
+  const nodesError = stores.get('missingNodesError')?.missingNodesError;
+  if (nodesError) notices.missingNodeTypes.push(...(nodesError.nodeTypes ?? []).map(typeName));
+  for (const c of stores.get('missingModel')?.missingModelCandidates ?? []) {
+    if (c.isMissing === true) notices.missingModels.push({ name: c.name, directory: c.directory ?? null, url: c.url ?? null, nodeId: String(c.nodeId) });
+    else if (c.isMissing === undefined) notices.other.push(`model check still pending for ${c.name}`);
+  }
+  const exec = stores.get('executionError');
+  for (const key of ['lastNodeErrors', 'lastPromptError', 'lastExecutionError']) {
+    const value = exec?.[key];
+    if (value && (typeof value !== 'object' || Object.keys(value).length)) notices.other.push(`${key}: ${JSON.stringify(value).slice(0, 300)}`);
+  }
+  const missingMedia = stores.get('missingMedia')?.missingMediaCandidates;
+  if (missingMedia?.length) notices.other.push(`missing media: ${JSON.stringify(missingMedia).slice(0, 300)}`);
+  notices.missingNodeTypes = [...new Set(notices.missingNodeTypes)].sort();
+  return notices;
+}
+
+// Runs in the page: open one workflow file the way Open / drag-and-drop does (app.handleFile),
+// wait until the frontend has finished telling the user about it, then collect every sign of a
+// broken workflow.
+async function loadAndValidate([workflow, fileName]) {
   const registered = window.LiteGraph.registered_node_types;
   const missingTypes = [...new Set(workflow.nodes.map((n) => n.type).filter((t) => !registered[t]))];
-  await window.app.loadGraphData(structuredClone(workflow), true, true, null,
-    { showMissingNodesDialog: true, showMissingModelsDialog: showModels });
-  // Dialogs open asynchronously; when a type is missing, give the warning time to appear.
-  const expectDialog = missingTypes.length > 0 || showModels;
-  for (let waited = 0; waited < (expectDialog ? 5000 : 700); waited += 100) {
+  const file = new File([JSON.stringify(workflow)], fileName, { type: 'application/json' });
+  await window.app.handleFile(file);
+  // Notices appear asynchronously (model checks fetch folder lists): wait until they have
+  // settled for 1 s, at most 8 s.
+  let last = ''; let stableSince = Date.now();
+  for (const start = Date.now(); Date.now() - start < 8000;) {
     await new Promise((r) => setTimeout(r, 100));
-    if (expectDialog && visibleDialogs().length) break;
+    const now = JSON.stringify([window.lorararNotices(), (window.app.graph._nodes ?? window.app.graph.nodes).length]);
+    if (now !== last) { last = now; stableSince = Date.now(); } else if (Date.now() - stableSince > 1000) break;
   }
   const graph = window.app.graph;
   const nodes = graph._nodes ?? graph.nodes;
   const report = {
     missingTypes,
-    dialogs: visibleDialogs(),
+    notices: window.lorararNotices(),
     loadedNodes: nodes.length,
     expectedNodes: workflow.nodes.length,
     nodesWithErrors: nodes.filter((n) => n.has_errors).map((n) => `${n.id}:${n.type}`),
@@ -101,6 +157,37 @@ async function loadAndValidate([workflow, showModels]) {
     report.promptError = String(err?.stack || err);
   }
   return report;
+}
+
+// What the user can read on screen, as lines (the canvas itself is not text).
+const screenLines = (page) => page.evaluate(() => document.body.innerText.split('\n').map((l) => l.trim()).filter(Boolean));
+
+// The user's next step after a notice: the issues overlay's "View details" (issues-panel
+// frontends) opens the Issues tab; dialogs are already open. Returns the text that appeared
+// on screen since `before`, i.e. what the user is told.
+async function readNotices(page, report, before) {
+  if (report.notices.errorOverlay) {
+    const details = page.getByRole('button', { name: 'View details' });
+    if (await details.count()) await details.first().click({ timeout: 5000 }).catch(() => {});
+    else await page.evaluate(() => document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel')?.openPanel('errors'));
+    await page.waitForTimeout(1000);
+  }
+  const seen = new Set(before);
+  return (await screenLines(page)).filter((l) => !seen.has(l));
+}
+
+// Close whatever the last workflow opened, so the next one starts from a quiet screen.
+async function dismiss(page) {
+  await page.evaluate(() => {
+    const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+    const dialogs = stores.get('dialog');
+    for (const entry of [...(dialogs?.dialogStack ?? [])]) dialogs.closeDialog({ key: entry.key });
+    stores.get('rightSidePanel')?.closePanel?.();
+    const exec = stores.get('executionError');
+    if (exec && 'isErrorOverlayOpen' in exec) exec.isErrorOverlayOpen = false;
+  });
+  await page.keyboard.press('Escape');
+  await page.waitForTimeout(300);
 }
 
 async function fitAndShoot(page, file) {
@@ -139,8 +226,19 @@ async function check(url, outDir, files) {
     for (const file of files) {
       const workflow = JSON.parse(fs.readFileSync(file, 'utf8'));
       const name = path.basename(file, '.json');
-      const report = await page.evaluate(loadAndValidate, [workflow, process.env.SHOW_MISSING_MODELS === '1']);
+      await dismiss(page);
+      const before = await screenLines(page);
+      const report = await page.evaluate(loadAndValidate, [workflow, path.basename(file)]);
       if (outDir) {
+        // What the user sees right after opening the file, then the canvas for thumbnails.
+        report.userScreenshot = path.join(outDir, `${name}.user.png`);
+        await page.screenshot({ path: report.userScreenshot });
+      }
+      report.toldOnScreen = await readNotices(page, report, before);
+      if (outDir) {
+        report.noticeScreenshot = path.join(outDir, `${name}.notices.png`);
+        await page.screenshot({ path: report.noticeScreenshot });
+        await dismiss(page);
         report.screenshot = path.join(outDir, `${name}.png`);
         await fitAndShoot(page, report.screenshot);
       }
@@ -150,6 +248,51 @@ async function check(url, outDir, files) {
     await close();
   }
   return { frontendVersion, reports, consoleErrors };
+}
+
+// The node help panel, opened the way each frontend generation offers it for a selected node:
+// the selection's help → Node Library help page (nodeHelp store, ≤ 1.2x), or the right-side
+// panel's Info tab (1.3x+). `needles` = {nodeId: text of our page that must appear}.
+async function help(url, outDir, needles) {
+  const { page, close, consoleErrors } = await openApp(url);
+  const shown = {};
+  try {
+    for (const [nodeId, needle] of Object.entries(needles)) {
+      await dismiss(page);
+      const how = await page.evaluate(async (type) => {
+        const { app, LiteGraph } = window;
+        app.graph.clear();
+        const node = LiteGraph.createNode(type);
+        if (!node) return 'not registered';
+        app.graph.add(node);
+        node.pos = [120, 120];
+        app.canvas.selectNode(node);
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        if (stores.get('rightSidePanel')) {
+          stores.get('rightSidePanel').openPanel('info');
+          return 'right-side panel, Info tab';
+        }
+        const def = stores.get('nodeDef').nodeDefsByName[type];
+        stores.get('nodeHelp').openHelp(def);
+        if (stores.get('sidebarTab')?.activeSidebarTabId !== 'node-library') {
+          await app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+        }
+        return 'node library, help page';
+      }, nodeId);
+      const found = await page.waitForFunction((text) => document.body.innerText.replace(/\s+/g, ' ').includes(text),
+        needle, { timeout: 15000 }).then(() => true, () => false);
+      const file = path.join(outDir, `help_${nodeId}.png`);
+      await page.screenshot({ path: file });
+      shown[nodeId] = { how, found, screenshot: file };
+      await page.evaluate(() => {
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        stores.get('nodeHelp')?.closeHelp?.();
+      });
+    }
+  } finally {
+    await close();
+  }
+  return { shown, consoleErrors };
 }
 
 // Runs in the page: spec = {nodes: [{key, type, pos, size?, title?, widgets: {name: value}}],
@@ -221,14 +364,13 @@ async function template(url, pack, names) {
       await card.waitFor({ timeout: 30000 });
       result.cards[name] = await card.isVisible();
       await card.click();
-      await page.waitForFunction((n) => (window.app.graph._nodes ?? window.app.graph.nodes).length > 0
-        && !document.querySelector('.p-dialog')?.innerText.includes('Get Started'), name, { timeout: 30000 });
-      await page.waitForTimeout(1000);
-      result.loaded[name] = await page.evaluate(() => ({
-        types: (window.app.graph._nodes ?? window.app.graph.nodes).map((n) => n.type).sort(),
-        dialogs: [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText.trim().slice(0, 500)),
-      }));
-      await page.keyboard.press('Escape');
+      await page.waitForFunction(() => (window.app.graph._nodes ?? window.app.graph.nodes).length > 0, null, { timeout: 30000 });
+      await page.waitForTimeout(2500); // the model checks run after the graph is configured
+      result.loaded[name] = {
+        types: await page.evaluate(() => (window.app.graph._nodes ?? window.app.graph.nodes).map((n) => n.type).sort()),
+        notices: await page.evaluate(() => window.lorararNotices()),
+      };
+      await dismiss(page);
     }
   } finally {
     await close();
@@ -241,5 +383,9 @@ let result;
 if (mode === 'check') result = await check(url, rest[0] === '-' ? null : rest[0], rest.slice(1));
 else if (mode === 'build') result = await build(url, rest[0], rest[1]);
 else if (mode === 'template') result = await template(url, rest[0], rest.slice(1));
-else { console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | build URL SPEC OUT'); process.exit(2); }
+else if (mode === 'help') result = await help(url, rest[0], JSON.parse(fs.readFileSync(rest[1], 'utf8')));
+else {
+  console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | template URL PACK NAME... | help URL OUT_DIR NEEDLES.json | build URL SPEC OUT');
+  process.exit(2);
+}
 process.stdout.write(`${JSON.stringify(result)}\n`);
