@@ -1,0 +1,278 @@
+"""Build the testbed world: base model, LoRAs, judges and the testbed hypernetwork.
+
+Everything is cached under `<user cache>/testbed/` (`$LORARAR_CACHE`): the base model (it does
+not depend on the world seed: it only knows class words and generic style words) in `base/`,
+and each world in `worlds/seed<N>-<key>/`:
+
+    world.json                     subjects, styles, held-out names (the ground truth)
+    images/subjects/<sksN>/k.png   the subject LoRAs' training renders (DreamBooth "photos")
+    images/styles/<styN>.png       the style LoRAs' single training image
+    loras/<name>.safetensors       kohya LoRAs (subjects: "a sksN <class>", styles: "a <class> in styN style")
+    judges.safetensors             subject/style classifiers (held-out accuracy in the metadata)
+    manifest.json                  the hypernetwork's training manifest (training subjects × styles only)
+    hypernet/                      the trainer's run folder; hypernet.safetensors is the result
+    build.json                     settings, wall times, accuracies
+
+An artefact that is already there is reused, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..training.lora_trainer import LoraTrainSettings, save_kohya, train_lora
+from . import cache
+from . import world as W
+from .base import FAMILY, BaseConfig, TestbedBase, pretrain, to_latent, uint8_to_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseSettings:
+    steps: int = 1000
+    batch: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class HypernetSettings:
+    steps: int = 400
+    hidden: int = 128
+    lr: float = 0.01
+    lam: float = 0.01
+    pairs_per_step: int = 2
+    seed: int = 0
+    dev_subjects: int = 3        # held out of H's training pairs, inside the training split:
+    dev_styles: int = 2          # the trainer's validation, so the test pairs are never looked at
+
+
+@dataclass
+class WorldSettings:
+    seed: int = 0
+    subjects: int = 20
+    styles: int = 16
+    test_subjects: int = 5
+    test_styles: int = 5
+    subject_images: int = 4
+    lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=5e-3))
+    judge_steps: int = 800
+    judge_batch: int = 64
+    hypernet: HypernetSettings = field(default_factory=HypernetSettings)
+    base: BaseSettings = field(default_factory=BaseSettings)
+    base_config: BaseConfig = field(default_factory=BaseConfig)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "WorldSettings":
+        """A test-sized world: seconds on a CPU; checks the pipeline, not the quality figures."""
+        return cls(seed=seed, subjects=4, styles=4, test_subjects=2, test_styles=2, subject_images=3,
+                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), judge_steps=20, judge_batch=32,
+                   hypernet=HypernetSettings(steps=3, hidden=16, pairs_per_step=1, dev_subjects=1, dev_styles=1),
+                   base=BaseSettings(steps=4, batch=8), base_config=BaseConfig.tiny())
+
+    def world_key(self) -> str:
+        d = asdict(self)
+        return cache.key(d)
+
+
+@dataclass
+class BuiltWorld:
+    folder: Path
+    world: W.World
+    settings: WorldSettings
+    base_path: Path
+    info: dict
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.folder / "loras"
+
+    def lora_path(self, name: str) -> Path:
+        return self.lora_dir / f"{name}.safetensors"
+
+    @property
+    def judges_path(self) -> Path:
+        return self.folder / "judges.safetensors"
+
+    @property
+    def hypernet_path(self) -> Path:
+        return self.folder / "hypernet" / "hypernet.safetensors"
+
+    def subject_images(self, name: str) -> list[Path]:
+        return sorted((self.folder / "images" / "subjects" / name).glob("*.png"))
+
+    def style_image(self, name: str) -> Path:
+        return self.folder / "images" / "styles" / f"{name}.png"
+
+    def base(self) -> TestbedBase:
+        return TestbedBase.load(self.base_path)
+
+
+def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=None) -> tuple[TestbedBase, Path, float]:
+    """The pretrained base model (from the cache when it is there). Returns (model, path, seconds spent)."""
+    path = Path(root) / "base" / f"base-{cache.key(asdict(config), asdict(settings))}.safetensors"
+    if path.is_file():
+        return TestbedBase.load(path), path, 0.0
+    start = time.perf_counter()
+    model = TestbedBase(config, seed=settings.seed)
+    losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, progress)
+    seconds = time.perf_counter() - start
+    model.save(path, extra={"steps": str(settings.steps), "final_loss": f"{np.mean(losses[-50:]):.4f}",
+                            "seconds": f"{seconds:.1f}", "threads": str(torch.get_num_threads())})
+    return model, path, seconds
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def load_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_images(folder: Path, world: W.World, per_subject: int) -> None:
+    for subject in world.subjects:
+        d = folder / "images" / "subjects" / subject.name
+        if len(list(d.glob("*.png"))) >= per_subject:
+            continue
+        rng = np.random.default_rng(W._seed("subject-photos", world.seed, subject.name))
+        for k in range(per_subject):
+            _save_png(W.render(subject, W.PLAIN, W.Pose.random(rng)), d / f"{k}.png")
+    for style in world.styles:
+        path = folder / "images" / "styles" / f"{style.name}.png"
+        if not path.is_file():
+            obj, pose = world.style_object(style.name)
+            _save_png(W.render(obj, style, pose), path)
+
+
+def lora_examples(model: TestbedBase, images: list[np.ndarray], prompt: str) -> list[tuple[torch.Tensor, dict]]:
+    cond = model.encode_prompt(prompt)
+    return [(to_latent(uint8_to_image(im[None])), cond) for im in images]
+
+
+def build_world(settings: WorldSettings, root: Path | None = None, progress=None) -> BuiltWorld:
+    """Build (or load from the cache) the world for `settings`. `progress(stage, done, total)`."""
+    root = cache.testbed_dir(root)
+    say = progress or (lambda stage, done, total: None)
+    timings: dict[str, float] = {}
+    world = W.World.create(settings.seed, settings.subjects, settings.styles, settings.test_subjects,
+                           settings.test_styles)
+    folder = root / "worlds" / f"seed{settings.seed}-{settings.world_key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "world.json").write_text(json.dumps(world.to_json(), indent=1))
+    start = time.perf_counter()
+    model, base_path, seconds = build_base(root, settings.base_config, settings.base,
+                                           lambda d, n, loss: say("base", d, n))
+    timings["base"] = round(seconds, 1)
+    write_images(folder, world, settings.subject_images)
+    built = BuiltWorld(folder, world, settings, base_path, {})
+
+    # LoRAs
+    t0 = time.perf_counter()
+    jobs = [(s.name, [load_png(p) for p in built.subject_images(s.name)], world.subject_prompt(s.name), "subject")
+            for s in world.subjects]
+    jobs += [(s.name, [load_png(built.style_image(s.name))], world.style_prompt(s.name, world.style_object(s.name)[0].cls),
+              "style") for s in world.styles]
+    for index, (name, images, prompt, kind) in enumerate(jobs):
+        path = built.lora_path(name)
+        if not path.is_file():
+            lora_settings = LoraTrainSettings(**{**asdict(settings.lora), "seed": settings.lora.seed + index})
+            factors, losses = train_lora(model.unet, model.denoise, model.schedule,
+                                         lora_examples(model, images, prompt), lora_settings)
+            save_kohya(factors, path, {"lorarar_testbed.kind": kind, "lorarar_testbed.prompt": prompt,
+                                       "lorarar_testbed.world_seed": str(world.seed),
+                                       "lorarar_testbed.final_loss": f"{np.mean(losses[-10:]):.4f}",
+                                       "lorarar_testbed.note": "LoRA for the LoRA.rar testbed base model, not SDXL"})
+        say("loras", index + 1, len(jobs))
+    timings["loras"] = round(time.perf_counter() - t0, 1)
+
+    # judges
+    t0 = time.perf_counter()
+    if not built.judges_path.is_file():
+        from .judges import train_judges
+
+        judges = train_judges(world, settings.judge_steps, settings.judge_batch, seed=settings.seed,
+                              progress=lambda d, n, loss: say("judges", d, n))
+        judges.save(built.judges_path)
+    timings["judges"] = round(time.perf_counter() - t0, 1)
+
+    # hypernetwork
+    t0 = time.perf_counter()
+    if not built.hypernet_path.is_file():
+        train_hypernet(built, model, lambda d, n: say("hypernet", d, n))
+    timings["hypernet"] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - start, 1)
+
+    from .judges import Judges
+
+    info_path = folder / "build.json"
+    previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    timings["base_pretraining_once"] = float(TestbedBase.load(base_path).metadata.get("seconds", "nan"))
+    info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path),
+            "judges_accuracy": Judges.load(built.judges_path).accuracy,
+            "timings_this_run_s": timings,
+            "timings_first_build_s": previous.get("timings_first_build_s") or timings,
+            "threads": torch.get_num_threads()}
+    info_path.write_text(json.dumps(info, indent=1, default=str))
+    built.info = info
+    return built
+
+
+def write_manifest(built: BuiltWorld) -> Path:
+    w, s = built.world, built.settings.hypernet
+    train_subjects, train_styles = w.train_subjects, w.train_styles
+    rng = np.random.default_rng(W._seed("dev-split", w.seed))
+    dev_subjects = sorted(rng.choice(train_subjects, min(s.dev_subjects, len(train_subjects) - 1), replace=False).tolist())
+    dev_styles = sorted(rng.choice(train_styles, min(s.dev_styles, len(train_styles) - 1), replace=False).tolist())
+    data = {
+        "resolution": W.SIZE,
+        "subjects": [{"name": n, "lora": f"loras/{n}.safetensors", "images": f"images/subjects/{n}",
+                      "prompt": w.subject_prompt(n), "class_word": w.subject(n).cls} for n in train_subjects],
+        "styles": [{"name": n, "lora": f"loras/{n}.safetensors", "images": f"images/styles/{n}.png",
+                    "prompt": w.style_prompt(n, w.style_object(n)[0].cls), "style_name": n} for n in train_styles],
+        "split": {"validation_subjects": dev_subjects, "validation_styles": dev_styles},
+    }
+    path = built.folder / "manifest.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def train_hypernet(built: BuiltWorld, model: TestbedBase, progress=None, settings: HypernetSettings | None = None,
+                   out: Path | None = None) -> Path:
+    """The testbed hypernetwork: the pack's trainer on training subjects × training styles only."""
+    from ..model import save_hypernet
+    from ..training.manifest import load_manifest
+    from ..training.trainer import Trainer, TrainSettings
+
+    s = settings or built.settings.hypernet
+    manifest = load_manifest(write_manifest(built))
+    train_pairs, dev_pairs = manifest.split()
+    run_dir = (out or built.hypernet_path).parent
+    ts = TrainSettings(steps=s.steps, lr=s.lr, lam=s.lam, seed=s.seed, pairs_per_step=s.pairs_per_step,
+                       checkpoint_every=0, validate_every=0, hidden=s.hidden, amp="off",
+                       name=f"lorarar-testbed-seed{built.world.seed}", license="same as this package")
+    trainer = Trainer(model.training_base(), manifest, ts, run_dir)
+    result = trainer.run(progress=(lambda d, n, rec: progress(d, n)) if progress else None)
+    final = trainer.final_hypernet(result.validation)
+    final.config.extra.update({
+        "for": "the LoRA.rar testbed (python -m hypernet testbed / demo); NOT an SDXL hypernetwork",
+        "world_seed": str(built.world.seed), "world_subjects": str(len(built.world.subjects)),
+        "world_styles": str(len(built.world.styles)),
+        "train_pairs": json.dumps([[a.name, b.name] for a, b in train_pairs]),
+        "dev_pairs": json.dumps([[a.name, b.name] for a, b in dev_pairs]),
+        "test_pairs_never_seen": json.dumps(built.world.test_pairs),
+        "base_model": built.base_path.name,
+    })
+    final.config.base_family = FAMILY
+    return save_hypernet(final, out or built.hypernet_path, force=True)

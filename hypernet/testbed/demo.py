@@ -1,0 +1,119 @@
+"""The demo: merge two bundled testbed LoRAs with the bundled testbed hypernetwork, offline, in seconds.
+
+`weights/testbed/` holds only what it needs (written by `python -m hypernet testbed bundle`):
+the base model (float16), one subject LoRA and one style LoRA of a held-out pair (neither was
+seen when H was trained), the testbed hypernetwork, the judges and `demo.json` (world seed,
+pair, prompts). Everything else is rebuilt deterministically by `python -m hypernet testbed build`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import world as W
+
+BUNDLE_DIR = Path(__file__).resolve().parents[2] / "weights" / "testbed"
+
+
+def bundle(built, pair: tuple[str, str], dest: Path | None = None) -> Path:
+    from .base import TestbedBase
+
+    dest = Path(dest or BUNDLE_DIR)
+    dest.mkdir(parents=True, exist_ok=True)
+    subject, style = pair
+    TestbedBase.load(built.base_path).save(dest / "base.safetensors", dtype=torch.float16,
+                                           extra={"source": built.base_path.name})
+    shutil.copy(built.lora_path(subject), dest / f"{subject}.safetensors")
+    shutil.copy(built.lora_path(style), dest / f"{style}.safetensors")
+    shutil.copy(built.hypernet_path, dest / "hypernet.safetensors")
+    shutil.copy(built.judges_path, dest / "judges.safetensors")
+    w = built.world
+    info = {"world_seed": w.seed, "subjects": len(w.subjects), "styles": len(w.styles),
+            "subject": subject, "style": style, "class": w.subject(subject).cls,
+            "prompt": w.pair_prompt(subject, style), "held_out_pair": list(pair) in [list(p) for p in w.test_pairs],
+            "note": "LoRA.rar testbed files (a 32x32 toy world), not SDXL; rebuilt by `python -m hypernet testbed build`"}
+    (dest / "demo.json").write_text(json.dumps(info, indent=1))
+    return dest
+
+
+def run_demo(out: Path, bundle_dir: Path | None = None, images: int = 4, steps: int = 20, seed: int = 0,
+             force: bool = False) -> dict:
+    from ..lora import read_lora
+    from ..merge import merge
+    from ..model import load_hypernet
+    from ..nodelogic.plot import block_means, coefficient_plot
+    from ..safetensors_io import sha256_file
+    from ..writer import merge_metadata, save_merged
+    from .base import TestbedBase
+    from .bench import lora_deltas, merged_patches, static_patches
+    from .figures import labelled_grid
+    from .judges import Judges
+
+    start = time.perf_counter()
+    src = Path(bundle_dir or BUNDLE_DIR)
+    info = json.loads((src / "demo.json").read_text())
+    out = Path(out)
+    targets = [out / n for n in ("demo.png", "coefficients.png", "merged_lorarar.safetensors", "verdicts.json")]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        from ..errors import OutputExistsError
+
+        raise OutputExistsError(f"{existing[0]} already exists; refusing to overwrite it (use --force)")
+    out.mkdir(parents=True, exist_ok=True)
+    model = TestbedBase.load(src / "base.safetensors")
+    subject, style = info["subject"], info["style"]
+    content_path, style_path = src / f"{subject}.safetensors", src / f"{style}.safetensors"
+    content, style_lora = read_lora(content_path), read_lora(style_path)
+    hypernet = load_hypernet(src / "hypernet.safetensors")
+    judges = Judges.load(src / "judges.safetensors")
+    t0 = time.perf_counter()
+    merged = merge(content, style_lora, hypernet, method="lorarar")
+    merge_seconds = time.perf_counter() - t0
+    summed = merge(content, style_lora, None, method="sum")
+    noise = torch.randn((images, 12, W.SIZE // 2, W.SIZE // 2), generator=torch.Generator().manual_seed(seed))
+    prompts = [info["prompt"]] * images
+    rows = {
+        "content LoRA only": static_patches(lora_deltas(content)),
+        "style LoRA only": static_patches(lora_deltas(style_lora)),
+        "sum": merged_patches(summed)[0],
+        "lorarar (testbed H)": merged_patches(merged)[0],
+    }
+    samples = {name: model.sample(prompts, noise, steps, patches) for name, patches in rows.items()}
+    world = W.World.create(info["world_seed"], info["subjects"], info["styles"])
+    rng = np.random.default_rng(W._seed("demo-truth", seed))
+    truth = W.render_batch([(world.subject(subject), world.style(style), W.Pose.random(rng)) for _ in range(images)])
+    all_rows = {"ground truth (renderer)": truth, **samples}
+    verdicts = {}
+    for name, imgs in all_rows.items():
+        subj, sty = judges.classify(imgs)
+        verdicts[name] = {"content": sum(s == subject for s in subj) / images,
+                          "style": sum(s == style for s in sty) / images,
+                          "joint": sum(a == subject and b == style for a, b in zip(subj, sty)) / images,
+                          "subject_says": subj, "style_says": sty}
+    labels = [f"{n}  (judges: content {v['content']:.0%}, style {v['style']:.0%})" for n, v in verdicts.items()]
+    grid = labelled_grid(list(all_rows.values()), labels, [f"seed {seed}:{k}" for k in range(images)], scale=4,
+                         title=f'"{info["prompt"]}"  (testbed world {info["world_seed"]}; 32x32 toy images, not SDXL)')
+    grid.save(out / "demo.png")
+    means = block_means(merged.coefficients)
+    coefficient_plot(means, "testbed H coefficients (mean per transformer block)",
+                     f"{subject} (content) + {style} (style), held-out pair").save(out / "coefficients.png")
+    metadata = merge_metadata(merged, hypernet_name=hypernet.config.name,
+                              hypernet_sha256=sha256_file(src / "hypernet.safetensors"),
+                              content_sha256=sha256_file(content_path), style_sha256=sha256_file(style_path),
+                              content_name=content_path.name, style_name=style_path.name)
+    metadata["ss_base_model_version"] = "lorarar_testbed"
+    metadata["modelspec.architecture"] = "lorarar-testbed/lora"
+    save_merged(merged, out / "merged_lorarar.safetensors", metadata, force=force)
+    result = {"pair": [subject, style], "prompt": info["prompt"], "verdicts": verdicts,
+              "merge_seconds": merge_seconds, "seconds": time.perf_counter() - start,
+              "files": [str(p) for p in targets]}
+    tmp = out / "verdicts.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "verdicts.json")
+    return result

@@ -1,0 +1,95 @@
+"""Pictures for the testbed: the benchmark table, a sample grid, the demo's side-by-side strip."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+INK, GRID, BG = (30, 30, 30), (210, 210, 210), (255, 255, 255)
+
+
+def font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _text_w(draw, text, f) -> int:
+    box = draw.textbbox((0, 0), text, font=f)
+    return box[2] - box[0]
+
+
+def table_image(report: dict) -> Image.Image:
+    from .bench import _pct
+
+    headers = ["method", "content %", "style %", "joint %", "obj. content", "obj. style", "merge s/pair"]
+    body = []
+    for r in report["rows"]:
+        sec = r["merge_seconds"]
+        body.append([r["method"] + (" (errors)" if r["errors"] else ""), _pct(r["content"], r["content_ci"]),
+                     _pct(r["style"], r["style_ci"]), _pct(r["joint"], r["joint_ci"]),
+                     "–" if r["objective_content"] is None else f"{r['objective_content']:.4f}",
+                     "–" if r["objective_style"] is None else f"{r['objective_style']:.4f}",
+                     "–" if sec is None or r["method"] == "oracle" else f"{sec:.3f}"])
+    f, fb = font(15), font(17)
+    probe = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    widths = [max(_text_w(probe, str(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
+    row_h = 26
+    title = (f"LoRA.rar testbed: {len(report['pairs'])} held-out pairs × {report['settings']['images']} images "
+             f"(world seed {report['world_seed']}); 95% bootstrap intervals over pairs")
+    width = max(sum(widths) + 20, _text_w(probe, title, fb) + 20)
+    image = Image.new("RGB", (width, 50 + row_h * (len(body) + 1) + 10), BG)
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill=INK, font=fb)
+    y = 44
+    for i, row in enumerate([headers] + body):
+        x = 10
+        if i % 2 == 0 and i:
+            draw.rectangle([10, y, 10 + sum(widths), y + row_h], fill=(245, 245, 248))
+        for c, cell in enumerate(row):
+            draw.text((x + 6, y + 5), str(cell), fill=INK, font=fb if i == 0 else f)
+            x += widths[c]
+        y += row_h
+        if i == 0:
+            draw.line([10, y, 10 + sum(widths), y], fill=INK)
+    return image
+
+
+def labelled_grid(cells: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
+                  scale: int = 3, title: str = "") -> Image.Image:
+    """cells[r][c]: uint8 (h, w, 3) images, shown enlarged (nearest) with labels."""
+    h, w = cells[0][0].shape[:2]
+    ch, cw = h * scale, w * scale
+    f = font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    left = max(_text_w(probe, lab, f) for lab in row_labels) + 16
+    top = 28 + (24 if title else 0)
+    image = Image.new("RGB", (left + len(col_labels) * (cw + 6) + 6, top + len(row_labels) * (ch + 6) + 6), BG)
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((8, 6), title, fill=INK, font=font(16))
+    for c, lab in enumerate(col_labels):
+        draw.text((left + c * (cw + 6), top - 22), lab, fill=INK, font=f)
+    for r, lab in enumerate(row_labels):
+        y = top + r * (ch + 6)
+        draw.text((8, y + ch // 2 - 8), lab, fill=INK, font=f)
+        for c, cell in enumerate(cells[r]):
+            image.paste(Image.fromarray(cell).resize((cw, ch), Image.Resampling.NEAREST), (left + c * (cw + 6), y))
+    return image
+
+
+def sample_grid(samples: dict, rows: list[str], pairs: list[tuple[str, str]], n_show: int = 2) -> Image.Image:
+    """Rows: methods; columns: the first pairs, n_show images each."""
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    cells, labels = [], []
+    for row in rows:
+        line = []
+        for pi in range(len(pairs)):
+            images = samples.get((row, pi))
+            for k in range(n_show):
+                line.append(images[k] if images is not None and k < len(images) else blank)
+        cells.append(line)
+        labels.append(row)
+    cols = [f"{s}×{t}" if k == 0 else "" for s, t in pairs for k in range(n_show)]
+    return labelled_grid(cells, labels, cols, scale=3, title="samples (same noise in every row)")
