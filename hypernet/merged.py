@@ -171,6 +171,9 @@ class MergedLora:
     style_strength: float = 1.0
     # name → p at which the layer switches from the content side to the style side (K-LoRA)
     switch_points: dict[str, float] = field(default_factory=dict)
+    # name → the one number per layer that a method reports for its picture (NP-LoRA: the share
+    # of the content update it projected away); empty where a method has none
+    layer_values: dict[str, float] = field(default_factory=dict)
     # strength-free derived data shared by every `with_strengths` copy (ComfyUI patch dicts)
     _shared: dict = field(default_factory=dict, repr=False)
 
