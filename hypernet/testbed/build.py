@@ -7,11 +7,10 @@ and each world in `worlds/seed<N>-<key>/`:
     world.json                     subjects, styles, held-out names (the ground truth)
     images/subjects/<sksN>/k.png   the subject LoRAs' training renders (DreamBooth "photos")
     images/styles/<styN>.png       the style LoRAs' single training image
-    loras/<name>.safetensors       kohya LoRAs (subjects: "a sksN <class>", styles: "a <class> in styN style")
-    judges.safetensors             subject/style classifiers (held-out accuracy in the metadata)
-    manifest.json                  the hypernetwork's training manifest (training subjects × styles only)
-    hypernet/                      the trainer's run folder; hypernet.safetensors is the result
-    build.json                     settings, wall times, accuracies
+    loras-<key>/<name>.safetensors kohya LoRAs (subjects: "a sksN <class>", styles: "a <class> in styN style")
+    judges-<key>.safetensors       subject/style classifiers (held-out accuracy in the metadata)
+    hypernet-<key>/                the trainer's run folder: manifest.json (training subjects × styles only),
+                                   hypernet.safetensors (the result), build.json (settings, times)
 
 An artefact that is already there is reused, so an interrupted build resumes.
 """
@@ -67,6 +66,7 @@ class WorldSettings:
     lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=5e-3))
     judge_steps: int = 800
     judge_batch: int = 64
+    judge_eval: int = 3000       # held-out renders for the reported accuracy
     hypernet: HypernetSettings = field(default_factory=HypernetSettings)
     base: BaseSettings = field(default_factory=BaseSettings)
     base_config: BaseConfig = field(default_factory=BaseConfig)
@@ -75,13 +75,26 @@ class WorldSettings:
     def tiny(cls, seed: int = 0) -> "WorldSettings":
         """A test-sized world: seconds on a CPU; checks the pipeline, not the quality figures."""
         return cls(seed=seed, subjects=4, styles=4, test_subjects=2, test_styles=2, subject_images=3,
-                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), judge_steps=20, judge_batch=32,
+                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), judge_steps=20, judge_batch=32, judge_eval=100,
                    hypernet=HypernetSettings(steps=3, hidden=16, pairs_per_step=1, dev_subjects=1, dev_styles=1),
                    base=BaseSettings(steps=4, batch=8), base_config=BaseConfig.tiny())
 
     def world_key(self) -> str:
-        d = asdict(self)
-        return cache.key(d)
+        """What the world's subjects, styles, split and training images depend on."""
+        return cache.key(self.seed, self.subjects, self.styles, self.test_subjects, self.test_styles,
+                         self.subject_images)
+
+    def base_key(self) -> str:
+        return cache.key(asdict(self.base_config), asdict(self.base))
+
+    def lora_key(self) -> str:
+        return cache.key(self.base_key(), asdict(self.lora))
+
+    def judges_key(self) -> str:
+        return cache.key(self.judge_steps, self.judge_batch)
+
+    def hypernet_key(self) -> str:
+        return cache.key(self.lora_key(), asdict(self.hypernet))
 
 
 @dataclass
@@ -94,18 +107,18 @@ class BuiltWorld:
 
     @property
     def lora_dir(self) -> Path:
-        return self.folder / "loras"
+        return self.folder / f"loras-{self.settings.lora_key()}"
 
     def lora_path(self, name: str) -> Path:
         return self.lora_dir / f"{name}.safetensors"
 
     @property
     def judges_path(self) -> Path:
-        return self.folder / "judges.safetensors"
+        return self.folder / f"judges-{self.settings.judges_key()}.safetensors"
 
     @property
     def hypernet_path(self) -> Path:
-        return self.folder / "hypernet" / "hypernet.safetensors"
+        return self.folder / f"hypernet-{self.settings.hypernet_key()}" / "hypernet.safetensors"
 
     def subject_images(self, name: str) -> list[Path]:
         return sorted((self.folder / "images" / "subjects" / name).glob("*.png"))
@@ -119,7 +132,7 @@ class BuiltWorld:
 
 def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=None) -> tuple[TestbedBase, Path, float]:
     """The pretrained base model (from the cache when it is there). Returns (model, path, seconds spent)."""
-    path = Path(root) / "base" / f"base-{cache.key(asdict(config), asdict(settings))}.safetensors"
+    path = Path(root) / "base" / f"base-{cache.key(asdict(config), asdict(settings))}.safetensors"  # = base_key()
     if path.is_file():
         return TestbedBase.load(path), path, 0.0
     start = time.perf_counter()
@@ -168,7 +181,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     timings: dict[str, float] = {}
     world = W.World.create(settings.seed, settings.subjects, settings.styles, settings.test_subjects,
                            settings.test_styles)
-    folder = root / "worlds" / f"seed{settings.seed}-{settings.world_key()}"
+    folder = root / "worlds" / f"seed{settings.seed}-{settings.subjects}x{settings.styles}-{settings.world_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "world.json").write_text(json.dumps(world.to_json(), indent=1))
     start = time.perf_counter()
@@ -203,6 +216,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
         from .judges import train_judges
 
         judges = train_judges(world, settings.judge_steps, settings.judge_batch, seed=settings.seed,
+                              eval_images=settings.judge_eval,
                               progress=lambda d, n, loss: say("judges", d, n))
         judges.save(built.judges_path)
     timings["judges"] = round(time.perf_counter() - t0, 1)
@@ -216,7 +230,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
 
     from .judges import Judges
 
-    info_path = folder / "build.json"
+    info_path = built.hypernet_path.parent / "build.json"
     previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
     timings["base_pretraining_once"] = float(TestbedBase.load(base_path).metadata.get("seconds", "nan"))
     info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path),
@@ -237,13 +251,14 @@ def write_manifest(built: BuiltWorld) -> Path:
     dev_styles = sorted(rng.choice(train_styles, min(s.dev_styles, len(train_styles) - 1), replace=False).tolist())
     data = {
         "resolution": W.SIZE,
-        "subjects": [{"name": n, "lora": f"loras/{n}.safetensors", "images": f"images/subjects/{n}",
+        "subjects": [{"name": n, "lora": f"../{built.lora_dir.name}/{n}.safetensors", "images": f"../images/subjects/{n}",
                       "prompt": w.subject_prompt(n), "class_word": w.subject(n).cls} for n in train_subjects],
-        "styles": [{"name": n, "lora": f"loras/{n}.safetensors", "images": f"images/styles/{n}.png",
+        "styles": [{"name": n, "lora": f"../{built.lora_dir.name}/{n}.safetensors", "images": f"../images/styles/{n}.png",
                     "prompt": w.style_prompt(n, w.style_object(n)[0].cls), "style_name": n} for n in train_styles],
         "split": {"validation_subjects": dev_subjects, "validation_styles": dev_styles},
     }
-    path = built.folder / "manifest.json"
+    path = built.hypernet_path.parent / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return path
 
