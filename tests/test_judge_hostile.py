@@ -169,6 +169,29 @@ def test_retries_of_a_dripping_server_are_bounded_in_total():
     assert elapsed < 3 * 0.4 + 2 * 0.02 + 0.8  # attempts × deadline + backoffs + slack
 
 
+def test_endless_100_continue_is_cut_at_the_deadline():
+    # http.client skips interim 1xx responses in a loop; only the deadline ends an endless one.
+    def behaviour(conn, request, stop):
+        while not stop.wait(0.01):
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    with HostileServer(behaviour) as server:
+        started = time.monotonic()
+        with pytest.raises(JudgeBackendError, match="0.6 s deadline"):
+            _ask(_backend(server.url, timeout=0.6))
+        assert time.monotonic() - started < 1.2
+
+
+def test_a_server_that_never_reads_the_request_is_cut_at_the_deadline():
+    # 32 MiB of question cannot fit in the loopback socket buffers: sending blocks.
+    server = HostileServer(lambda conn, request, stop: stop.wait(10), read_request=False)
+    with server:
+        started = time.monotonic()
+        with pytest.raises(JudgeBackendError, match="0.6 s deadline"):
+            _backend(server.url, timeout=0.6).ask("x" * (32 << 20), _images())
+        assert time.monotonic() - started < 2.0  # the deadline + building a 32 MiB request
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     made = make_certificate(tmp_path_factory.mktemp("tls"))
