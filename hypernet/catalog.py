@@ -6,15 +6,18 @@ The official LoRA.rar checkpoints are CC BY-NC-SA 4.0 third-party data: never sh
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HypernetError
+from .errors import HypernetError, LoraRarError
 from .model import HyperNetwork, load_hypernet
 from .safetensors_io import atomic_write, sha256_file
 
@@ -99,10 +102,23 @@ def _places(search_dirs: Iterable[Path]) -> str:
     return ", ".join(dict.fromkeys(str(d) for d in [*search_dirs, *default_search_dirs()]))
 
 
+# A download may take as long as the file needs at this average rate, but never less than this:
+# a server that drips bytes must not keep the node (or the CLI) waiting for ever.
+MIN_DOWNLOAD_RATE = 100_000   # bytes per second
+MIN_DOWNLOAD_SECONDS = 300.0
+
+
 def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
              url: str | None = None, progress: Callable[[int, int], None] | None = None,
-             timeout: float = 60.0) -> Path:
-    """Download `entry` into `dest_dir` after the user accepted its license; verify and rename."""
+             timeout: float = 60.0, deadline: float | None = None) -> Path:
+    """Download `entry` into `dest_dir` after the user accepted its license; verify and rename.
+
+    `timeout` bounds each network operation; `deadline` (default: the file's size at
+    `MIN_DOWNLOAD_RATE`, at least `MIN_DOWNLOAD_SECONDS`) bounds the whole download. Nothing but
+    the catalog's public file is asked for and no credentials are sent, so redirects (GitHub
+    sends one to its raw-content host) are followed. Every failure is a `HypernetError` naming the
+    URL; a failed download leaves nothing behind.
+    """
     if not accept_license:
         raise HypernetError(
             f"{entry.title} is licensed {entry.license} ({entry.license_url}). Downloading it "
@@ -110,15 +126,21 @@ def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / entry.file
     url = url or entry.url
+    limit = deadline if deadline is not None else max(MIN_DOWNLOAD_SECONDS, entry.bytes / MIN_DOWNLOAD_RATE)
     log.info("downloading %s (%d bytes, license %s) from %s", entry.name, entry.bytes, entry.license, url)
 
     def fetch(tmp: Path) -> None:
+        end = time.monotonic() + limit
         done = 0
         with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as out:
-            while chunk := response.read(1 << 16):
+            # read1 returns what has arrived (≤ 64 KiB), so the deadline is checked while a slow
+            # server drips; read() would wait for a full 64 KiB first.
+            while chunk := response.read1(1 << 16):
                 done += len(chunk)
                 if done > entry.bytes:
                     raise HypernetError(f"{url}: more than the expected {entry.bytes} bytes; aborted")
+                if time.monotonic() > end:
+                    raise HypernetError(f"{url}: only {done:,} of {entry.bytes:,} bytes after {limit:.0f} s; aborted")
                 out.write(chunk)
                 if progress:
                     progress(done, entry.bytes)
@@ -128,7 +150,15 @@ def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
         if actual != entry.sha256:
             raise HypernetError(f"{url}: sha256 {actual} does not match the catalog's {entry.sha256}")
 
-    return atomic_write(target, fetch, force=True)
+    try:
+        return atomic_write(target, fetch, force=True)
+    except LoraRarError:
+        raise  # already says what went wrong (size, sha256, deadline)
+    except urllib.error.HTTPError as exc:
+        raise HypernetError(f"{url}: the server answered {exc.code} {exc.reason}; cannot download {entry.file}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise HypernetError(f"{url}: download of {entry.file} failed ({type(exc).__name__}: {reason})") from None
 
 
 def resolve_hypernet(spec: str | Path, search_dirs: Iterable[Path] = (), allow_download: bool = False,
