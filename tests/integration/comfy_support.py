@@ -7,7 +7,7 @@ The server is the newest ComfyUI checkout found through `COMFYUI_PATH`, started 
 
 The server runs under `COMFYUI_PYTHON` (default: the interpreter running pytest). ComfyUI needs
 torchvision, which has no build matching the machine's CPU torch, so it usually lives in a
-separate venv: see /work/notes/README_integration.md (copied into the README).
+separate venv: see CONTRIBUTING.md, "Real-ComfyUI integration tests".
 """
 
 from __future__ import annotations
