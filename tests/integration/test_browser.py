@@ -86,8 +86,10 @@ def frontend(request):
 
 
 @pytest.fixture(scope="module")
-def server(frontend, frontend_server, driver_ready):
-    return frontend_server(frontend)
+def server(frontend, driver_ready, request):
+    if frontend.unavailable:  # before any server starts
+        pytest.skip(frontend.unavailable)
+    return request.getfixturevalue("frontend_server")(frontend)
 
 
 @pytest.fixture(scope="module")
