@@ -23,8 +23,18 @@ from .safetensors_io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
-CATALOG_PATH = Path(__file__).resolve().parents[1] / "weights" / "catalog.json"
-PACK_WEIGHTS_DIR = CATALOG_PATH.parent
+
+
+def _pack_weights_dir() -> Path:
+    """The pack's `weights/` folder: beside `hypernet/` in a clone (a ComfyUI custom node, an
+    editable install), or inside the package as `hypernet/weights` in a wheel (pyproject maps it)."""
+    here = Path(__file__).resolve().parent
+    beside, inside = here.parent / "weights", here / "weights"
+    return inside if not (beside / "catalog.json").is_file() and (inside / "catalog.json").is_file() else beside
+
+
+PACK_WEIGHTS_DIR = _pack_weights_dir()
+CATALOG_PATH = PACK_WEIGHTS_DIR / "catalog.json"
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,16 @@ def test_import_is_light():
     code = "import sys, hypernet; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_the_wheel_lists_every_subpackage_and_maps_weights():
+    """pyproject lists the packages explicitly (weights/ is mapped into the wheel): a new
+    subpackage of hypernet/ must be listed too, or a pip install would lack it."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p.parent for p in (REPO / "hypernet").glob("*/*.py")}
+    assert all((f / "__init__.py").is_file() for f in folders), "a subpackage without __init__.py"
+    on_disk = {"hypernet"} | {f"hypernet.{f.name}" for f in folders}
+    listed = set(setuptools["packages"])
+    assert on_disk <= listed and listed - on_disk == {"hypernet.weights", "hypernet.weights.testbed"}
+    assert setuptools["package-dir"] == {"hypernet.weights": "weights"}
+    assert (REPO / "weights" / "catalog.json").is_file()
