@@ -4,12 +4,32 @@
 see naming.py) a `LoraLayer` with the factors up/down (+ mid for Tucker conv), alpha and the
 adapter kind. Naming families are detected per key by signature, never by file name.
 Tensors keep the file's dtype; maths happens in float32 on demand.
+
+Where alpha comes from, first found wins (per layer):
+1. an `.alpha` tensor beside the factors (kohya, LyCORIS, ComfyUI, diffusers' kohya exporter);
+2. the safetensors header entry `lora_adapter_metadata` (diffusers' `save_lora_weights`: a JSON
+   object with per-component peft settings `unet.r`, `unet.lora_alpha`, `unet.rank_pattern`,
+   `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.…`, `text_encoder_2.…`);
+3. `adapter_config.json` beside an `adapter_model.safetensors` (peft's `save_pretrained`);
+4. nowhere: scale 1 (alpha = rank) is assumed, and the LoraFile says so (`scale_assumed_layers`,
+   `notes`) so that inspect and merge reports can.
+`rank_pattern`/`alpha_pattern` keys are matched against module names with peft's own rule: the
+first key (in the file's order) for which `re.match(rf"(.*\\.)?({key})$", module)` succeeds.
+With `use_rslora` the scale is alpha/√r instead of alpha/r. `LoraLayer.alpha` always holds the
+kohya-equivalent alpha (scale = alpha / rank), so everything downstream reads one convention.
+
+What a file may ask for (a hostile file must fail fast and small, never by exhausting memory):
+every factor is checked against the others *before* anything is expanded, and no layer may
+adapt a weight of more than MAX_LAYER_ELEMENTS elements (2^26 = 67,108,864, 256 MiB in float32;
+SDXL's largest weight, an output-block conv, has 29.5 M).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +38,7 @@ import torch
 
 from . import naming
 from .errors import LoraFormatError
-from .safetensors_io import load_safetensors
+from .safetensors_io import load_safetensors, strict_json_loads
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +46,31 @@ LOW_RANK = "lora"          # up @ down (+ Tucker mid), possibly with a DoRA magn
 LOHA = "loha"
 LOKR = "lokr"
 FULL = "full"              # a stored weight difference (`.diff`)
+
+# Caps on what a file may ask for (see the module docstring).
+MAX_LAYER_ELEMENTS = 1 << 26
+MAX_KEY_LENGTH = 512         # the longest real SDXL key is ~100 characters
+MAX_ADAPTER_CONFIG_BYTES = 16 << 20
+MAX_PATTERNS = 4096          # rank_pattern / alpha_pattern entries per component
+MAX_PATTERN_LENGTH = 256
+_PATTERN_TIME_BUDGET_S = 2.0  # for the few patterns that need the regex engine
+
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Where a layer's alpha came from (LoraLayer.alpha_source).
+ALPHA_FROM_TENSOR = "tensor"
+ALPHA_FROM_HEADER = "lora_adapter_metadata"
+ALPHA_FROM_ADAPTER_CONFIG = "adapter_config.json"
+ALPHA_NONE = "none"
+
+# Naming families, named by what writes them.
+FAMILY_KOHYA = "kohya"  # sd-scripts, LyCORIS, most trainers and published files
+FAMILY_KOHYA_DIFFUSERS = "kohya with diffusers names"  # diffusers' kohya exporter, OneTrainer
+FAMILY_DIFFUSERS = "diffusers save_lora_weights"  # current diffusers training scripts (and LoRA.rar's)
+FAMILY_DIFFUSERS_PROCESSOR = "diffusers attention processors (diffusers <= 0.20)"
+FAMILY_PEFT_STATE_DICT = "peft state dict with adapter name"  # a raw `model.state_dict()`
+FAMILY_PEFT = "peft save_pretrained"
+FAMILY_COMFYUI = "ComfyUI"
 
 # Tensor suffix → (role). Longest first, matched against the end of each key.
 _SUFFIX_ROLES = (
@@ -46,13 +91,55 @@ _SUFFIX_ROLES = (
 )
 
 
+def _adapted_shape(kind: str, t: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """Shape of the ΔW that `delta()` forms, from the factors' shapes alone (never expands).
+    Assumes the factors were validated (`_validate_layer`)."""
+    if kind == LOW_RANK:
+        up, down, mid = t["up"], t["down"], t.get("mid")
+        if mid is not None:
+            return (up.shape[0], down.shape[1], *mid.shape[2:])
+        return (up.shape[0], *down.shape[1:])
+    if kind == LOHA:
+        if "hada_t1" in t:
+            return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
+        return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
+    if kind == LOKR:
+        a, b = _lokr_w1_shape(t)
+        c, d, *kernel = _lokr_w2_shape(t)
+        return (a * c, b * d, *kernel)
+    return tuple(t["diff"].shape)
+
+
+def _lokr_w1_shape(t: dict[str, torch.Tensor]) -> tuple[int, int]:
+    if "lokr_w1" in t:
+        return tuple(t["lokr_w1"].shape)
+    return (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+
+
+def _lokr_w2_shape(t: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    if "lokr_w2" in t:
+        return tuple(t["lokr_w2"].shape)
+    if "lokr_t2" in t:
+        return (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
+    return (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+
+
 @dataclass
 class LoraLayer:
-    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …)."""
+    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …).
+
+    `alpha` is the kohya-equivalent alpha (scale = alpha / rank) wherever it was found;
+    `alpha_source` says where (ALPHA_FROM_TENSOR, ALPHA_FROM_HEADER, ALPHA_FROM_ADAPTER_CONFIG,
+    or ALPHA_NONE when the file has none for this layer)."""
 
     kind: str
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
+    alpha_source: str = ALPHA_NONE
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and self.alpha_source == ALPHA_NONE:
+            self.alpha_source = ALPHA_FROM_TENSOR
 
     @property
     def up(self) -> torch.Tensor:
@@ -88,23 +175,23 @@ class LoraLayer:
         return 0
 
     @property
+    def uses_alpha(self) -> bool:
+        """Whether alpha changes this layer's ΔW (full LoKr factors and `.diff` ignore it)."""
+        if self.kind in (LOW_RANK, LOHA):
+            return True
+        return self.kind == LOKR and bool({"lokr_w1_b", "lokr_w2_b"} & self.tensors.keys())
+
+    @property
     def scale(self) -> float:
         """alpha / rank; 1 without alpha (and for adapters whose factors are full)."""
-        if self.alpha is None or self.rank == 0:
-            return 1.0
-        if self.kind == LOKR and not ({"lokr_w1_b", "lokr_w2_b"} & self.tensors.keys()):
+        if self.alpha is None or self.rank == 0 or not self.uses_alpha:
             return 1.0
         return self.alpha / self.rank
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the weight this layer adapts: (out, in) or (out, in, k, k)."""
-        if self.kind == LOW_RANK:
-            out = self.up.shape[0]
-            if self.mid is not None:
-                return (out, self.down.shape[1], *self.mid.shape[2:])
-            return (out, *self.down.shape[1:])
-        return tuple(self.delta().shape)
+        return _adapted_shape(self.kind, self.tensors)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,13 +240,20 @@ class LoraLayer:
 
 @dataclass
 class LoraFile:
-    """A LoRA in canonical form."""
+    """A LoRA in canonical form.
+
+    Facts for reports (what a merge must say, not only log): `unrecognised_keys` (left out of
+    every layer), `scale_assumed_layers` (alpha found nowhere: scale 1 assumed),
+    `alpha_sources` (how many layers took alpha from where), `notes` (those facts as sentences).
+    """
 
     layers: dict[str, LoraLayer]
     metadata: dict[str, str] = field(default_factory=dict)
     naming_families: Counter = field(default_factory=Counter)
     unrecognised_keys: list[str] = field(default_factory=list)
     source: str = ""
+    notes: list[str] = field(default_factory=list)
+    tensor_dtypes: Counter = field(default_factory=Counter)  # every tensor of the file, alphas too
 
     @property
     def unet_layers(self) -> dict[str, LoraLayer]:
@@ -168,6 +262,24 @@ class LoraFile:
     @property
     def text_encoder_layers(self) -> dict[str, LoraLayer]:
         return {k: v for k, v in self.layers.items() if naming.is_text_encoder(k)}
+
+    @property
+    def alpha_sources(self) -> Counter:
+        return Counter(layer.alpha_source for layer in self.layers.values() if layer.uses_alpha)
+
+    @property
+    def scale_assumed_layers(self) -> list[str]:
+        """Layers whose ΔW depends on alpha but whose file gives none anywhere (scale 1 used)."""
+        return [name for name, layer in self.layers.items() if layer.uses_alpha and layer.alpha is None]
+
+    @property
+    def unrecognised_modules(self) -> list[str]:
+        """The unrecognised keys grouped by module (a layer's up/down/alpha count once)."""
+        modules = []
+        for key in self.unrecognised_keys:
+            split = _split_key(key)
+            modules.append(split[0] if split else key)
+        return sorted(set(modules))
 
     def kinds(self) -> Counter:
         return Counter("dora" if layer.is_dora else layer.kind for layer in self.layers.values())
@@ -180,101 +292,178 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-# Module prefix patterns → (naming family, function that gives the canonical name).
-def _canonical_module(module: str) -> tuple[str, str] | None:
-    """Map a module prefix in any naming family to (family, canonical layer name)."""
-    if m := re.match(r"lora_unet_(.+)$", module):
-        flat = m.group(1)
-        family = "kohya (diffusers blocks)" if flat.startswith(("down_blocks", "up_blocks", "mid_block")) else "kohya"
-        return family, naming.kohya_unet_to_ldm(flat)
-    if m := re.match(r"lora_te([12]?)_(.+)$", module):
-        return "kohya", naming.kohya_text_to_canonical(f"te{m.group(1) or '1'}", m.group(2))
-    if m := re.match(r"(?:base_model\.model\.)?(?:model\.)?diffusion_model\.(.+)$", module):
-        return "comfyui", m.group(1)
-    if m := re.match(r"(?:unet\.)+(.+)$", module):
-        path = m.group(1).replace(".processor.", ".").replace("to_out_", "to_out.0_")
-        path = re.sub(r"\.processor$", "", path)
-        return "diffusers", naming.diffusers_to_ldm(path)
-    if m := re.match(r"(text_encoder(?:_2)?)\.(.+)$", module):
-        encoder = "te2" if m.group(1) == "text_encoder_2" else "te1"
-        return "diffusers", f"{encoder}.{m.group(2)}"
-    if m := re.match(r"base_model\.model\.((?:down|up|mid)_blocks?\..+)$", module):
-        return "peft", naming.diffusers_to_ldm(m.group(1))
-    return None
+# ---------------------------------------------------------------------------------------------
+# Key → canonical layer name
+
+@dataclass(frozen=True)
+class _Key:
+    name: str       # canonical layer name; "te?." for a peft text encoder decided by width later
+    role: str
+    family: str
+    component: str  # whose peft settings apply: "unet", "text_encoder", "text_encoder_2", "peft", ""
+    module: str     # the module path inside that component, as peft names it (for the patterns)
 
 
-def _refine_family(family: str, key: str) -> str:
-    """The module prefix says diffusers; the tensor suffix says which diffusers writer."""
-    if family != "diffusers":
-        return family
-    if ".lora_A." in key or ".lora_B." in key:
-        return "peft"
-    if "_lora.up." in key or "_lora.down." in key:
-        return "diffusers (attention processor)"
-    return "diffusers (old)"
+_OLD_TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj", "to_out.0": "out_proj"}
+_DIFFUSERS_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding",
+                         "add_embedding")
 
 
-def _fix_old_diffusers(module: str, role: str, key: str) -> tuple[str, str]:
-    """Old diffusers attention processors write `…attn1.processor.to_out_lora.up.weight`:
-    module prefix `…attn1.processor.to_out`; the LDM layer is `to_out.0`."""
+def _diffusers_family(key: str) -> str:
     if key.endswith(("_lora.up.weight", "_lora.down.weight")):
+        return FAMILY_DIFFUSERS_PROCESSOR
+    if key.endswith((".default.weight",)):
+        return FAMILY_PEFT_STATE_DICT
+    return FAMILY_DIFFUSERS
+
+
+def _parse_key(key: str) -> _Key | None:
+    if len(key) > MAX_KEY_LENGTH:
+        return None
+    split = _split_key(key)
+    if split is None:
+        return None
+    module, role = split
+    processor = key.endswith(("_lora.up.weight", "_lora.down.weight"))
+    if processor:
+        # diffusers <= 0.20 attention processors: `…attn1.processor.to_out_lora.up.weight`
+        # is the layer `…attn1.to_out.0`
         module = module.replace(".processor.", ".")
         if module.endswith(".to_out"):
             module += ".0"
-    return module, role
+    if m := re.match(r"lora_unet_(.+)$", module):
+        flat = m.group(1)
+        family = FAMILY_KOHYA_DIFFUSERS if flat.startswith(("down_blocks", "up_blocks", "mid_block")) else FAMILY_KOHYA
+        return _Key(naming.kohya_unet_to_ldm(flat), role, family, "", "")
+    if m := re.match(r"lora_te([12]?)_(.+)$", module):
+        flat = m.group(2)
+        family = FAMILY_KOHYA_DIFFUSERS if flat.startswith(("encoder_", "embeddings_")) else FAMILY_KOHYA
+        return _Key(naming.kohya_text_to_canonical(f"te{m.group(1) or '1'}", flat), role, family, "", "")
+    if m := re.match(r"(?:base_model\.model\.)?(?:model\.)?diffusion_model\.(.+)$", module):
+        return _Key(m.group(1), role, FAMILY_COMFYUI, "", "")
+    if m := re.match(r"unet\.(.+)$", module):
+        inner = m.group(1)
+        # the official LoRA.rar training wrote a doubled `unet.unet.` prefix
+        path = re.sub(r"^(?:unet\.)+", "", inner).replace(".processor.", ".").replace("to_out_", "to_out.0_")
+        path = re.sub(r"\.processor$", "", path)
+        return _Key(naming.diffusers_to_ldm(path), role, _diffusers_family(key), "unet", inner)
+    if m := re.match(r"(text_encoder(?:_2)?)\.(.+)$", module):
+        component, path = m.groups()
+        if processor:
+            head, _, proj = path.rpartition(".self_attn.")
+            path = f"{head}.self_attn.{_OLD_TEXT_PROCESSOR.get(proj, proj)}" if head else path
+        encoder = "te2" if component == "text_encoder_2" else "te1"
+        return _Key(naming.text_encoder_canonical(encoder, path), role, _diffusers_family(key), component, m.group(2))
+    if m := re.match(r"base_model\.model\.(.+)$", module):
+        inner = m.group(1)
+        if inner.startswith(_DIFFUSERS_UNET_ROOTS):
+            return _Key(naming.diffusers_to_ldm(inner), role, FAMILY_PEFT, "peft", inner)
+        if re.match(r"(?:text_model\.)?(?:encoder|embeddings)\.", inner):
+            # a peft-wrapped CLIP: which of SDXL's two it is, only the width tells (768 or 1280)
+            return _Key(naming.text_encoder_canonical("te?", inner), role, FAMILY_PEFT, "peft", inner)
+    return None
 
 
 _LDM_NAME = re.compile(
     r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+|time_embed\.\d+|"
     r"label_emb\.0\.\d+|out\.\d+)(\.|$)")
-_TEXT_NAME = re.compile(r"^te[12]\.text_model\.")
+_TEXT_NAME = re.compile(r"^te[12?]\.text_model\.")
+# CLIP widths in SDXL: CLIP-L (te1) 768, CLIP-G (te2) 1280.
+_TEXT_ENCODER_BY_WIDTH = {768: "te1", 1280: "te2"}
 
 
-def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                         source: str = "LoRA") -> LoraFile:
-    """Turn a raw LoRA state dict (any naming family) into a LoraFile."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    families: Counter = Counter()
-    unrecognised: list[str] = []
-    for key, tensor in state_dict.items():
-        split = _split_key(key)
-        mapped = None
-        if split:
-            module, role = _fix_old_diffusers(*split, key)
-            mapped = _canonical_module(module)
-        if mapped is None or not (_LDM_NAME.match(mapped[1]) or _TEXT_NAME.match(mapped[1])):
-            unrecognised.append(key)
-            continue
-        family, name = mapped
-        families[_refine_family(family, key)] += 1
-        slot = groups.setdefault(name, {})
-        if role in slot:
-            raise LoraFormatError(f"{source}: layer {name} appears twice (second time as {key!r})")
-        slot[role] = tensor
+# ---------------------------------------------------------------------------------------------
+# Validation: before anything is expanded, every factor must fit the others.
 
-    layers: dict[str, LoraLayer] = {}
-    for name, tensors in groups.items():
-        alpha_t = tensors.pop("alpha", None)
-        alpha = float(alpha_t.float().item()) if alpha_t is not None else None
-        if "diff_b" in tensors and "diff" not in tensors and not ({"up", "hada_w1_a", "lokr_w1", "lokr_w1_a"} & tensors.keys()):
-            unrecognised.append(f"{name}.diff_b")  # a bias-only difference: nothing we merge
-            continue
-        kind = _adapter_kind(tensors)
-        if kind is None:
-            raise LoraFormatError(
-                f"{source}: layer {name} has an incomplete adapter (found {sorted(tensors)})")
-        layers[name] = LoraLayer(kind, tensors, alpha)
-        _check_shapes(source, name, layers[name])
+def _validate_layer(source: str, name: str, kind: str, t: dict[str, torch.Tensor]) -> None:
+    where = f"{source}: layer {name}"
+    for role, tensor in t.items():
+        if tensor.dtype not in FACTOR_DTYPES:
+            raise LoraFormatError(f"{where}: {role} has dtype {str(tensor.dtype).replace('torch.', '')}; LoRA "
+                                  "factors must be float16, bfloat16, float32 or float64")
+        if tensor.dim() == 0 or tensor.numel() == 0:
+            raise LoraFormatError(f"{where}: {role} has shape {tuple(tensor.shape)}; a factor needs at least "
+                                  "one dimension and a non-zero size (rank 0 adapts nothing)")
 
-    if unrecognised:
-        log.warning("%s: %d keys not recognised as SDXL LoRA layers (e.g. %s)",
-                    source, len(unrecognised), unrecognised[0])
-    if not layers:
-        family = guess_family_from_keys(list(state_dict), source)
+    def dims(role: str, *allowed: int) -> tuple[int, ...]:
+        shape = tuple(t[role].shape)
+        if len(shape) not in allowed:
+            raise LoraFormatError(f"{where}: {role} has shape {shape}; expected "
+                                  + " or ".join(f"{d}-D" for d in allowed))
+        return shape
+
+    def chain(left: str, right: str, a: int, b: int) -> None:
+        if a != b:
+            raise LoraFormatError(f"{where}: {left} {tuple(t[left].shape)} and {right} {tuple(t[right].shape)} "
+                                  "do not chain")
+
+    if kind == LOW_RANK:
+        up, down = dims("up", 2, 4), dims("down", 2, 4)
+        if "mid" in t:
+            mid = dims("mid", 4)
+            if (len(up) == 4 and up[2:] != (1, 1)) or (len(down) == 4 and down[2:] != (1, 1)):
+                raise LoraFormatError(f"{where}: Tucker up {up} and down {down} must be 1×1 around mid {mid}")
+            chain("up", "mid", up[1], mid[0])
+            chain("mid", "down", mid[1], down[0])
+        else:
+            if len(up) == 4 and up[2:] != (1, 1):
+                raise LoraFormatError(f"{where}: up {up} must be 1×1 in its kernel dimensions")
+            if up[1] != down[0]:
+                raise LoraFormatError(
+                    f"{where}: up {up} and down {down} do not chain (up's second dimension must equal down's rank)")
+        if "dora_scale" in t:
+            out, rest = up[0], math.prod(_adapted_shape(kind, t)[1:])
+            if t["dora_scale"].numel() not in (out, rest):
+                raise LoraFormatError(f"{where}: DoRA magnitude {tuple(t['dora_scale'].shape)} fits neither "
+                                      f"the {out} outputs nor the {rest} inputs")
+    elif kind == LOHA:
+        tucker = {"hada_t1", "hada_t2"} & t.keys()
+        if tucker and tucker != {"hada_t1", "hada_t2"}:
+            raise LoraFormatError(f"{where}: LoHa has {', '.join(sorted(tucker))} but needs both hada_t1 and hada_t2")
+        products = []
+        for i in ("1", "2"):
+            a, b = dims(f"hada_w{i}_a", 2), dims(f"hada_w{i}_b", 2)
+            if tucker:
+                core = dims(f"hada_t{i}", 4)
+                chain(f"hada_t{i}", f"hada_w{i}_a", core[0], a[0])
+                chain(f"hada_t{i}", f"hada_w{i}_b", core[1], b[0])
+                products.append((a[1], b[1], *core[2:]))
+            else:
+                chain(f"hada_w{i}_a", f"hada_w{i}_b", a[1], b[0])
+                products.append((a[0], b[1]))
+        if products[0] != products[1]:
+            raise LoraFormatError(f"{where}: LoHa's two products have different shapes {products[0]} and {products[1]}")
+    elif kind == LOKR:
+        if "lokr_w1" in t:
+            dims("lokr_w1", 2)
+        else:
+            chain("lokr_w1_a", "lokr_w1_b", dims("lokr_w1_a", 2)[1], dims("lokr_w1_b", 2)[0])
+        if "lokr_w2" in t:
+            dims("lokr_w2", 2, 4)
+        elif "lokr_t2" in t:
+            core, a, b = dims("lokr_t2", 4), dims("lokr_w2_a", 2), dims("lokr_w2_b", 2)
+            chain("lokr_t2", "lokr_w2_a", core[0], a[0])
+            chain("lokr_t2", "lokr_w2_b", core[1], b[0])
+        else:
+            chain("lokr_w2_a", "lokr_w2_b", dims("lokr_w2_a", 2)[1], dims("lokr_w2_b", 2)[0])
+    else:
+        dims("diff", 1, 2, 3, 4)
+    shape = _adapted_shape(kind, t)
+    if math.prod(shape) > MAX_LAYER_ELEMENTS:
         raise LoraFormatError(
-            f"{source}: no LoRA layers found ({len(state_dict)} keys"
-            + (f"; it looks like {family}" if family else "") + ")")
-    return LoraFile(layers, dict(metadata or {}), families, unrecognised, source)
+            f"{where}: its factors describe a {'×'.join(map(str, shape))} weight ({math.prod(shape):,} elements); "
+            f"at most {MAX_LAYER_ELEMENTS:,} are accepted (SDXL's largest weight has 29,491,200)")
+
+
+def _alpha_value(source: str, name: str, tensor: torch.Tensor) -> float:
+    where = f"{source}: layer {name}: alpha"
+    if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+        raise LoraFormatError(f"{where} must be one real number, found a {str(tensor.dtype).replace('torch.', '')} "
+                              f"tensor of shape {tuple(tensor.shape)}")
+    value = float(tensor.reshape(()).to(torch.float64).item())
+    if not math.isfinite(value):
+        raise LoraFormatError(f"{where} is {value}; the file is damaged or was saved from a diverged training run")
+    return value
 
 
 def _adapter_kind(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -284,26 +473,307 @@ def _adapter_kind(tensors: dict[str, torch.Tensor]) -> str | None:
         return LOHA
     if ("lokr_w1" in tensors or {"lokr_w1_a", "lokr_w1_b"} <= tensors.keys()) and (
             "lokr_w2" in tensors or {"lokr_w2_a", "lokr_w2_b"} <= tensors.keys()):
+        if "lokr_t2" in tensors and not {"lokr_w2_a", "lokr_w2_b"} <= tensors.keys():
+            return None
         return LOKR
     if "diff" in tensors:
         return FULL
     return None
 
 
-def _check_shapes(source: str, name: str, layer: LoraLayer) -> None:
-    if layer.kind != LOW_RANK:
+# ---------------------------------------------------------------------------------------------
+# peft settings: lora_adapter_metadata (diffusers) and adapter_config.json (peft)
+
+@dataclass
+class _PeftSettings:
+    r: int
+    alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+    origin: str     # ALPHA_FROM_HEADER or ALPHA_FROM_ADAPTER_CONFIG
+    where: str      # names the settings in messages
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _peft_settings(config: dict, origin: str, where: str) -> _PeftSettings:
+    """Validate one component's peft settings (peft's defaults r = 8, lora_alpha = 8 where absent,
+    as `LoraConfig(**settings)` would use)."""
+    def bad(name: str, expected: str) -> LoraFormatError:
+        return LoraFormatError(f"{where}: {name} must be {expected}, found {str(config.get(name))[:80]!r}")
+
+    r = config.get("r", 8)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise bad("r", "a positive integer")
+    alpha_key = "lora_alpha" if "lora_alpha" in config else "alpha"  # LoHa/LoKr configs say `alpha`
+    alpha = config.get(alpha_key, 8)
+    if not _number(alpha):
+        raise bad(alpha_key, "a finite number")
+    patterns = []
+    for name, check, expected in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                                   "positive integers"),
+                                  ("alpha_pattern", _number, "finite numbers")):
+        value = config.get(name) or {}
+        if not isinstance(value, dict) or not all(check(v) for v in value.values()):
+            raise bad(name, f"an object mapping module patterns to {expected}")
+        if len(value) > MAX_PATTERNS:
+            raise LoraFormatError(f"{where}: {name} has {len(value)} entries; at most {MAX_PATTERNS} accepted")
+        for key in value:
+            _check_pattern(key, f"{where}: {name}")
+        patterns.append(value)
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise bad("use_rslora", "true or false")
+    return _PeftSettings(r, float(alpha), patterns[0], {k: float(v) for k, v in patterns[1].items()},
+                         use_rslora, origin, where)
+
+
+def _header_settings(metadata: dict[str, str], source: str) -> dict[str, _PeftSettings]:
+    """diffusers' `lora_adapter_metadata`: {"unet.r": 4, "unet.lora_alpha": 8, …} → per component."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    where = f"{source}: header entry lora_adapter_metadata"
+    parsed = strict_json_loads(raw, where)
+    if not isinstance(parsed, dict):
+        raise LoraFormatError(f"{where}: expected a JSON object, found {type(parsed).__name__}")
+    components: dict[str, dict] = {}
+    for key, value in parsed.items():
+        component, dot, setting = key.partition(".")
+        if dot:
+            components.setdefault(component, {})[setting] = value
+    return {component: _peft_settings(config, ALPHA_FROM_HEADER, f"{where} ({component}.*)")
+            for component, config in components.items()}
+
+
+def adapter_config_for(path: str | Path) -> dict | None:
+    """The `adapter_config.json` that peft's save_pretrained writes beside `adapter_model.safetensors`,
+    parsed; None when `path` is not such a file or has no config beside it. Only that pairing is
+    read: one stray adapter_config.json in a folder of LoRAs must not change all of them."""
+    path = Path(path)
+    config_path = path.with_name("adapter_config.json")
+    if path.name != "adapter_model.safetensors" or not config_path.is_file():
+        return None
+    size = config_path.stat().st_size
+    if size > MAX_ADAPTER_CONFIG_BYTES:
+        raise LoraFormatError(f"{config_path}: {size} bytes; an adapter config is a few kB (at most "
+                              f"{MAX_ADAPTER_CONFIG_BYTES} accepted)")
+    parsed = strict_json_loads(config_path.read_bytes(), str(config_path))
+    if not isinstance(parsed, dict):
+        raise LoraFormatError(f"{config_path}: expected a JSON object, found {type(parsed).__name__}")
+    parsed.setdefault("__path__", str(config_path))
+    return parsed
+
+
+_LITERAL_PATTERN = re.compile(r"\^?[\w.\-]+")
+_GROUP_REPETITION = re.compile(r"\)[*+{]")
+_UNBOUNDED = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    """peft patterns are regular expressions; a hostile one could take exponential time. Module
+    names (`down_blocks.1.attentions.0…to_q`) are accepted as such; other expressions only without
+    repeated groups and with at most one unbounded repetition, which keeps matching polynomial."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_LENGTH:
+        raise LoraFormatError(f"{where}: pattern {str(pattern)[:80]!r} is empty or longer than {MAX_PATTERN_LENGTH}")
+    if _LITERAL_PATTERN.fullmatch(pattern):
         return
-    up, down = layer.up, layer.down
-    inner = layer.mid.shape[0] if layer.mid is not None else down.shape[0]
-    if up.dim() < 2 or up.shape[1] != inner or (layer.mid is not None and layer.mid.shape[1] != down.shape[0]):
+    if _GROUP_REPETITION.search(pattern) or len(_UNBOUNDED.findall(pattern)) > 1:
+        raise LoraFormatError(f"{where}: pattern {pattern[:80]!r} repeats a group or has more than one unbounded "
+                              "repetition; this reader evaluates only simple patterns (it could take "
+                              "exponential time otherwise)")
+    try:
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error as exc:
+        raise LoraFormatError(f"{where}: pattern {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+
+
+class _PatternMatcher:
+    """peft's get_pattern_key: the first key (in order) with re.match(rf"(.*\\.)?({key})$", module).
+    Module-name patterns (the common case) are checked without the regex engine's backtracking."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.regex_time = 0.0
+        self._compiled: dict[str, re.Pattern] = {}
+
+    def _matches(self, pattern: str, module: str) -> bool:
+        if _LITERAL_PATTERN.fullmatch(pattern):
+            anchored = pattern.startswith("^")
+            body = pattern[1:] if anchored else pattern
+            start = len(module) - len(body)
+            if start < 0:
+                return False
+            compiled = self._compiled.get(body)
+            if compiled is None:
+                compiled = self._compiled[body] = re.compile(body)
+            if not compiled.fullmatch(module, start):
+                return False
+            return start == 0 or (not anchored and module[start - 1] == ".")
+        began = time.perf_counter()
+        try:
+            return re.match(rf"(.*\.)?({pattern})$", module) is not None
+        finally:
+            self.regex_time += time.perf_counter() - began
+            if self.regex_time > _PATTERN_TIME_BUDGET_S:
+                raise LoraFormatError(f"{self.source}: the rank/alpha patterns in its settings take too long to "
+                                      "evaluate; refusing the file")
+
+    def first(self, patterns: dict, module: str) -> str | None:
+        return next((key for key in patterns if self._matches(key, module)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                         source: str = "LoRA", adapter_config: dict | None = None) -> LoraFile:
+    """Turn a raw LoRA state dict (any naming family) into a LoraFile.
+
+    `metadata` is the safetensors header metadata (diffusers keeps alpha there, in
+    `lora_adapter_metadata`); `adapter_config` is a parsed `adapter_config.json` for peft's
+    `base_model.model.…` keys (see `adapter_config_for`)."""
+    metadata = dict(metadata or {})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    first_key: dict[str, _Key] = {}
+    key_of: dict[tuple[str, str], str] = {}
+    families: Counter = Counter()
+    unrecognised: list[str] = []
+    dtypes: Counter = Counter()
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise LoraFormatError(f"{source}: entry {str(key)[:80]!r} is not a named tensor")
+        dtypes[_dtype_name(tensor)] += 1
+        parsed = _parse_key(key)
+        if parsed is None or not (_LDM_NAME.match(parsed.name) or _TEXT_NAME.match(parsed.name)):
+            unrecognised.append(key)
+            continue
+        families[parsed.family] += 1
+        slot = groups.setdefault(parsed.name, {})
+        if parsed.role in slot:
+            raise LoraFormatError(f"{source}: layer {parsed.name} appears twice (as {key_of[parsed.name, parsed.role]!r} "
+                                  f"and {key!r})")
+        slot[parsed.role] = tensor
+        key_of[parsed.name, parsed.role] = key
+        first_key.setdefault(parsed.name, parsed)
+
+    _name_peft_text_encoders(groups, first_key, key_of, unrecognised)
+
+    header_settings = _header_settings(metadata, source)
+    peft_settings = None
+    if adapter_config is not None:
+        where = adapter_config.get("__path__", f"{source}'s adapter_config.json")
+        peft_settings = _peft_settings(adapter_config, ALPHA_FROM_ADAPTER_CONFIG, where)
+    matcher = _PatternMatcher(source)
+    rank_disagreements: list[str] = []
+
+    layers: dict[str, LoraLayer] = {}
+    for name, tensors in groups.items():
+        alpha_t = tensors.pop("alpha", None)
+        alpha = _alpha_value(source, name, alpha_t) if alpha_t is not None else None
+        if "diff_b" in tensors and "diff" not in tensors and not ({"up", "hada_w1_a", "lokr_w1", "lokr_w1_a"} & tensors.keys()):
+            unrecognised.append(key_of[name, "diff_b"])  # a bias-only difference: nothing we merge
+            continue
+        kind = _adapter_kind(tensors)
+        if kind is None:
+            raise LoraFormatError(
+                f"{source}: layer {name} has an incomplete adapter (found {sorted(tensors)})")
+        _validate_layer(source, name, kind, tensors)
+        layer = LoraLayer(kind, tensors, alpha)
+        if alpha is None and layer.uses_alpha:
+            key = first_key[name]
+            settings = peft_settings if key.component == "peft" else header_settings.get(key.component)
+            if settings is not None:
+                layer.alpha = _alpha_from_settings(settings, layer, key.module, matcher, rank_disagreements, name)
+                layer.alpha_source = settings.origin
+        layers[name] = layer
+
+    notes = _notes(layers, unrecognised, rank_disagreements, header_settings, peft_settings)
+    if unrecognised:
+        log.warning("%s: %d keys not recognised as SDXL LoRA layers (e.g. %s)",
+                    source, len(unrecognised), unrecognised[0])
+    if not layers:
+        family = guess_family_from_keys([str(k) for k in state_dict], source)
         raise LoraFormatError(
-            f"{source}: layer {name}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
-            "chain (up's second dimension must equal down's rank)")
+            f"{source}: no LoRA layers found ({len(state_dict)} keys"
+            + (f"; it looks like {family}" if family else "") + ")")
+    return LoraFile(layers, metadata, families, unrecognised, source, notes, dtypes)
+
+
+def _name_peft_text_encoders(groups: dict, first_key: dict, key_of: dict, unrecognised: list[str]) -> None:
+    """peft's `base_model.model.encoder.layers.N…` does not say which CLIP it wraps; SDXL's two
+    differ in width (CLIP-L 768, CLIP-G 1280), so the factors' shapes decide."""
+    for name in [n for n in groups if n.startswith("te?.")]:
+        tensors = groups.pop(name)
+        up, down = tensors.get("up"), tensors.get("down")
+        width = None
+        if up is not None and down is not None and up.dim() >= 1 and down.dim() >= 2:
+            width = min(up.shape[0], down.shape[1])
+        encoder = _TEXT_ENCODER_BY_WIDTH.get(width)
+        target = f"{encoder}.{name[4:]}" if encoder else None
+        if target is None or target in groups:
+            unrecognised.extend(key_of[name, role] for role in tensors)
+            continue
+        groups[target] = tensors
+        first_key[target] = first_key[name]
+        for role in tensors:
+            key_of[target, role] = key_of[name, role]
+
+
+def _alpha_from_settings(settings: _PeftSettings, layer: LoraLayer, module: str, matcher: _PatternMatcher,
+                         disagreements: list[str], name: str) -> float:
+    """The kohya-equivalent alpha (scale = alpha / rank) that peft's settings give this layer."""
+    rank_key = matcher.first(settings.rank_pattern, module)
+    configured_rank = settings.rank_pattern[rank_key] if rank_key is not None else settings.r
+    if configured_rank != layer.rank:
+        disagreements.append(f"{name} (settings say rank {configured_rank}, its factors have {layer.rank})")
+    alpha_key = matcher.first(settings.alpha_pattern, module)
+    alpha = settings.alpha_pattern[alpha_key] if alpha_key is not None else settings.alpha
+    if settings.use_rslora and layer.kind == LOW_RANK:
+        return alpha * layer.rank / math.sqrt(layer.rank)  # peft: scale = alpha / √r
+    return alpha
+
+
+def _notes(layers: dict[str, LoraLayer], unrecognised: list[str], rank_disagreements: list[str],
+           header_settings: dict, peft_settings: _PeftSettings | None) -> list[str]:
+    """The facts about how a file was read that a user must see (inspect, merge reports)."""
+    notes = []
+    sources = Counter(layer.alpha_source for layer in layers.values() if layer.uses_alpha)
+    if sources.get(ALPHA_FROM_HEADER):
+        notes.append(f"alpha of {sources[ALPHA_FROM_HEADER]} layer(s) read from the header's lora_adapter_metadata "
+                     f"(diffusers save_lora_weights; components {', '.join(sorted(header_settings))})")
+    if sources.get(ALPHA_FROM_ADAPTER_CONFIG):
+        notes.append(f"alpha of {sources[ALPHA_FROM_ADAPTER_CONFIG]} layer(s) read from {peft_settings.where} "
+                     "(peft save_pretrained" + (", use_rslora: scale alpha/sqrt(rank)" if peft_settings.use_rslora else "")
+                     + ")")
+    assumed = [name for name, layer in layers.items() if layer.uses_alpha and layer.alpha is None]
+    if assumed:
+        notes.append(f"no alpha anywhere for {len(assumed)} of {len(layers)} layer(s) (e.g. {assumed[0]}): "
+                     "scale 1 (alpha = rank) assumed")
+    if rank_disagreements:
+        notes.append(f"{len(rank_disagreements)} layer(s) have another rank than their peft settings say, e.g. "
+                     f"{rank_disagreements[0]}; the factors' rank is used")
+    if unrecognised:
+        notes.append(f"{len(unrecognised)} key(s) not recognised as SDXL LoRA layers and left out "
+                     f"(e.g. {unrecognised[0][:120]})")
+    return notes
+
+
+def non_finite_layers(lora: LoraFile) -> list[str]:
+    """Layers with a NaN or Inf anywhere in their tensors (alpha is checked when read)."""
+    return [name for name, layer in lora.layers.items()
+            if any(not torch.isfinite(t).all() for t in layer.tensors.values())]
 
 
 def check_finite(lora: LoraFile) -> None:
-    bad = [name for name, layer in lora.layers.items()
-           if any(not torch.isfinite(t).all() for t in layer.tensors.values())]
+    bad = non_finite_layers(lora)
     if bad:
         raise LoraFormatError(
             f"{lora.source}: {len(bad)} layer(s) contain NaN or Inf values (first: {bad[0]}); "
@@ -311,9 +781,13 @@ def check_finite(lora: LoraFile) -> None:
 
 
 def read_lora(path: str | Path, check_values: bool = True) -> LoraFile:
+    """Read a LoRA file (or a folder that peft's save_pretrained wrote: its adapter_model.safetensors
+    with the adapter_config.json beside it)."""
     path = Path(path)
+    if path.is_dir() and (path / "adapter_model.safetensors").is_file():
+        path = path / "adapter_model.safetensors"
     tensors, metadata = load_safetensors(path)
-    lora = lora_from_state_dict(tensors, metadata, source=str(path))
+    lora = lora_from_state_dict(tensors, metadata, source=str(path), adapter_config=adapter_config_for(path))
     if check_values:
         check_finite(lora)
     return lora

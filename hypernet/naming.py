@@ -63,7 +63,22 @@ def kohya_unet_to_ldm(flat: str) -> str:
 
 
 def kohya_text_to_canonical(encoder: str, flat: str) -> str:
-    return f"{encoder}.{_unflatten(flat, _TEXT_WORDS)}"
+    return text_encoder_canonical(encoder, _unflatten(flat, _TEXT_WORDS))
+
+
+# Top-level modules of a CLIP text transformer. transformers 5 flattened `CLIPTextModel` (CLIP-L):
+# these sit directly on the model, no `text_model.` in between, so diffusers now writes
+# `text_encoder.encoder.layers.N…` and its kohya exporter `lora_te1_encoder_layers_N_…`.
+# `CLIPTextModelWithProjection` (CLIP-G) still wraps them in `text_model.`.
+_CLIP_TRANSFORMER_PARTS = ("encoder.", "embeddings.", "final_layer_norm")
+
+
+def text_encoder_canonical(encoder: str, path: str) -> str:
+    """`te1`/`te2` + an HF module path inside that text encoder, with or without `text_model.`
+    → the canonical name `te1.text_model.encoder.layers.N…` (both spellings mean the same layer)."""
+    if path.startswith(_CLIP_TRANSFORMER_PARTS):
+        path = f"text_model.{path}"
+    return f"{encoder}.{path}"
 
 
 _RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3",

@@ -100,7 +100,8 @@ def test_inspect_reports_blocks_ranks_and_family(lora_pair):
     assert info["layers_per_block"]["input_blocks.4.1"] == 2 * (8 + 2) + 2  # 2 blocks × (8 attn + 2 ff) + proj_in/out
     assert list(info["layers_per_block"])[:2] == ["input_blocks.4.1", "input_blocks.5.1"]
     assert info["ranks"] == {8: len(SHAPES)}
-    assert info["dtypes"] == {"float16": 2 * len(SHAPES)}
+    # every tensor of the file counts, the float32 alphas too
+    assert info["dtypes"] == {"float16": 2 * len(SHAPES), "float32": len(SHAPES)}
     assert info["unet_layers"] == 722
 
 
