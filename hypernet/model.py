@@ -59,21 +59,70 @@ class HypernetConfig:
         if meta.get("format") != FORMAT_NAME:
             raise HypernetError(f"{source}: not a LoRA.rar hypernetwork (metadata format is "
                                 f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
-        version = int(meta.get("format_version", "0"))
+        version = _metadata_int(meta, "format_version", source, default="0", minimum=0)
         if version > FORMAT_VERSION:
             raise HypernetError(f"{source}: format version {version} is newer than this "
                                 f"package understands ({FORMAT_VERSION}); update the node pack")
-        try:
-            return cls(
-                hidden=int(meta["hidden"]),
-                widths=tuple(int(w) for w in meta["widths"].split(",") if w),
-                targets=tuple(t for t in meta.get("targets", ",".join(DEFAULT_TARGETS)).split(",") if t),
-                base_family=meta.get("base_family", "sdxl"),
-                name=meta.get("name", ""), license=meta.get("license", ""),
-                extra={k[6:]: v for k, v in meta.items() if k.startswith("extra.")},
-            )
-        except (KeyError, ValueError) as exc:
-            raise HypernetError(f"{source}: bad hypernetwork metadata ({exc})") from None
+        if "hidden" not in meta or "widths" not in meta:
+            raise HypernetError(f"{source}: bad hypernetwork metadata (needs hidden and widths, has "
+                                f"{', '.join(sorted(meta)) or 'nothing'})")
+        hidden = _metadata_int(meta, "hidden", source)
+        widths = tuple(_int_field(w, "widths", source) for w in meta["widths"].split(",") if w.strip())
+        config = cls(
+            hidden=hidden, widths=widths,
+            targets=tuple(t for t in meta.get("targets", ",".join(DEFAULT_TARGETS)).split(",") if t),
+            base_family=meta.get("base_family", "sdxl"),
+            name=meta.get("name", ""), license=meta.get("license", ""),
+            extra={k[6:]: v for k, v in meta.items() if k.startswith("extra.")},
+        )
+        check_config_size(config, source)
+        return config
+
+
+# What a hypernetwork file may ask for, checked before anything is built: the official H has
+# hidden 128 and widths 640/1280 (492,034 parameters). A file claiming more is refused rather than
+# given gigabytes (a 3 kB file claiming hidden=150000 would otherwise allocate 2.4 GB).
+MAX_HIDDEN = 8192
+MAX_WIDTH = 16384
+MAX_WIDTHS = 8
+MAX_PARAMETERS = 1 << 26
+
+
+def _int_field(text: str, name: str, source: str, minimum: int = 1) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise HypernetError(f"{source}: bad hypernetwork metadata: {name} must be an integer, found {text[:40]!r}") from None
+    if value < minimum:
+        raise HypernetError(f"{source}: bad hypernetwork metadata: {name} must be at least {minimum}, found {value}")
+    return value
+
+
+def _metadata_int(meta: dict[str, str], name: str, source: str, default: str | None = None, minimum: int = 1) -> int:
+    return _int_field(str(meta.get(name, default)), name, source, minimum)
+
+
+def parameter_count(config: "HypernetConfig") -> int:
+    return sum(2 * w * config.hidden + config.hidden for w in config.widths) + 2 * config.hidden + 2
+
+
+def check_config_size(config: "HypernetConfig", source: str) -> None:
+    """Refuse a configuration beyond the caps above, before a single tensor is allocated."""
+    problems = []
+    if not 1 <= config.hidden <= MAX_HIDDEN:
+        problems.append(f"hidden {config.hidden} (1..{MAX_HIDDEN} accepted)")
+    if not 1 <= len(config.widths) <= MAX_WIDTHS:
+        problems.append(f"{len(config.widths)} input widths (1..{MAX_WIDTHS} accepted)")
+    bad_widths = [w for w in config.widths if not 1 <= w <= MAX_WIDTH]
+    if bad_widths:
+        problems.append(f"widths {bad_widths} (1..{MAX_WIDTH} accepted)")
+    if len(set(config.widths)) != len(config.widths):
+        problems.append(f"a width listed twice ({config.widths})")
+    if not problems and parameter_count(config) > MAX_PARAMETERS:
+        problems.append(f"{parameter_count(config):,} parameters (at most {MAX_PARAMETERS:,} accepted)")
+    if problems:
+        raise HypernetError(f"{source}: this hypernetwork asks for " + "; ".join(problems)
+                            + "; the file is damaged or not a LoRA.rar hypernetwork")
 
 
 class HyperNetwork(nn.Module):
@@ -131,35 +180,78 @@ class HyperNetwork(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading and saving
 
-def _from_official_state_dict(sd: dict, source: str) -> HyperNetwork:
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_official_tensors(sd: object, source: str) -> dict[str, torch.Tensor]:
+    """A weights-only state dict whose every entry is a named float tensor backed by its own
+    storage. A tensor with more elements than its storage holds (stride 0, overlapping views)
+    would expand into memory the file never paid for."""
+    if not isinstance(sd, dict):
         raise HypernetError(f"{source}: expected a state dict of tensors, found {type(sd).__name__}")
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise HypernetError(f"{source}: state dict key {key!r} is a {type(key).__name__}, expected a name")
+        if not isinstance(value, torch.Tensor):
+            raise HypernetError(f"{source}: {key} is a {type(value).__name__}, expected a tensor")
+        if value.dtype not in _WEIGHT_DTYPES:
+            raise HypernetError(f"{source}: {key} has dtype {str(value.dtype).replace('torch.', '')}, expected "
+                                "float16, bfloat16, float32 or float64 weights")
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise HypernetError(f"{source}: {key} claims {value.numel():,} elements on a storage of "
+                                f"{value.untyped_storage().nbytes():,} bytes (stride-0 or overlapping tensor); refused")
+    return sd
+
+
+def _from_official_state_dict(sd: dict, source: str) -> HyperNetwork:
+    sd = _check_official_tensors(sd, source)
     inputs = sorted({k.rsplit(".", 1)[0] for k in sd if k.startswith("input_")})
     required = {"output.1.weight", "output.1.bias"}
     if not inputs or not required <= sd.keys():
         raise HypernetError(f"{source}: expected keys input_N.weight/bias and output.1.weight/bias, "
                             f"found {sorted(sd)[:8]}")
-    hidden = sd["output.1.weight"].shape[-1]
+    head, head_bias = sd["output.1.weight"], sd["output.1.bias"]
+    if head.dim() != 2 or head.shape[0] != 2 or tuple(head_bias.shape) != (2,):
+        raise HypernetError(f"{source}: output.1 has the wrong shape: expected (2, hidden) and (2,), "
+                            f"found {tuple(head.shape)} and {tuple(head_bias.shape)}")
+    hidden = head.shape[1]
     widths = []
     for name in inputs:
         weight, bias = sd.get(f"{name}.weight"), sd.get(f"{name}.bias")
         if weight is None or bias is None or weight.dim() != 2 or weight.shape[0] != hidden \
-                or weight.shape[1] % 2 or tuple(bias.shape) != (hidden,):
+                or weight.shape[1] % 2 or weight.shape[1] == 0 or tuple(bias.shape) != (hidden,):
             raise HypernetError(
                 f"{source}: {name} has the wrong shape: expected weight ({hidden}, 2·width) and "
                 f"bias ({hidden},), found {None if weight is None else tuple(weight.shape)} and "
                 f"{None if bias is None else tuple(bias.shape)}")
         widths.append(weight.shape[1] // 2)
-    if tuple(sd["output.1.weight"].shape) != (2, hidden) or tuple(sd["output.1.bias"].shape) != (2,):
-        raise HypernetError(f"{source}: output.1 has the wrong shape: expected (2, {hidden}) and (2,), "
-                            f"found {tuple(sd['output.1.weight'].shape)} and {tuple(sd['output.1.bias'].shape)}")
     if len(set(widths)) != len(widths):
         raise HypernetError(f"{source}: two input layers for the same width ({widths})")
-    model = HyperNetwork(HypernetConfig(hidden=hidden, widths=tuple(sorted(widths))))
+    config = HypernetConfig(hidden=hidden, widths=tuple(sorted(widths)))
+    check_config_size(config, source)
+    _check_finite(sd, source)
+    model = HyperNetwork(config)
     ours = {f"input.{w}.{p}": sd[f"{name}.{p}"] for name, w in zip(inputs, widths) for p in ("weight", "bias")}
     ours.update({k: sd[k] for k in required})
     model.load_state_dict({k: v.float() for k, v in ours.items()})
     return model
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise HypernetError(f"{source}: {bad[0]} contains NaN or Inf; the file is damaged or from a diverged training run")
+
+
+def expected_shapes(config: HypernetConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of our safetensors format for `config` (without building the model)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for w in config.widths:
+        shapes[f"input.{w}.weight"] = (config.hidden, 2 * w)
+        shapes[f"input.{w}.bias"] = (config.hidden,)
+    shapes["output.1.weight"] = (2, config.hidden)
+    shapes["output.1.bias"] = (2,)
+    return shapes
 
 
 def official_state_dict(model: HyperNetwork) -> dict[str, torch.Tensor]:
@@ -188,15 +280,22 @@ def load_hypernet(path: str | Path, expected_sha256: str | None = None) -> Hyper
                                 "is damaged or not the checkpoint it is named after")
     source = str(path)
     if path.suffix.lower() == ".safetensors":
-        tensors, meta = load_safetensors(path)
-        config = HypernetConfig.from_metadata(meta, source)
-        model = HyperNetwork(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        # The header alone says what the file holds: compare it with the metadata before any
+        # tensor is read or any layer built.
+        header, _ = read_header(path)
+        config = HypernetConfig.from_metadata(header.get("__metadata__") or {}, source)
+        expected = expected_shapes(config)
+        found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         if expected != found:
-            diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+            diff = sorted(set(expected.items()) ^ set(found.items()), key=str)[:4]
             raise HypernetError(f"{source}: tensors do not match its metadata "
                                 f"(hidden {config.hidden}, widths {config.widths}); differing: {diff}")
+        not_float = sorted(k for k, v in header.items() if k != "__metadata__" and v["dtype"] not in ("F16", "BF16", "F32", "F64"))
+        if not_float:
+            raise HypernetError(f"{source}: {not_float[0]} has dtype {header[not_float[0]]['dtype']}, expected floating point weights")
+        tensors, _ = load_safetensors(path)
+        _check_finite(tensors, source)
+        model = HyperNetwork(config)
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
     else:
         try:

@@ -8,9 +8,12 @@ is instant; the heavy work is imported inside the command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from ..errors import LoraRarError
 
@@ -38,6 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds exactly like Ctrl-C: every
+    `finally` runs and atomic writes remove their temporary files."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`path: reason` for the file-system errors a user can fix (read-only folder, full disk,
+    too-long name), without Python's `[Errno N]` noise."""
+    reason = exc.strerror or str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,13 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except LoraRarError as exc:
         # One clear line for expected failures (bad files, mismatches); tracebacks with -v.
         if args.verbose:
             log.exception("failed")
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # The file system said no (read-only folder, full disk, name too long): as clear as above.
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
