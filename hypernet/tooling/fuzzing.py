@@ -328,7 +328,7 @@ def make_case(rng: random.Random, seed: Seed) -> Case:
 def read_case(case: Case, folder: Path, kind: str) -> str:
     """Read the case as inspect / merge would; returns "ok" (LoraRarError propagates)."""
     from ..cli.inspect import describe_lora
-    from ..lora import guess_family, read_lora
+    from ..lora import check_finite, guess_family, read_lora
     from ..model import load_hypernet
 
     if kind in ("hypernet", "pth"):
@@ -342,8 +342,9 @@ def read_case(case: Case, folder: Path, kind: str) -> str:
     path.write_bytes(case.data)
     if case.sidecar is not None:
         (folder / "adapter_config.json").write_text(case.sidecar)
-    describe_lora(path)
-    lora = read_lora(path)
+    lora = read_lora(path, check_values=False)
+    describe_lora(path)  # inspect: reads it once more, reports NaN/Inf instead of refusing
+    check_finite(lora)
     guess_family(lora)
     for layer in lora.layers.values():
         _ = (layer.shape, layer.rank, layer.scale, layer.dtype)
