@@ -19,9 +19,11 @@ With `use_rslora` the scale is alpha/√r instead of alpha/r. `LoraLayer.alpha` 
 kohya-equivalent alpha (scale = alpha / rank), so everything downstream reads one convention.
 
 What a file may ask for (a hostile file must fail fast and small, never by exhausting memory):
-every factor is checked against the others *before* anything is expanded, and no layer may
+every factor is checked against the others *before* anything is expanded, no layer may
 adapt a weight of more than MAX_LAYER_ELEMENTS elements (2^26 = 67,108,864, 256 MiB in float32;
-SDXL's largest weight, an output-block conv, has 29.5 M).
+SDXL's largest weight, an output-block conv, has 29.5 M), and the layers that a merge must expand
+(no low-rank form) may not add up to more than MAX_FILE_DENSE_ELEMENTS (2^32, about all of SDXL).
+Reading itself never expands anything: its memory is that of the file's tensors.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ FULL = "full"              # a stored weight difference (`.diff`)
 
 # Caps on what a file may ask for (see the module docstring).
 MAX_LAYER_ELEMENTS = 1 << 26
+# Sum over the layers without a low-rank form (LoHa, LoKr, DoRA, .diff, Tucker), which a merge
+# expands to dense ΔW: SDXL's UNet and both text encoders have ~3.5 G weights, so no real file asks
+# for more than 2^32; a small file listing thousands of capped layers would otherwise.
+MAX_FILE_DENSE_ELEMENTS = 1 << 32
 MAX_KEY_LENGTH = 512         # the longest real SDXL key is ~100 characters
 MAX_ADAPTER_CONFIG_BYTES = 16 << 20
 MAX_PATTERNS = 4096          # rank_pattern / alpha_pattern entries per component
@@ -675,6 +681,7 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
     rank_disagreements: list[str] = []
 
     layers: dict[str, LoraLayer] = {}
+    dense_elements = 0
     for name, tensors in groups.items():
         alpha_t = tensors.pop("alpha", None)
         alpha = _alpha_value(source, name, alpha_t) if alpha_t is not None else None
@@ -694,6 +701,12 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
                 layer.alpha = _alpha_from_settings(settings, layer, key.module, matcher, rank_disagreements, name)
                 layer.alpha_source = settings.origin
         layers[name] = layer
+        if not (layer.is_low_rank and layer.mid is None):
+            dense_elements += math.prod(layer.shape)
+            if dense_elements > MAX_FILE_DENSE_ELEMENTS:
+                raise LoraFormatError(
+                    f"{source}: its layers without a low-rank form describe more than {MAX_FILE_DENSE_ELEMENTS:,} "
+                    "weights in all (all of SDXL has ~3.5 G); the file is damaged or built to exhaust memory")
 
     notes = _notes(layers, unrecognised, rank_disagreements, header_settings, peft_settings)
     if unrecognised:

@@ -82,6 +82,16 @@ def test_small_files_cannot_ask_for_gigabytes(tmp_path, factors):
     assert _peak_rss_mb() - before < 400  # expanding would have needed 3.6-40 GB
 
 
+def test_many_capped_layers_cannot_add_up_to_more_than_sdxl(tmp_path):
+    one = {"lokr_w1_a": torch.ones(8192, 1), "lokr_w1_b": torch.ones(1, 8192), "lokr_w2": torch.ones(1, 1)}  # 2^26 each
+    sd = {f"lora_unet_input_blocks_4_1_transformer_blocks_{i}_attn1_to_q.{role}": t.clone()
+          for i in range(65) for role, t in one.items()}
+    with pytest.raises(LoraFormatError, match=r"many\.safetensors: its layers without a low-rank form describe more than"):
+        read_lora(write_lora(tmp_path / "many.safetensors", sd))
+    sd = {k: v for k, v in sd.items() if "blocks_64_" not in k}  # 64 × 2^26 = 2^32: exactly allowed
+    assert len(read_lora(write_lora(tmp_path / "ok.safetensors", sd)).layers) == 64
+
+
 def test_a_pth_hypernetwork_with_stride_0_tensors_fails_fast_and_small(tmp_path):
     sd = official_state_dict(HyperNetwork(HypernetConfig()))
     sd["input_1.weight"] = torch.zeros(1).expand(150000, 1280)  # 1 stored float, 192 M claimed
