@@ -25,5 +25,6 @@ def test_mutated_files_only_read_or_fail_cleanly():
     # both outcomes occur, i.e. the mutations reach past the first check
     assert summary["ok"] > 10 and summary["clean_errors"] > CASES / 2
     assert summary["peak_rss_mb"] < PEAK_MB, summary
-    assert summary["slowest_case_s"] < 5, summary["slowest_case"]
+    # CPU time: wall time on a shared 2-core machine also counts other people's processes
+    assert summary["slowest_case_cpu_s"] < 5, summary["slowest_case_cpu"]
     assert proc.returncode == 0
