@@ -143,7 +143,7 @@ class MergeReport:
     width_fallback_layers: int = 0  # hypernetwork layers summed because H lacks their width
     method_label: str = "merged by the method"
     notes: list[str] = field(default_factory=list)
-    # what each input contributed nothing for: keys the reader did not recognise (role → count)
+    # role → how many of that input's layers were left out (keys the reader did not recognise)
     left_out: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -155,7 +155,7 @@ class MergeReport:
         if self.width_fallback_layers:
             parts.append(f"{self.width_fallback_layers} summed because the hypernetwork has no input for their width")
         for role, count in self.left_out.items():
-            parts.append(f"{count} keys of the {role} LoRA left out (not recognised as SDXL LoRA layers)")
+            parts.append(f"{count} layer(s) of the {role} LoRA LEFT OUT (keys not recognised as SDXL LoRA layers)")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -314,9 +314,17 @@ def assemble(content: LoraFile, style: LoraFile, coefficients: Coefficients | No
                             Side.of(s, m[1] if m else None) if s is not None else None)
         report.dense_layers += not layer.is_low_rank
         layers[name] = layer
-    report.left_out = {role: len(lora.unrecognised_keys) for role, lora in ((CONTENT, content), (STYLE, style))
-                       if lora.unrecognised_keys}
+    describe_inputs(report, content, style)
     return MergedLora(layers, report, dict(coefficients), float(content_strength), float(style_strength))
+
+
+def describe_inputs(report: MergeReport, content: LoraFile, style: LoraFile) -> None:
+    """What the reader found about each input and a user must be told, not only a log: layers
+    left out (keys it did not recognise), where alpha came from or that scale 1 was assumed."""
+    for role, lora in ((CONTENT, content), (STYLE, style)):
+        if lora.unrecognised_keys:
+            report.left_out[role] = len(lora.unrecognised_modules)
+        report.notes.extend(f"{role} LoRA: {note}" for note in lora.notes)
 
 
 def rank_summary(merged: MergedLora) -> dict[str, str]:

@@ -95,7 +95,9 @@ class LoraRarSaveMergedLora(io.ComfyNode):
         import folder_paths
 
         loras_dir = folder_paths.get_folder_paths("loras")[0]
-        path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype)
+        # the other registered LoRA folders are where a symlinked subfolder may lead (see save_folder)
+        path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype,
+                                          extra_roots=folder_paths.get_folder_paths("loras")[1:])
         relative = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(ui=ui.PreviewText(f"saved models/loras/{relative}"))
 

@@ -13,8 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..errors import LoraFormatError, LoraRarError, OutputExistsError
-from ..lora import LoraFile, lora_from_state_dict, require_family
-from ..model import HyperNetwork
+from ..lora import LoraFile, adapter_config_for, lora_from_state_dict
 from ..safetensors_io import _DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
 from ..writer import DTYPES, merge_metadata
 from .cache import IdentityCache
@@ -35,7 +34,9 @@ def load_lora_model(path: str | Path, name: str = "") -> LoadedLora:
     path = Path(path)
     name = name or path.name
     tensors, metadata = load_safetensors(path)
-    lora = lora_from_state_dict(tensors, metadata, source=name)
+    # alpha may live outside the tensors: in the header (lora_from_state_dict reads it) or, for
+    # peft's adapter_model.safetensors, in the adapter_config.json beside it
+    lora = lora_from_state_dict(tensors, metadata, source=name, adapter_config=adapter_config_for(path))
     return LoadedLora(tensors, path, lora, name)
 
 
@@ -64,18 +65,6 @@ def lora_file_of(state_dict: dict, role: str) -> LoraFile:
 
 def name_of(state_dict: dict, role: str) -> str:
     return getattr(state_dict, "name", "") or role
-
-
-def check_sdxl(lora: LoraFile, role: str, hypernet: HyperNetwork | None) -> None:
-    """Both inputs must look like SDXL LoRAs; one message naming the input otherwise."""
-    try:
-        require_family(lora, "sdxl", role)
-    except LoraFormatError as exc:
-        extra = ""
-        if hypernet is not None:
-            extra = (f"; this hypernetwork supports {hypernet.config.base_family.upper()} widths "
-                     f"{'/'.join(map(str, hypernet.widths))}")
-        raise LoraFormatError(f"{exc}{extra}") from None
 
 
 _UNSAFE_CHARS = re.compile(r"[^\w\-. ()\[\]+,=@]")
