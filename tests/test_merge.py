@@ -267,3 +267,20 @@ def test_written_files_get_the_users_umask_not_private_modes(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_report_says_what_was_left_out_and_where_alpha_came_from():
+    """Issue 9: a layer the reader could not place must show in the merge report (and so in the
+    CLI and on the node), not only in a log line; so must 'no alpha anywhere: scale 1'."""
+    shapes = {"middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280)}
+    content_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0), alpha=2.0)
+    content_sd["lora_unet_some_unknown_block_0.lora_up.weight"] = torch.zeros(8, 4)
+    content_sd["lora_unet_some_unknown_block_0.lora_down.weight"] = torch.zeros(4, 8)
+    style_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1))  # no alpha anywhere
+    merged = merge(lora_from_state_dict(content_sd, source="c"), lora_from_state_dict(style_sd, source="s"),
+                   method="sum")
+    assert merged.report.left_out == {"content": 1}
+    assert "1 layer(s) of the content LoRA LEFT OUT" in merged.report.summary()
+    assert any(n.startswith("content LoRA:") and "not recognised" in n for n in merged.report.notes)
+    assert any(n.startswith("style LoRA:") and "scale 1" in n for n in merged.report.notes)
+    assert merged.with_strengths(0.5, 0.5).report.notes == merged.report.notes
