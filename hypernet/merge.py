@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from .errors import HypernetError, LoraFormatError, LoraRarError
 from .lora import LoraFile, require_family
 from .merged import Coefficients, MergedLora, assemble  # noqa: F401 - re-exported: the result types' home is merged.py
+from .methods import k_lora, np_lora
 from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
 from .model import HyperNetwork
 
@@ -90,6 +91,33 @@ register(Method(
     "attention layer; every other layer is summed", needs_hypernet=True, run=_run_lorarar,
     params={"unsupported_width": Param("error", str, "layers whose width the hypernetwork has no input "
                                        "for: 'error', or 'sum' them", WIDTH_POLICIES)}))
+
+
+def _run_np_lora(content, style, hypernet, params, progress) -> MergedLora:
+    return np_lora.np_lora_merge(content, style, params["mu"], params["rank"], params["side"], progress)
+
+
+def _run_k_lora(content, style, hypernet, params, progress) -> MergedLora:
+    return k_lora.k_lora_merge(content, style, params["top_k"], params["alpha"], params["beta"], progress)
+
+
+register(Method(
+    "np-lora", "NP-LoRA: the content LoRA is projected off the style LoRA's principal singular directions "
+    "on every shared layer (exact, low-rank; no hypernetwork)", needs_hypernet=False, run=_run_np_lora,
+    params={"mu": Param(np_lora.DEFAULT_MU, float, "projection strength: 0 = plain sum, larger = harder "
+                        "projection (c = mu/(1+mu))"),
+            "rank": Param(None, str, "style directions to project out: 'all' (default: the style LoRA's rank) "
+                          "or a number k"),
+            "side": Param("input", str, "which space of the content update is projected: 'input' (the "
+                          "paper's Eq. 11, default) or 'output' (its Eq. 21)", np_lora.SIDES)}))
+register(Method(
+    "k-lora", "K-LoRA: each attention projection uses the content LoRA early in sampling and the style LoRA "
+    "from its precomputed switch point on (top-k magnitudes); other layers summed. Not one LoRA file",
+    needs_hypernet=False, run=_run_k_lora,
+    params={"top_k": Param(k_lora.DEFAULT_TOP_K, int, "entries of each |ΔW| summed into its magnitude S"),
+            "alpha": Param(k_lora.DEFAULT_ALPHA, float, "how fast the style LoRA takes over as sampling "
+                           "progresses (> 0)"),
+            "beta": Param(k_lora.DEFAULT_BETA, float, "the style's weight at the start of sampling")}))
 register(Method("sum", "direct merge: the plain sum of both LoRAs (baseline)", needs_hypernet=False, run=_run_sum))
 
 METHODS = tuple(REGISTRY)

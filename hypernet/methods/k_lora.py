@@ -1,0 +1,146 @@
+"""K-LoRA (Ouyang, Li, Hou — CVPR 2025), training-free, with its per-call work precomputed.
+
+On every attention projection (to_q, to_k, to_v, to_out.0 of attn1 and attn2) present in both
+LoRAs, ONE of the two LoRAs is used at each denoising step: with S = the sum of the top-k
+|entries| of that side's ΔW (official k = 64), a balance γ = the mean over those layers of
+Σ|ΔW_c| / Σ|ΔW_s|, and sampling progress p ∈ [0, 1],
+
+    content iff S_c/γ > S_s·(α·p + β)          (official α = 1.5, β = 0.5: content early, style late)
+
+Every other layer is summed (DESIGN §4). The right-hand side grows with p, so each layer switches
+at most once, at
+
+    p_l = ((S_c/γ)/S_s − β)/α:   content for p < p_l, style from p_l on
+
+(p_l ≤ 0: style throughout; p_l ≥ 1: content throughout). The official code forms both dense ΔW
+and a top-k at every layer call; here the switch points are computed once per pair
+(`MergedLora.switch_points`) and `MergedLora.delta_at(name, p)` gives the update in use at p.
+
+S and Σ|ΔW| are statistics of the dense entries, which no factored form gives exactly, so each
+ΔW is formed (in row chunks for layers beyond SDXL's attention sizes), reduced at once and
+dropped: one layer's ΔW at a time, at most 16 MiB. ΔW is the file's own (alpha/rank applied), never the strengths (DESIGN §10).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import naming
+from ..errors import LoraRarError
+from ..lora import LoraFile
+from ..merged import MergedLora, Side, assemble
+
+Progress = Callable[[int, int], None]
+DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+_SWITCHED = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+# Elements of ΔW formed at a time: 2^22 float32 = 16 MiB, a whole SDXL attention projection
+# (at most 1280×2048) in one product, which ran at about twice the speed of cache-sized row
+# chunks on this project's CPU; larger layers are formed in row chunks of that size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def is_switched_layer(name: str) -> bool:
+    """An attention projection of the UNet (text encoders are summed)."""
+    return not naming.is_text_encoder(name) and _SWITCHED.search(name) is not None
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    top: float     # S: sum of the top-k |entries| of ΔW
+    total: float   # Σ|ΔW|
+
+
+def _top_values(chunk: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The top-k values of a 2-D chunk of |ΔW|. Only rows whose maximum is among the chunk's
+    k largest row maxima can hold one of them (those k maxima are themselves entries), so the
+    top-k runs on at most a few rows instead of the whole chunk."""
+    if chunk.shape[0] > top_k:
+        row_max = chunk.amax(dim=1)
+        chunk = chunk[row_max >= row_max.topk(top_k).values[-1]]
+    flat = chunk.reshape(-1)
+    return flat.topk(min(top_k, flat.numel())).values
+
+
+def magnitude(side: Side, top_k: int) -> Magnitude:
+    """S and Σ|ΔW| of one side's ΔW (its file's scale applied), formed a chunk of rows at a time."""
+    if side.is_low_rank:
+        up = side.up.float().reshape(side.up.shape[0], -1)
+        down = side.folded_down().float().reshape(side.down.shape[0], -1)
+        scale = abs(side.scale)
+    else:
+        delta = side.delta()
+        up, down, scale = None, delta.reshape(delta.shape[0], -1), 1.0
+    rows = max(1, CHUNK_ELEMENTS // max(1, down.shape[1]))
+    total = torch.zeros((), dtype=torch.float64)
+    candidates = []
+    for start in range(0, (up if up is not None else down).shape[0], rows):
+        if up is not None:
+            chunk = (up[start:start + rows] @ down).abs_()  # a fresh product: |·| in place
+        else:
+            chunk = down[start:start + rows].abs()         # a view of the side's cached ΔW
+        total += chunk.sum(dtype=torch.float64)
+        candidates.append(_top_values(chunk, top_k))
+    values = torch.cat(candidates)
+    top = values.topk(min(top_k, values.numel())).values.sum(dtype=torch.float64)
+    return Magnitude(float(top) * scale, float(total) * scale)
+
+
+def balance(magnitudes: dict[str, tuple[Magnitude, Magnitude]]) -> float:
+    """γ = mean over layers of Σ|ΔW_c| / Σ|ΔW_s| (layers whose style update is zero have no ratio)."""
+    ratios = [c.total / s.total for c, s in magnitudes.values() if s.total > 0]
+    gamma = sum(ratios) / len(ratios) if ratios else 0.0
+    return gamma if gamma > 0 and math.isfinite(gamma) else 1.0
+
+
+def switch_point(content: Magnitude, style: Magnitude, gamma: float, alpha: float, beta: float) -> float:
+    """p_l: the rule S_c/γ > S_s·(α·p + β) holds exactly for p < p_l."""
+    if style.top <= 0:  # S_s·(α·p + β) = 0: content wherever it is non-zero
+        return math.inf if content.top > 0 else -math.inf
+    return ((content.top / gamma) / style.top - beta) / alpha
+
+
+def check_params(top_k: int, alpha: float, beta: float) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise LoraRarError(f"k-lora: top_k must be a whole number >= 1 (official: 64), got {top_k!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraRarError(f"k-lora: alpha must be a number > 0 (official: 1.5; it makes the style "
+                           f"LoRA take over as sampling progresses), got {alpha!r}")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise LoraRarError(f"k-lora: beta must be a finite number (official: 0.5), got {beta!r}")
+
+
+def k_lora_merge(content: LoraFile, style: LoraFile, top_k: int = DEFAULT_TOP_K, alpha: float = DEFAULT_ALPHA,
+                 beta: float = DEFAULT_BETA, progress: Progress | None = None) -> MergedLora:
+    """The strength-free K-LoRA merge: every shared layer as both sides, attention projections
+    with their switch points, the rest summed."""
+    check_params(top_k, alpha, beta)
+    merged = assemble(content, style, method="k-lora",
+                      method_label="switched from content to style during sampling")
+    names = [n for n, layer in merged.layers.items()
+             if layer.content is not None and layer.style is not None and is_switched_layer(n)]
+    magnitudes: dict[str, tuple[Magnitude, Magnitude]] = {}
+    with torch.no_grad():
+        for done, name in enumerate(names, start=1):
+            layer = merged.layers[name]
+            magnitudes[name] = (magnitude(layer.content, top_k), magnitude(layer.style, top_k))
+            if progress:
+                progress(done, len(names))
+    gamma = balance(magnitudes)
+    merged.switch_points = {n: switch_point(c, s, gamma, alpha, beta) for n, (c, s) in magnitudes.items()}
+    merged.report.method_layers = len(names)
+    merged.report.summed_layers -= len(names)
+    points = list(merged.switch_points.values())
+    merged.report.notes.append(
+        f"k-lora: gamma = {gamma:.4g}; of {len(points)} attention projections, "
+        f"{sum(0 < p < 1 for p in points)} switch from content to style during sampling, "
+        f"{sum(p <= 0 for p in points)} use the style LoRA throughout, "
+        f"{sum(p >= 1 for p in points)} the content LoRA throughout")
+    if not names:
+        merged.report.notes.append("k-lora: the two LoRAs share no attention projection; everything was summed")
+    return merged

@@ -1,0 +1,186 @@
+"""NP-LoRA (Chen et al., arXiv 2511.11051): project the content LoRA off the style's principal
+directions, training-free.
+
+Per layer present in both LoRAs, with c = μ/(1+μ) and V the top-k right singular vectors of ΔW_s
+(k = the style rank by default):
+
+    side "input"  (the paper's Eq. 11, the default):  ΔW_c' = ΔW_c·(I − c·V Vᵀ)
+    side "output" (its Eq. 21, the left projector):  ΔW_c' = (I − c·U Uᵀ)·ΔW_c, U = left singular vectors
+
+and the merge is ss·ΔW_s + cs·ΔW_c' (strengths after the method, DESIGN §10). μ = 0 is the plain
+sum; μ → ∞ (c = 1) removes every part of the content update that reads (input side) or writes
+(output side) along the style's directions.
+
+Exact and factored for low-rank inputs (DESIGN §5): with ΔW_s = s·B_s·A_s, QR of B_s and of A_sᵀ
+leaves an r×r core whose SVD gives U and V — no out×in matrix is formed. The content side keeps
+its rank: down ← A_c − c·(A_c V)Vᵀ (input side) or up ← B_c − c·U(UᵀB_c) (output side), so the
+merged result is an ordinary kohya LoRA of rank r_c + r_s. Conv layers are flattened (in·k·k).
+Adapters without a low-rank form (LoHa, LoKr, DoRA, Tucker, full diffs) take the same formula on
+their dense ΔW.
+
+Text-encoder layers are projected too: the paper applies the projection to every LoRA layer, and
+the formula type-checks on any Linear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import LoraRarError
+from ..lora import FULL, LoraFile, LoraLayer
+from ..merged import MergedLora, Side, assemble
+
+Progress = Callable[[int, int], None]
+SIDES = ("input", "output")
+DEFAULT_MU = 0.5
+# Singular directions weaker than this fraction of the strongest are the style's numerical null
+# space (e.g. a LoRA whose factors are rank-deficient): they carry no style, and their vectors
+# are arbitrary, so they are not projected out.
+NULL_RTOL = 1e-4
+
+
+def projection_strength(mu: float) -> float:
+    """c = μ/(1+μ) ∈ [0, 1]; μ = inf is the hard projection (c = 1)."""
+    if not isinstance(mu, (int, float)) or math.isnan(mu) or mu < 0:
+        raise LoraRarError(f"np-lora: mu must be a number >= 0 (0 = plain sum, large = hard projection), got {mu!r}")
+    return 1.0 if math.isinf(mu) else mu / (1.0 + mu)
+
+
+def parse_rank(rank) -> int | None:
+    """k from the user: None / 'all' = the style's rank; else a whole number >= 1."""
+    if rank is None or (isinstance(rank, str) and rank.strip().lower() in ("", "all")):
+        return None
+    try:
+        value = int(str(rank).strip())
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != str(rank).strip():
+        raise LoraRarError(f"np-lora: rank must be 'all' (the style LoRA's rank) or a whole number >= 1, got {rank!r}")
+    return value
+
+
+def _matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A factor or ΔW as a float32 matrix: (rows, everything else) — conv kernels flattened."""
+    return tensor.float().reshape(tensor.shape[0], -1)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows·rowsᵀ in float64 for an (r, D) factor: the r×r Gram that carries its singular values
+    squared (float32 products are exact in float64, so the small ones survive)."""
+    rows = rows.double()
+    return rows @ rows.T
+
+
+def right_singular(h: torch.Tensor, g: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ΔW = B·A given only h = A·Aᵀ and g = BᵀB (batches of r×r, float64): X with the top-k
+    right singular vectors V = Aᵀ·X as columns, and the singular values (descending, up to the
+    factors' scale). Columns beyond k, or in the numerical null space, are zero.
+
+    With h = E·Λ·Eᵀ, A = (E·Λ^½)·Qᵀ for the orthonormal Q = Aᵀ·E·Λ^-½, so ΔW = (B·E·Λ^½)·Qᵀ and
+    V = Q·W, where W are the eigenvectors of the core Λ^½·Eᵀ·g·E·Λ^½ (its eigenvalues are σ²)."""
+    lam, e = torch.linalg.eigh(h)
+    kept = lam > lam[..., -1:] * 1e-14          # A's own numerical rank (float64 Gram)
+    root = torch.where(kept, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+    inverse_root = torch.where(kept, 1.0 / root.clamp_min(1e-300), torch.zeros_like(lam))
+    scaled = e * root.unsqueeze(-2)
+    eigenvalues, w = torch.linalg.eigh(scaled.transpose(-1, -2) @ g @ scaled)
+    sigma = eigenvalues.flip(-1).clamp_min(0).sqrt()
+    x = (e * inverse_root.unsqueeze(-2)) @ w.flip(-1)
+    use = sigma > sigma[..., :1] * NULL_RTOL
+    if k is not None:
+        use &= torch.arange(sigma.shape[-1]) < k
+    return x * use.unsqueeze(-2), sigma
+
+
+def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side):
+    """float32 factor matrices of both sides → (the new content factor, the removed share).
+    Only r×r matrices and products with the factors: no out×in matrix. The style's Grams are
+    float64 (they carry its small singular values); the rest is float32."""
+    h_s, g_s = _gram(s_down), _gram(s_up.T)
+    h_c, g_c = c_down @ c_down.T, c_up.T @ c_up                        # for the report only
+    norm = float((g_c * h_c).sum().clamp_min(0).sqrt())               # ‖B_c·A_c‖ / s_c
+    if side == "input":
+        x, _ = right_singular(h_s, g_s, k)                              # V = A_sᵀ·x
+        x = x.float()
+        coords = (c_down @ s_down.T) @ x                                # A_c·V
+        new = c_down - strength * ((coords @ x.T) @ s_down)
+        removed = float((coords * (g_c @ coords)).sum())               # ‖B_c·A_c·V‖²
+    else:
+        x, _ = right_singular(g_s, h_s, k)                              # U = B_s·x (ΔWᵀ = A_sᵀ·B_sᵀ)
+        x = x.float()
+        coords = x.T @ (s_up.T @ c_up)                                  # Uᵀ·B_c
+        new = c_up - strength * (s_up @ (x @ coords))
+        removed = float((coords * (coords @ h_c)).sum())               # ‖Uᵀ·B_c·A_c‖²
+    return new, (strength * math.sqrt(max(removed, 0.0)) / norm if norm > 0 else 0.0)
+
+
+def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
+    """The style's top-k singular vectors as columns: right ones (in·k·k, k') for the input side,
+    left ones (out, k') for the output side; the numerical null space is left out."""
+    if style.is_low_rank:
+        up, down = _matrix(style.up), _matrix(style.down)
+        if side == "input":
+            x, sigma = right_singular(_gram(down), _gram(up.T), k)
+            vectors = down.T.double() @ x
+        else:
+            x, sigma = right_singular(_gram(up.T), _gram(down), k)
+            vectors = up.double() @ x
+    else:
+        u, sigma, vh = torch.linalg.svd(_matrix(style.delta()).double(), full_matrices=False)
+        vectors = vh.T if side == "input" else u
+        use = sigma > sigma[:1] * NULL_RTOL
+        if k is not None:
+            use &= torch.arange(sigma.numel()) < k
+        vectors = vectors * use
+    return vectors[:, vectors.abs().sum(dim=0) > 0].float()
+
+
+def project_content(content: Side, style: Side, strength: float, k: int | None, side: str) -> tuple[Side, float]:
+    """One layer: (the projected content side, the share ‖ΔW_c − ΔW_c'‖/‖ΔW_c‖ it removed)."""
+    if content.is_low_rank and style.is_low_rank:
+        new, share = _project_low_rank(_matrix(content.up), _matrix(content.down),
+                                       _matrix(style.up), _matrix(style.down), strength, k, side)
+        if side == "input":
+            return Side(content.up, new.reshape(content.down.shape), content.scale), share
+        return Side(new.reshape(content.up.shape), content.down, content.scale), share
+    directions = style_directions(style, side, k)
+    delta = content.delta()
+    matrix = _matrix(delta)
+    if side == "input":
+        part = (matrix @ directions) @ directions.T
+    else:
+        part = directions @ (directions.T @ matrix)
+    norm = float(matrix.norm())
+    projected = Side.of(LoraLayer(FULL, {"diff": (matrix - strength * part).reshape(delta.shape)}))
+    return projected, (strength * float(part.norm()) / norm if norm > 0 else 0.0)
+
+
+def np_lora_merge(content: LoraFile, style: LoraFile, mu: float = DEFAULT_MU, rank=None, side: str = "input",
+                  progress: Progress | None = None) -> MergedLora:
+    """The strength-free NP-LoRA merge; `layer_values` holds each layer's removed share."""
+    strength = projection_strength(mu)
+    k = parse_rank(rank)
+    if side not in SIDES:
+        raise LoraRarError(f"np-lora: side must be one of {', '.join(SIDES)}, got {side!r}")
+    merged = assemble(content, style, method="np-lora",
+                      method_label=f"projected off the style's principal directions ({side} side)")
+    shared = [name for name, layer in merged.layers.items() if layer.content is not None and layer.style is not None]
+    if strength == 0.0:
+        merged.report.notes.append("np-lora with mu = 0 is the plain sum: nothing was projected")
+        return merged
+    clamped = sum(1 for n in shared if k is not None and merged.layers[n].style.is_low_rank
+                  and k > merged.layers[n].style.rank)
+    with torch.no_grad():
+        for done, name in enumerate(shared, start=1):
+            layer = merged.layers[name]
+            layer.content, merged.layer_values[name] = project_content(layer.content, layer.style, strength, k, side)
+            if progress:
+                progress(done, len(shared))
+    merged.report.method_layers, merged.report.summed_layers = len(shared), 0
+    if clamped:
+        merged.report.notes.append(f"np-lora: rank {k} exceeds the style LoRA's rank in {clamped} layers; "
+                                   "all of their style directions were used")
+    return merged

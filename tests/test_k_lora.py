@@ -1,0 +1,179 @@
+"""K-LoRA's switch rule against a literal dense implementation of it: at progress p, an attention
+projection uses the content LoRA iff S_c/γ > S_s·(α·p + β), with S the sum of the top-k |entries|
+of the dense ΔW and γ the mean of Σ|ΔW_c|/Σ|ΔW_s| over those layers (float64, from the raw kohya
+tensors; no library code)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from hypernet.errors import LoraRarError
+from hypernet.lora import lora_from_state_dict
+from hypernet.merge import merge
+from hypernet.methods import k_lora
+from hypernet.tooling import synthetic
+from hypernet.writer import save_merged
+
+ATTENTION = {
+    f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")
+} | {
+    "input_blocks.4.1.transformer_blocks.0.attn2.to_q": (640, 640),
+    "input_blocks.4.1.transformer_blocks.0.attn2.to_k": (640, 2048),
+    "input_blocks.4.1.transformer_blocks.0.attn2.to_v": (640, 2048),
+    "input_blocks.4.1.transformer_blocks.0.attn2.to_out.0": (640, 640),
+    "middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280),
+}
+OTHER = {"input_blocks.4.1.transformer_blocks.0.ff.net.2": (640, 2560),
+         "te1.text_model.encoder.layers.0.self_attn.q_proj": (768, 768)}
+SHAPES = ATTENTION | OTHER
+# Content magnitudes per layer, so that the switch points spread over p < 0, 0 < p < 1 and p > 1.
+CONTENT_SCALES = [0.2, 0.6, 0.8, 1.0, 1.2, 1.5, 1.9, 2.4, 3.5, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def pair_sd():
+    content = synthetic.random_factors(SHAPES, 4, seed=31)
+    content = {n: (up * scale, down) for (n, (up, down)), scale in zip(content.items(), CONTENT_SCALES)}
+    return (synthetic.to_state_dict(content, alpha=2.0),
+            synthetic.to_state_dict(synthetic.random_factors(SHAPES, 8, seed=32), alpha=8.0))
+
+
+@pytest.fixture(scope="module")
+def pair(pair_sd):
+    return lora_from_state_dict(pair_sd[0]), lora_from_state_dict(pair_sd[1])
+
+
+def kohya(name: str) -> str:
+    prefix, rest = ("lora_te1_", name[4:]) if name.startswith("te1.") else ("lora_unet_", name)
+    return prefix + rest.replace(".", "_")
+
+
+def dense(sd: dict, name: str) -> torch.Tensor:
+    module = kohya(name)
+    up, down = sd[f"{module}.lora_up.weight"].double(), sd[f"{module}.lora_down.weight"].double()
+    return float(sd[f"{module}.alpha"]) / down.shape[0] * up @ down
+
+
+class LiteralRule:
+    """The rule exactly as DESIGN §4 states it, evaluated at a given p."""
+
+    def __init__(self, content_sd, style_sd, top_k=64, alpha=1.5, beta=0.5):
+        self.alpha, self.beta = alpha, beta
+        self.deltas = {n: (dense(content_sd, n), dense(style_sd, n)) for n in ATTENTION}
+        self.s = {n: tuple(float(d.abs().flatten().topk(top_k).values.sum()) for d in pair)
+                  for n, pair in self.deltas.items()}
+        ratios = [float(c.abs().sum() / s.abs().sum()) for c, s in self.deltas.values()]
+        self.gamma = sum(ratios) / len(ratios)
+
+    def uses_content(self, name: str, p: float) -> bool:
+        s_c, s_s = self.s[name]
+        return s_c / self.gamma > s_s * (self.alpha * p + self.beta)
+
+    def crossing(self, name: str) -> float:
+        s_c, s_s = self.s[name]
+        return ((s_c / self.gamma) / s_s - self.beta) / self.alpha
+
+
+@pytest.mark.parametrize(("top_k", "alpha", "beta"), [(64, 1.5, 0.5), (8, 2.0, 0.3)])
+def test_switch_rule_equals_the_literal_dense_rule(pair_sd, pair, top_k, alpha, beta):
+    rule = LiteralRule(*pair_sd, top_k, alpha, beta)
+    cs, ss = 0.7, 1.2
+    merged = merge(*pair, None, cs, ss, "k-lora", params={"top_k": top_k, "alpha": alpha, "beta": beta})
+    assert set(merged.switch_points) == set(ATTENTION)
+    assert merged.report.method_layers == len(ATTENTION) and merged.report.summed_layers == len(OTHER)
+    grid = [i / 8 for i in range(9)]
+    seen = set()
+    for name, (dc, ds) in rule.deltas.items():
+        sides = {True: cs * dc, False: ss * ds}
+        assert merged.switch_points[name] == pytest.approx(rule.crossing(name), rel=1e-5, abs=1e-7)
+        for p in grid + [rule.crossing(name) - 1e-4, rule.crossing(name) + 1e-4]:
+            content = rule.uses_content(name, p)
+            seen.add(content)
+            torch.testing.assert_close(merged.delta_at(name, p).double(), sides[content], rtol=1e-5, atol=1e-9)
+    assert seen == {True, False}
+    points = sorted(merged.switch_points.values())
+    assert points[0] < 0 and points[-1] > 1 and any(0 < p < 1 for p in points)  # the fixture's spread
+
+
+def test_other_layers_are_summed_at_every_p(pair_sd, pair):
+    merged = merge(*pair, None, 0.5, 2.0, "k-lora")
+    for name in OTHER:
+        expected = 0.5 * dense(pair_sd[0], name) + 2.0 * dense(pair_sd[1], name)
+        for p in (0.0, 0.5, 1.0):
+            torch.testing.assert_close(merged.delta_at(name, p).double(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_switch_points_do_not_depend_on_the_strengths(pair):
+    a = merge(*pair, None, 1.0, 1.0, "k-lora")
+    b = merge(*pair, None, 0.2, 3.0, "k-lora")
+    assert a.switch_points == b.switch_points
+
+
+def test_rows_chunked_magnitudes_equal_whole_layer(pair, monkeypatch):
+    whole = merge(*pair, method="k-lora")
+    monkeypatch.setattr(k_lora, "CHUNK_ELEMENTS", 3000)  # a few rows per chunk
+    chunked = merge(*pair, method="k-lora")
+    for name, p in whole.switch_points.items():
+        assert chunked.switch_points[name] == pytest.approx(p, rel=1e-6)
+
+
+def test_magnitudes_of_a_dense_adapter(pair):
+    from tests.test_lora_reading import _loha_lokr_full_dora
+
+    lyco = lora_from_state_dict(_loha_lokr_full_dora())
+    shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
+    merged = merge(lyco, plain, method="k-lora", params={"top_k": 16})
+    deltas = {n: (lyco.layers[n].delta().double(), plain.layers[n].delta().double()) for n in shapes}
+    ratios = [float(c.abs().sum() / s.abs().sum()) for c, s in deltas.values()]
+    gamma = sum(ratios) / len(ratios)
+    for name, (dc, ds) in deltas.items():
+        s_c, s_s = (float(d.abs().flatten().topk(16).values.sum()) for d in (dc, ds))
+        assert merged.switch_points[name] == pytest.approx(((s_c / gamma) / s_s - 0.5) / 1.5, rel=1e-5)
+
+
+def test_not_one_lora_refuses_export_by_name(pair, tmp_path):
+    merged = merge(*pair, method="k-lora")
+    target = tmp_path / "k.safetensors"
+    with pytest.raises(LoraRarError, match=r"k-lora merge switches between the two LoRAs during sampling"):
+        save_merged(merged, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    for export in (merged.to_state_dict, merged.side_state_dicts):
+        with pytest.raises(LoraRarError, match="k-lora"):
+            export()
+
+
+def test_zero_style_layer_keeps_the_content():
+    shapes = {"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (64, 64),
+              "input_blocks.4.1.transformer_blocks.0.attn1.to_k": (64, 64)}
+    content = synthetic.random_factors(shapes, 2, seed=1)
+    style = synthetic.random_factors(shapes, 2, seed=2)
+    q = next(iter(shapes))
+    style[q] = (torch.zeros_like(style[q][0]), style[q][1])
+    merged = merge(lora_from_state_dict(synthetic.to_state_dict(content)),
+                   lora_from_state_dict(synthetic.to_state_dict(style)), method="k-lora")
+    assert merged.switch_points[q] == float("inf")
+    assert torch.equal(merged.delta_at(q, 1.0), merged.layers[q].content.delta())
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"top_k": 0}, "top_k must be a whole number >= 1"),
+    ({"alpha": 0.0}, "alpha must be a number > 0"),
+    ({"alpha": -1.5}, "alpha must be a number > 0"),
+    ({"beta": float("nan")}, "beta must be a finite number"),
+    ({"top_k": "many"}, "top_k must be int"),
+])
+def test_bad_parameters_are_one_clear_error(pair, params, needle):
+    with pytest.raises(LoraRarError, match="k-lora") as info:
+        merge(*pair, method="k-lora", params=params)
+    assert needle in str(info.value)
+
+
+def test_progress_counts_the_switched_layers(pair):
+    calls = []
+    merge(*pair, method="k-lora", progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (len(ATTENTION), len(ATTENTION))
+    assert all(re.match(r"^\d+$", str(d)) for d, _ in calls)
