@@ -177,3 +177,26 @@ def test_progress_counts_the_switched_layers(pair):
     merge(*pair, method="k-lora", progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (len(ATTENTION), len(ATTENTION))
     assert all(re.match(r"^\d+$", str(d)) for d, _ in calls)
+
+
+def test_cli_writes_the_schedule_and_refuses_a_lora_file(pair_sd, tmp_path, capsys):
+    import json
+
+    from hypernet.cli import main
+    from tests.conftest import write_lora
+
+    content, style = write_lora(tmp_path / "c.safetensors", pair_sd[0]), write_lora(tmp_path / "s.safetensors", pair_sd[1])
+    refused = tmp_path / "k.safetensors"
+    assert main(["merge", str(content), str(style), "-o", str(refused), "--method", "k-lora"]) == 1
+    err = capsys.readouterr().err
+    assert "k-lora merge switches between the two LoRAs during sampling" in err and ".json" in err
+    assert not refused.exists()
+    out = tmp_path / "k.json"
+    assert main(["merge", str(content), str(style), "-o", str(out), "--method", "k-lora", "--k-top-k", "8",
+                 "--k-alpha", "2", "--k-beta", "0.3"]) == 0
+    document = json.loads(out.read_text())
+    rule = LiteralRule(*pair_sd, 8, 2.0, 0.3)
+    assert document["params"] == {"top_k": 8, "alpha": 2.0, "beta": 0.3}
+    assert set(document["switch_points"]) == {kohya(n) for n in ATTENTION}
+    for name in ATTENTION:
+        assert document["switch_points"][kohya(name)] == pytest.approx(rule.crossing(name), rel=1e-5)

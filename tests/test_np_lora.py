@@ -262,3 +262,27 @@ def test_full_sdxl_pair_projects_every_shared_layer():
     merged = merge(content, style, method="np-lora")
     assert merged.report.method_layers == len(merged.layers) == len(naming.sdxl_linear_layers()) + 2 * 6
     assert all(0 < v < 1 for v in merged.layer_values.values())
+
+
+def test_cli_writes_an_np_lora_file_with_its_settings(pair_sd, tmp_path, capsys):
+    import json
+
+    from hypernet.cli import main
+    from tests.conftest import write_lora
+
+    content, style = write_lora(tmp_path / "c.safetensors", pair_sd[0]), write_lora(tmp_path / "s.safetensors", pair_sd[1])
+    out = tmp_path / "np.safetensors"
+    assert main(["merge", str(content), str(style), "-o", str(out), "--method", "np-lora", "--mu", "2",
+                 "--np-rank", "3", "--np-side", "output", "--style-strength", "0.5"]) == 0
+    saved = read_lora(out)
+    assert saved.metadata["lorarar.method"] == "np-lora"
+    assert json.loads(saved.metadata["lorarar.params"]) == {"mu": 2.0, "rank": "3", "side": "output"}
+    module = modules(pair_sd[0])[0]
+    expected, _, _ = reference(*pair_sd, module, 2.0, 3, "output", 1.0, 0.5)
+    assert relative_error(saved.layers[name_of(module)].delta(), expected) < 2e-5
+    capsys.readouterr()
+    # A setting of another method is refused, naming both, before anything is written.
+    assert main(["merge", str(content), str(style), "-o", str(tmp_path / "x.safetensors"), "--method", "sum",
+                 "--mu", "1"]) == 1
+    assert "--mu is a setting of --method np-lora, not of --method sum" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,14 +1,25 @@
-"""`lorarar merge CONTENT STYLE -o OUT`: merge a subject LoRA and a style LoRA into one file."""
+"""`lorarar merge CONTENT STYLE -o OUT`: merge a subject LoRA and a style LoRA into one file.
+
+k-lora is not one LoRA (each attention projection switches from the content LoRA to the style
+LoRA during sampling): with it, OUT must be a .json file, which receives the switch points.
+"""
 
 import argparse
+
+# CLI option → (method, parameter); an option given for another method is an error, not ignored.
+METHOD_OPTIONS = {
+    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
+    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
+}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge a content (subject) LoRA and a style LoRA",
-                              description=__doc__)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("content", help="subject/content LoRA (.safetensors)")
     p.add_argument("style", help="style LoRA (.safetensors)")
-    p.add_argument("-o", "--output", required=True, help="merged LoRA to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True,
+                   help="merged LoRA to write (.safetensors); for --method k-lora a .json schedule")
     p.add_argument("--hypernet", default="lorarar-sdxl",
                    help="catalog name (lorarar-sdxl, lorarar-koala-700m) or a file path "
                         "(default: %(default)s)")
@@ -24,46 +35,109 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=tuple(REGISTRY), default="lorarar",
                    help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default: %(default)s)")
     p.add_argument("--allow-width-fallback", action="store_true",
-                   help="sum layers whose width the hypernetwork has no input for, instead of failing")
+                   help="lorarar: sum layers whose width the hypernetwork has no input for, instead of failing")
+    np_params, k_params = REGISTRY["np-lora"].params, REGISTRY["k-lora"].params
+    p.add_argument("--mu", type=float, metavar="MU",
+                   help=f"np-lora: {np_params['mu'].help} (default: {np_params['mu'].default})")
+    p.add_argument("--np-rank", metavar="K", help=f"np-lora: {np_params['rank'].help}")
+    p.add_argument("--np-side", choices=np_params["side"].choices,
+                   help=f"np-lora: {np_params['side'].help}")
+    p.add_argument("--k-top-k", type=int, metavar="K",
+                   help=f"k-lora: {k_params['top_k'].help} (default: {k_params['top_k'].default})")
+    p.add_argument("--k-alpha", type=float, metavar="A",
+                   help=f"k-lora: {k_params['alpha'].help} (default: {k_params['alpha'].default})")
+    p.add_argument("--k-beta", type=float, metavar="B",
+                   help=f"k-lora: {k_params['beta'].help} (default: {k_params['beta'].default})")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the written factors (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=run)
 
 
+def method_params(args: argparse.Namespace) -> dict:
+    """The chosen method's parameters from the options; one error for an option of another method."""
+    from ..errors import LoraRarError
+
+    params = {}
+    for option, (method, name) in METHOD_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if method != args.method:
+            flag = "--" + option.replace("_", "-")
+            raise LoraRarError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
+        params[name] = value
+    if args.method == "lorarar":
+        params["unsupported_width"] = "sum" if args.allow_width_fallback else "error"
+    elif args.allow_width_fallback:
+        raise LoraRarError(f"--allow-width-fallback is a setting of --method lorarar, not of --method {args.method}")
+    return params
+
+
+def schedule_document(merged, content_name: str, style_name: str, params: dict) -> dict:
+    """What a k-lora merge is, as JSON: per layer (kohya module name) the p at which it switches
+    from the content LoRA to the style LoRA (non-finite values as strings)."""
+    from .. import naming
+
+    def number(value: float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+
+    return {
+        "method": merged.report.method, "content": content_name, "style": style_name, "params": params,
+        "content_strength": merged.content_strength, "style_strength": merged.style_strength,
+        "rule": "each listed layer uses the content LoRA while p < switch_point and the style LoRA from "
+                "it on (p = fraction of sampling done); every other layer is the sum of both",
+        "switch_points": {naming.ldm_to_kohya_key(n): number(p) for n, p in merged.switch_points.items()},
+        "report": merged.report.as_dict(), "notes": merged.report.notes,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    import json
     import logging
     from pathlib import Path
 
     from ..catalog import resolve_hypernet
-    from ..errors import OutputExistsError
+    from ..errors import LoraRarError, OutputExistsError
     from ..lora import read_lora
     from ..merge import merge, method_spec
-    from ..safetensors_io import sha256_file
+    from ..safetensors_io import atomic_write, sha256_file
     from ..tooling.progress import ProgressLine
     from ..writer import merge_metadata, save_merged
 
     log = logging.getLogger("hypernet.merge")
     out = Path(args.output)
+    spec = method_spec(args.method)
+    params = spec.resolve(method_params(args))  # bad settings fail before anything is read
+    scheduled = args.method == "k-lora"
+    if scheduled and out.suffix.lower() != ".json":
+        raise LoraRarError(
+            f"--output {out}: a k-lora merge switches between the two LoRAs during sampling, so it is not "
+            "one LoRA file; give a .json output to write its switch points, use the LoRA.rar Merge node in "
+            "ComfyUI to sample with it, or choose --method np-lora, lorarar or sum for a LoRA file")
     if out.exists() and not args.force:  # fail before the slow part
         raise OutputExistsError(f"{out} already exists; refusing to overwrite it (use --force)")
-    spec = method_spec(args.method)
     content = read_lora(args.content)
     style = read_lora(args.style)
     hypernet = None
     if spec.needs_hypernet:
         hypernet = resolve_hypernet(args.hypernet, [Path(d) for d in args.hypernet_dir],
                                     allow_download=args.download)
-    params = {"unsupported_width": "sum" if args.allow_width_fallback else "error"} if args.method == "lorarar" else {}
     with ProgressLine(args.method) as bar:
         merged = merge(content, style, hypernet, args.content_strength, args.style_strength, args.method,
                        params=params, expected_family="sdxl", progress=bar.update)
-    metadata = merge_metadata(
-        merged, hypernet_name=hypernet.config.name if hypernet else "",
-        hypernet_sha256=sha256_file(hypernet.source_path) if hypernet else "",
-        content_sha256=sha256_file(args.content), style_sha256=sha256_file(args.style),
-        content_name=Path(args.content).name, style_name=Path(args.style).name)
-    save_merged(merged, out, metadata, args.dtype, args.force)
+    if scheduled:
+        document = schedule_document(merged, Path(args.content).name, Path(args.style).name, params)
+        text = json.dumps(document, indent=1, allow_nan=False) + "\n"
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), args.force)
+    else:
+        metadata = merge_metadata(
+            merged, hypernet_name=hypernet.config.name if hypernet else "",
+            hypernet_sha256=sha256_file(hypernet.source_path) if hypernet else "",
+            content_sha256=sha256_file(args.content), style_sha256=sha256_file(args.style),
+            content_name=Path(args.content).name, style_name=Path(args.style).name)
+        metadata["lorarar.params"] = json.dumps(params, sort_keys=True)
+        save_merged(merged, out, metadata, args.dtype, args.force)
     log.info("wrote %s (%s)", out, merged.report.summary())
     for note in merged.report.notes:
         log.warning("%s", note)
