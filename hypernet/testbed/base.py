@@ -54,11 +54,19 @@ class BaseConfig:
     context_dim: int = 32
     head_dim: int = 16
     groups: int = 8
+    # The UNet predicts the clean image x0 ("sample"), not the noise: a model this small copies
+    # the 3072-dimensional noise too imprecisely for ε-prediction (its x0 estimate at high noise,
+    # ε's error × 1/√ᾱ, is pure noise and DDIM never recovers); x0-prediction degrades to blur.
+    prediction: str = "sample"
     vocabulary: list[str] = field(default_factory=base_vocabulary)
 
     @classmethod
     def tiny(cls) -> "BaseConfig":
         return cls(channels=(8, 16, 24), context_dim=16, head_dim=8, groups=4)
+
+    @property
+    def lora_target(self) -> str:
+        return "x0" if self.prediction == "sample" else "noise"
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(channels=tuple(self.channels), transformer_depth=tuple(self.transformer_depth),
@@ -181,7 +189,11 @@ class TestbedBase:
                 a_prev = ac[times[i + 1]] if i + 1 < steps else torch.tensor(1.0)
                 eps = torch.cat([self.unet(x[s:s + batch], t.float().expand(len(x[s:s + batch])),
                                            context=context[s:s + batch]) for s in range(0, len(x), batch)])
-                x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+                if self.config.prediction == "sample":
+                    x0 = eps.clamp(-1, 1)
+                    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+                else:
+                    x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
                 x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return from_latent(x)
 
@@ -278,7 +290,8 @@ def pretrain(model: TestbedBase, steps: int, batch: int = 32, lr: float = 2e-3, 
         noise = torch.randn(x0.shape, generator=gen)
         a = ac[t].reshape(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t.float(), context=enc(prompts)), noise)
+        target = x0 if model.config.prediction == "sample" else noise
+        loss = F.mse_loss(unet(xt, t.float(), context=enc(prompts)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

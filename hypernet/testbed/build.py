@@ -37,15 +37,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BaseSettings:
-    steps: int = 1000
+    steps: int = 1200
     batch: int = 32
     lr: float = 2e-3
     seed: int = 0
+    # a second one-cycle stage from the first one's weights (0: none); the first stage is cached
+    # on its own, so a longer schedule reuses it
+    more_steps: int = 0
+    more_lr: float = 1e-3
+
+    def first_stage(self) -> "BaseSettings":
+        return BaseSettings(self.steps, self.batch, self.lr, self.seed)
 
 
 @dataclass
 class HypernetSettings:
-    steps: int = 400
+    steps: int = 500
     hidden: int = 128
     lr: float = 0.01
     lam: float = 0.01
@@ -63,10 +70,11 @@ class WorldSettings:
     test_subjects: int = 5
     test_styles: int = 5
     subject_images: int = 4
-    lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=5e-3))
-    judge_steps: int = 800
+    lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=1e-2))
+    judge_steps: int = 1600
     judge_batch: int = 64
     judge_eval: int = 3000       # held-out renders for the reported accuracy
+    judge_blur: float = 0.5      # share of judge training images blurred (the generator is blurry)
     hypernet: HypernetSettings = field(default_factory=HypernetSettings)
     base: BaseSettings = field(default_factory=BaseSettings)
     base_config: BaseConfig = field(default_factory=BaseConfig)
@@ -91,7 +99,7 @@ class WorldSettings:
         return cache.key(self.base_key(), asdict(self.lora))
 
     def judges_key(self) -> str:
-        return cache.key(self.judge_steps, self.judge_batch)
+        return cache.key(self.judge_steps, self.judge_batch, self.judge_blur)
 
     def hypernet_key(self) -> str:
         return cache.key(self.lora_key(), asdict(self.hypernet))
@@ -130,18 +138,33 @@ class BuiltWorld:
         return TestbedBase.load(self.base_path)
 
 
+def _base_path(root: Path, config: BaseConfig, settings: BaseSettings) -> Path:
+    first = {k: v for k, v in asdict(settings).items() if k in ("steps", "batch", "lr", "seed")}
+    parts = [asdict(config), first]
+    if settings.more_steps:
+        parts.append(asdict(settings))
+    return Path(root) / "base" / f"base-{cache.key(*parts)}.safetensors"
+
+
 def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=None) -> tuple[TestbedBase, Path, float]:
     """The pretrained base model (from the cache when it is there). Returns (model, path, seconds spent)."""
-    path = Path(root) / "base" / f"base-{cache.key(asdict(config), asdict(settings))}.safetensors"  # = base_key()
+    path = _base_path(root, config, settings)
     if path.is_file():
         return TestbedBase.load(path), path, 0.0
     start = time.perf_counter()
-    model = TestbedBase(config, seed=settings.seed)
-    losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, progress)
-    seconds = time.perf_counter() - start
-    model.save(path, extra={"steps": str(settings.steps), "final_loss": f"{np.mean(losses[-50:]):.4f}",
+    if settings.more_steps:
+        model, _, first = build_base(root, config, settings.first_stage(), progress)
+        previous = float(model.metadata.get("seconds", "nan")) if not first else first
+        losses = pretrain(model, settings.more_steps, settings.batch, settings.more_lr, settings.seed + 1, progress)
+        seconds = time.perf_counter() - start - first + previous
+    else:
+        model = TestbedBase(config, seed=settings.seed)
+        losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, progress)
+        seconds = time.perf_counter() - start
+    model.save(path, extra={"steps": str(settings.steps + settings.more_steps),
+                            "final_loss": f"{np.mean(losses[-50:]):.4f}",
                             "seconds": f"{seconds:.1f}", "threads": str(torch.get_num_threads())})
-    return model, path, seconds
+    return model, path, time.perf_counter() - start
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -200,7 +223,8 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     for index, (name, images, prompt, kind) in enumerate(jobs):
         path = built.lora_path(name)
         if not path.is_file():
-            lora_settings = LoraTrainSettings(**{**asdict(settings.lora), "seed": settings.lora.seed + index})
+            lora_settings = LoraTrainSettings(**{**asdict(settings.lora), "seed": settings.lora.seed + index,
+                                                 "target": settings.base_config.lora_target})
             factors, losses = train_lora(model.unet, model.denoise, model.schedule,
                                          lora_examples(model, images, prompt), lora_settings)
             save_kohya(factors, path, {"lorarar_testbed.kind": kind, "lorarar_testbed.prompt": prompt,
@@ -216,7 +240,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
         from .judges import train_judges
 
         judges = train_judges(world, settings.judge_steps, settings.judge_batch, seed=settings.seed,
-                              eval_images=settings.judge_eval,
+                              eval_images=settings.judge_eval, blur_fraction=settings.judge_blur,
                               progress=lambda d, n, loss: say("judges", d, n))
         judges.save(built.judges_path)
     timings["judges"] = round(time.perf_counter() - t0, 1)

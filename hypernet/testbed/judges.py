@@ -96,6 +96,20 @@ class Judges:
         return cls(net, subjects, styles, json.loads(meta["accuracy"]))
 
 
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image (B, 3, H, W) with its own sigma (B,) in pixels (0: unchanged)."""
+    r = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    b, c, h, w = x.shape
+    y = x.reshape(1, b * c, h, w)
+    kh = k.repeat_interleave(c, 0)[:, None, None, :]
+    kv = k.repeat_interleave(c, 0)[:, None, :, None]
+    y = F.conv2d(F.pad(y, (3, 3, 0, 0), mode="replicate"), kh, groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), kv, groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
 def _draw(world: W.World, rng: np.random.Generator, n: int, subject_labels: list[str],
           style_labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     items, ys, yt = [], [], []
@@ -114,7 +128,7 @@ def _draw(world: W.World, rng: np.random.Generator, n: int, subject_labels: list
 
 
 def train_judges(world: W.World, steps: int = 1500, batch: int = 96, lr: float = 3e-3, seed: int = 0,
-                 eval_images: int = 3000, width: int = 24, progress=None) -> Judges:
+                 eval_images: int = 3000, width: int = 24, blur_fraction: float = 0.5, progress=None) -> Judges:
     subject_labels = [s.name for s in world.subjects] + ([OTHER] if world.free_combos else [])
     style_labels = [s.name for s in world.styles] + [PLAIN]
     rng = np.random.default_rng(W._seed("judges", world.seed, seed))
@@ -129,6 +143,10 @@ def train_judges(world: W.World, steps: int = 1500, batch: int = 96, lr: float =
     for step in range(steps):
         images, ys, yt = _draw(world, rng, batch, subject_labels, style_labels)
         x = _to_input(images)
+        # The generator's samples are blurrier than the renders: half of every batch is blurred
+        # (σ up to 1.5 px) so that the judges look at what survives blur and not at pixel detail.
+        sigma = torch.rand(len(x), generator=gen) * 1.5 * (torch.rand(len(x), generator=gen) < blur_fraction)
+        x = torch.where(sigma[:, None, None, None] > 0.05, blur(x, sigma), x)
         x = x + torch.randn(x.shape, generator=gen) * 0.06 * torch.rand(len(x), 1, 1, 1, generator=gen)
         a, b = net(x)
         loss = F.cross_entropy(a, torch.from_numpy(ys)) + F.cross_entropy(b, torch.from_numpy(yt))
@@ -146,9 +164,15 @@ def train_judges(world: W.World, steps: int = 1500, batch: int = 96, lr: float =
     ps, pt = judges.classify(images)
     subject_ok = np.array([p == subject_labels[i] for p, i in zip(ps, ys)])
     style_ok = np.array([p == style_labels[i] for p, i in zip(pt, yt)])
+    with torch.no_grad():
+        blurred = blur(_to_input(images), torch.full((len(images),), 1.0))
+        a, b = net(blurred)
+    subject_blur = (a.argmax(1).numpy() == ys).mean()
+    style_blur = (b.argmax(1).numpy() == yt).mean()
     judges.accuracy = {"subject": float(subject_ok.mean()), "style": float(style_ok.mean()),
+                       "subject_blurred_1px": float(subject_blur), "style_blurred_1px": float(style_blur),
                        "held_out_images": eval_images, "train_steps": steps, "batch": batch,
-                       "seconds": round(time.perf_counter() - start, 1)}
-    log.info("judges: held-out accuracy subject %.4f, style %.4f (%d renders)", judges.accuracy["subject"],
-             judges.accuracy["style"], eval_images)
+                       "blur_fraction": blur_fraction, "seconds": round(time.perf_counter() - start, 1)}
+    log.info("judges: held-out accuracy subject %.4f, style %.4f (blurred 1 px: %.4f, %.4f; %d renders)",
+             judges.accuracy["subject"], judges.accuracy["style"], subject_blur, style_blur, eval_images)
     return judges

@@ -36,6 +36,7 @@ class LoraTrainSettings:
     lr: float = 5e-3
     seed: int = 0
     only: tuple[str, ...] = ()     # train only layers whose name contains one of these (default: all)
+    target: str = "noise"          # what the UNet predicts: "noise" (ε) or "x0" (the clean sample)
 
 
 def _noisy(schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def train_lora(unet: torch.nn.Module, denoise: Denoise, schedule, examples: list
                 t = torch.randint(0, steps_total, (s.batch,), generator=gen)
                 noise = torch.randn(x0.shape, generator=gen)
                 pred = denoise(_noisy(schedule, x0, noise, t), t.float(), {"context": contexts[idx]})
-                loss = F.mse_loss(pred.float(), noise)
+                loss = F.mse_loss(pred.float(), x0 if s.target == "x0" else noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
