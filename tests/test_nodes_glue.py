@@ -202,7 +202,7 @@ def test_a_non_sdxl_lora_is_refused_naming_the_input_and_the_hypernetwork_widths
 def test_lorarar_without_hypernetwork_and_unknown_method_are_clear_errors(pair):
     with pytest.raises(HypernetError, match=r"^hypernetwork: method 'lorarar' needs a hypernetwork"):
         merge_logic.run_merge(pair[0], pair[1], None, 1, 1, "lorarar")
-    with pytest.raises(LoraRarError, match=r"^method: expected one of lorarar, sum"):
+    with pytest.raises(LoraRarError, match=r"^method: expected one of lorarar, np-lora, k-lora, sum"):
         merge_logic.run_merge(pair[0], pair[1], None, 1, 1, "average")
 
 
