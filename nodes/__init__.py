@@ -14,7 +14,7 @@ from .comfy_v3 import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-TOPIC_MODULES = ("nodes_lora", "nodes_merge", "nodes_judge", "nodes_train")
+TOPIC_MODULES = ("nodes_lora", "nodes_merge", "nodes_judge", "nodes_train", "nodes_grid")
 
 
 class LoraRarExtension(ComfyExtension):

@@ -2,7 +2,17 @@
 
 The merge patches MODEL/CLIP through `comfy.sd.load_lora_for_models` with a few batched dicts
 (see `hypernet.nodelogic.merge.patch_plan`), outputs the exact merged LoRA lazily as a LORA_MODEL and
-draws the merge coefficients per UNet transformer block. Logic lives in `hypernet.nodelogic.hypernet` and `.merge`.
+draws what the method did per UNet transformer block. Logic lives in `hypernet.nodelogic.hypernet` and `.merge`.
+
+K-LoRA's model changes patches during sampling (`KLoraSwitcher`): every layer that switches inside
+sampling is patched with its content side like any LoRA, and when sampling reaches the layer's
+switch point its patch is exchanged for the style side and that one weight is re-patched by
+ComfyUI's own `patch_weight_to_device` from the original weight. Each layer switches at most
+once per image (and back when sampling ends), so the added work per image is about two LoRA
+patches of the switching layers, and per step one comparison of the noise level. Alternatives
+measured against this: ComfyUI's hook keyframes re-patch *every* hooked weight at each keyframe
+change and are attached to conditioning, not to a MODEL; bypass-style forward hooks add two
+small matmuls per switching layer to every model call (see benchmarks/bench_methods.py).
 """
 
 from __future__ import annotations
@@ -11,7 +21,8 @@ import logging
 import os
 from pathlib import Path
 
-from ..hypernet.merge import METHODS
+from ..hypernet.errors import LoraMismatchError
+from ..hypernet.merge import METHODS, REGISTRY
 from ..hypernet.nodelogic import hypernet as hypernet_logic
 from ..hypernet.nodelogic import merge as merge_logic
 from . import paths
@@ -21,6 +32,98 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "LoRA.rar"
 Hypernet = io.Custom("LORARAR_HYPERNET")
+
+SWITCH_CALLBACK_KEY = "lorarar_k_lora"
+
+
+class KLoraSwitcher:
+    """Exchanges, during sampling, the content patch of each switching layer for its style patch
+    once sampling reaches the layer's switch point; restores the content patches when sampling
+    ends, so outside sampling the MODEL is its p = 0 state (what ComfyUI's own patching of it,
+    a weight dump or another node sees). Registered as ModelPatcher callbacks, which every clone
+    of the model keeps: ON_PRE_RUN (noise levels of the switch points), ON_PREPARE_STATE (every
+    model call, with its sigma), ON_CLEANUP (after sampling, also after an error or interrupt)."""
+
+    def __init__(self, timeline, keys: dict[str, str], content_patches: dict, style_patches: dict):
+        self.timeline = timeline
+        self.weight_keys = [keys[module] for module in timeline.order]
+        self.content_patches, self.style_patches = content_patches, style_patches
+        self.applied = 0  # layers (a prefix of the timeline) now on their style patch
+
+    def register(self, patcher) -> None:
+        from comfy.patcher_extension import CallbacksMP
+
+        patcher.add_callback_with_key(CallbacksMP.ON_PRE_RUN, SWITCH_CALLBACK_KEY, self.on_pre_run)
+        patcher.add_callback_with_key(CallbacksMP.ON_PREPARE_STATE, SWITCH_CALLBACK_KEY, self.on_prepare_state)
+        patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, SWITCH_CALLBACK_KEY, self.on_cleanup)
+
+    def on_pre_run(self, patcher) -> None:
+        model_sampling = patcher.get_model_object("model_sampling")
+        self.timeline.set_noise_levels(model_sampling.percent_to_sigma)
+        # Whatever an interrupted run left in this patcher's lists: back to content.
+        self.applied = len(self.weight_keys)
+        self._move(patcher, 0)
+
+    def on_prepare_state(self, patcher, timestep) -> None:
+        self._move(patcher, self.timeline.switched(float(timestep.reshape(-1)[0])))
+
+    def on_cleanup(self, patcher) -> None:
+        self._move(patcher, 0)
+
+    def _move(self, patcher, target: int) -> None:
+        if target == self.applied:
+            return
+        if target > self.applied:
+            for key in self.weight_keys[self.applied:target]:
+                self._exchange(patcher, key, self.content_patches[key], self.style_patches[key])
+        else:
+            for key in self.weight_keys[target:self.applied]:
+                self._exchange(patcher, key, self.style_patches[key], self.content_patches[key])
+        self.applied = target
+
+    @staticmethod
+    def _exchange(patcher, key: str, old, new) -> None:
+        import comfy.utils
+
+        patches = patcher.patches.get(key, [])
+        index = next((i for i, patch in enumerate(patches) if patch is old), None)
+        if index is None:
+            return  # already exchanged (or the patch list was rebuilt by a node downstream)
+        patches[index] = new
+        # Weights patched in place at load time are re-patched from the original; modules loaded
+        # in low-VRAM mode read the (now exchanged) patch list on every call by themselves.
+        backup = patcher.backup.get(key)
+        if backup is not None:
+            device = comfy.utils.get_attr(patcher.model, key).device
+            if backup.inplace_update:
+                comfy.utils.copy_to_param(patcher.model, key, backup.weight)
+            else:
+                comfy.utils.set_attr_param(patcher.model, key, backup.weight)
+            patcher.patch_weight_to_device(key, device_to=device)
+
+
+def scheduled_model(model, plan):
+    """A clone of `model` whose switching layers follow `plan` during sampling (see KLoraSwitcher)."""
+    import comfy.lora
+
+    from ..hypernet.nodelogic.merge import SwitchTimeline
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    keys = {module: key_map[module] for module in plan.points if module in key_map}
+    missing = sorted(set(plan.points) - set(keys))
+    if missing:
+        raise LoraMismatchError(f"model: the k-lora merge switches layers this model does not have, "
+                                f"e.g. {missing[0]}; is it an SDXL-family model?")
+    to_load = {module: keys[module] for module in keys}
+    content = comfy.lora.load_lora(plan.content, to_load, log_missing=False)
+    style = comfy.lora.load_lora(plan.style, to_load, log_missing=False)
+    patched = model.clone()
+    patched.add_patches({key: content[key] for key in keys.values()}, plan.content_strength)  # one call (DESIGN §8)
+    content_patches = {key: patched.patches[key][-1] for key in keys.values()}
+    # the tuple add_patches builds: (strength_patch, patch, strength_model, offset, function)
+    style_patches = {key: (plan.style_strength, style[key], 1.0, None, None) for key in keys.values()}
+    KLoraSwitcher(SwitchTimeline(plan.points), keys, content_patches, style_patches).register(patched)
+    return patched
 
 
 class LoraRarLoadHypernet(io.ComfyNode):
@@ -65,65 +168,106 @@ class LoraRarLoadHypernet(io.ComfyNode):
         return io.NodeOutput(model)
 
 
+def _method_tooltip() -> str:
+    return ("lorarar: hypernetwork coefficients on to_q/to_out.0 of every attention layer (needs the "
+            "hypernetwork). np-lora: the subject LoRA is projected away from the style LoRA's main "
+            "directions on every layer (set mu). k-lora: each attention layer uses the subject LoRA early "
+            "in sampling and the style LoRA from its own switch point on; no single merged LoRA. "
+            "sum: plain sum of both LoRAs (baseline).")
+
+
 class LoraRarMerge(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         strength = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+        np_params, k_params = REGISTRY["np-lora"].params, REGISTRY["k-lora"].params
         return io.Schema(
             node_id="LoraRarMerge",
             display_name="LoRA.rar Merge",
             category=CATEGORY,
-            description="Merge a subject (content) LoRA and a style LoRA for SDXL: the hypernetwork "
-                        "predicts how much of each to keep per column of every attention q/out "
-                        "matrix; every other layer is summed. Patches MODEL and CLIP.",
+            description="Merge a subject (content) LoRA and a style LoRA for SDXL with one of four "
+                        "methods: LoRA.rar's hypernetwork, NP-LoRA, K-LoRA or the plain sum. Patches "
+                        "MODEL and CLIP.",
+            # Saved workflows store widget values by position: new inputs go at the END only.
             inputs=[
                 io.Model.Input("model", tooltip="The SDXL-family diffusion model to patch."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional text encoders; the LoRAs' text-encoder layers (summed, "
-                                      "never merged by the hypernetwork) are applied to it."),
+                                      "never merged by the hypernetwork; projected by np-lora) are applied to it."),
                 io.LoraModel.Input("content_lora",
                                    tooltip="The subject LoRA (e.g. trained on photos of your dog)."),
                 io.LoraModel.Input("style_lora", tooltip="The style LoRA (e.g. watercolor)."),
                 Hypernet.Input("hypernetwork", optional=True,
                                tooltip="From Load Hypernetwork (LoRA.rar). Needed for method "
-                                       "'lorarar'; unused for 'sum'."),
+                                       "'lorarar'; unused by np-lora, k-lora and sum."),
                 io.Float.Input("content_strength", **strength,
-                               tooltip="Multiplies the content LoRA's contribution after the "
-                                       "hypernetwork (changing it does not rerun the hypernetwork)."),
+                               tooltip="Multiplies the content LoRA's contribution after the method "
+                                       "(changing it does not rerun the method)."),
                 io.Float.Input("style_strength", **strength,
-                               tooltip="Multiplies the style LoRA's contribution after the hypernetwork."),
-                io.Combo.Input("method", options=list(METHODS), default="lorarar",
-                               tooltip="lorarar: hypernetwork coefficients on to_q/to_out.0 of every "
-                                       "attention layer. sum: plain sum of both LoRAs (baseline)."),
+                               tooltip="Multiplies the style LoRA's contribution after the method."),
+                io.Combo.Input("method", options=list(METHODS), default="lorarar", tooltip=_method_tooltip()),
+                io.Float.Input("mu", default=np_params["mu"].default, min=0.0, max=1000.0, step=0.05, optional=True,
+                               tooltip="np-lora only: projection strength. 0 = plain sum; 0.5 = the paper's "
+                                       "default; larger removes more of the subject LoRA along the style's "
+                                       "directions (c = mu/(1+mu))."),
+                io.Int.Input("np_rank", default=0, min=0, max=4096, optional=True,
+                             tooltip="np-lora only: how many of the style LoRA's strongest directions to "
+                                     "project out per layer; 0 = all of them (the style LoRA's rank)."),
+                io.Combo.Input("np_side", options=list(np_params["side"].choices), default="input", optional=True,
+                               tooltip="np-lora only: 'input' projects what the subject LoRA reads "
+                                       "(the paper's Eq. 11, default); 'output' what it writes (Eq. 21)."),
+                io.Int.Input("k_top_k", default=k_params["top_k"].default, min=1, max=1 << 20, optional=True,
+                             tooltip="k-lora only: how many of each layer's largest LoRA entries are summed "
+                                     "to compare the two LoRAs (official: 64)."),
+                io.Float.Input("k_alpha", default=k_params["alpha"].default, min=0.01, max=100.0, step=0.05,
+                               optional=True,
+                               tooltip="k-lora only: how fast the style LoRA takes over as sampling "
+                                       "progresses (official: 1.5; larger = earlier)."),
+                io.Float.Input("k_beta", default=k_params["beta"].default, min=-10.0, max=10.0, step=0.05,
+                               optional=True,
+                               tooltip="k-lora only: the style LoRA's weight at the start of sampling "
+                                       "(official: 0.5; larger = style takes over earlier)."),
             ],
             outputs=[
-                io.Model.Output("patched_model", display_name="model", tooltip="The model with the merged LoRA applied."),
+                io.Model.Output("patched_model", display_name="model",
+                                tooltip="The model with the merge applied (k-lora: its layers switch from the "
+                                        "subject to the style LoRA while sampling)."),
                 io.Clip.Output("patched_clip", display_name="clip",
                                tooltip="The text encoders with both LoRAs' text-encoder layers (None if no clip input)."),
                 io.LoraModel.Output("merged_lora", display_name="merged_lora",
                                     tooltip="The merged LoRA (kohya keys, exact, rank r_c + r_s) for "
-                                            "Save Merged LoRA or core's LoRA nodes."),
+                                            "Save Merged LoRA or core's LoRA nodes. Not available for k-lora, "
+                                            "which is not one LoRA (using it says so)."),
                 io.Image.Output("coefficient_plot", display_name="coefficient_plot",
-                                tooltip="Mean content/style coefficients per UNet transformer block."),
+                                tooltip="What the method did per UNet transformer block: lorarar's mean "
+                                        "coefficients, np-lora's removed share, k-lora's switch point per layer."),
             ],
         )
 
     @classmethod
     def execute(cls, model, content_lora, style_lora, content_strength, style_strength, method,
-                clip=None, hypernetwork=None) -> io.NodeOutput:
+                clip=None, hypernetwork=None, **method_inputs) -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(1)
         merged = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork, content_strength, style_strength, method,
+            params=merge_logic.node_params(method, method_inputs),
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = model, clip
-        plan = merge_logic.patch_plan(merged, include_text_encoders=clip is not None)
+        include_text_encoders = clip is not None
+        if merged.switch_points:
+            switching = merge_logic.switch_plan(merged, include_text_encoders)
+            plan = switching.static
+        else:
+            switching, plan = None, merge_logic.patch_plan(merged, include_text_encoders)
         for state_dict, strength in plan:
             new_model, new_clip = comfy.sd.load_lora_for_models(new_model, new_clip, state_dict, strength, strength)
         if not plan:  # both strengths 0: hand out the inputs unchanged
             new_model, new_clip = model, clip
+        if switching is not None and switching.points and (content_strength != 0 or style_strength != 0):
+            new_model = scheduled_model(new_model, switching)
 
         hypernet_name = hypernetwork.config.name if (hypernetwork is not None and method == "lorarar") else ""
         content_name = merge_logic.name_of(content_lora, "content LoRA")

@@ -200,3 +200,101 @@ def test_cli_writes_the_schedule_and_refuses_a_lora_file(pair_sd, tmp_path, caps
     assert set(document["switch_points"]) == {kohya(n) for n in ATTENTION}
     for name in ATTENTION:
         assert document["switch_points"][kohya(name)] == pytest.approx(rule.crossing(name), rel=1e-5)
+
+
+# --- node logic (no ComfyUI) ------------------------------------------------------------------
+
+def test_switch_plan_splits_static_and_switching_layers(pair):
+    from hypernet import naming
+    from hypernet.nodelogic import merge as merge_logic
+
+    merged = merge(*pair, None, 0.7, 1.2, "k-lora")
+    plan = merge_logic.switch_plan(merged, include_text_encoders=True)
+    moving = {n for n, p in merged.switch_points.items() if 0 < p < 1}
+    assert set(plan.points) == {naming.ldm_to_kohya_key(n) for n in moving}
+    assert (plan.content_strength, plan.style_strength) == (0.7, 1.2)
+    static = {role: {k.rsplit(".", 2)[0] for k in sd} for (sd, _), role in zip(plan.static, ("content", "style"))}
+    for name, p in merged.switch_points.items():
+        module = naming.ldm_to_kohya_key(name)
+        in_content, in_style = module in static["content"], module in static["style"]
+        if p <= 0:
+            assert (in_content, in_style) == (False, True), name
+        elif p >= 1:
+            assert (in_content, in_style) == (True, False), name
+        else:
+            assert not in_content and not in_style and f"{module}.lora_up.weight" in plan.content
+            assert f"{module}.lora_up.weight" in plan.style
+    for name in OTHER:
+        module = naming.ldm_to_kohya_key(name)
+        assert module in static["content"] and module in static["style"]
+    # every patch together is delta_at(p) for a p between the switch points: check p = 0
+    total = {}
+    for sd, strength in plan.static + [(plan.content, plan.content_strength)]:
+        for key in sd:
+            if key.endswith(".lora_up.weight"):
+                module = key[: -len(".lora_up.weight")]
+                up, down = sd[key].double(), sd[f"{module}.lora_down.weight"].double()
+                scale = float(sd[f"{module}.alpha"]) / down.shape[0]
+                total[module] = total.get(module, 0) + strength * scale * up @ down
+    for name in merged.layers:
+        torch.testing.assert_close(total[naming.ldm_to_kohya_key(name)], merged.delta_at(name, 0.0).double(),
+                                   rtol=1e-5, atol=1e-9)
+    without_te = merge_logic.switch_plan(merged, include_text_encoders=False)
+    assert not any(k.startswith("lora_te") for sd, _ in without_te.static for k in sd)
+
+
+def test_timeline_orders_layers_by_switch_point_and_counts_by_noise_level():
+    from hypernet.nodelogic.merge import SwitchTimeline
+
+    timeline = SwitchTimeline({"a": 0.6, "b": 0.1, "c": 0.35, "d": 0.1})
+    assert timeline.order == ["b", "d", "c", "a"]
+    # A made-up monotone schedule: sigma = 10·(1 − p).
+    timeline.set_noise_levels(lambda p: 10 * (1 - p))
+    assert [timeline.switched(s) for s in (10.0, 9.0, 6.5, 6.4, 4.0, 0.5)] == [0, 2, 3, 3, 4, 4]
+    assert timeline.switched(9.0) == 2  # sigma exactly at b's and d's level: p = p_l → style
+
+
+def test_merged_lora_output_of_k_lora_explains_itself(pair, tmp_path):
+    from hypernet.nodelogic import lora as lora_logic
+    from hypernet.nodelogic import merge as merge_logic
+
+    merged = merge(*pair, method="k-lora")
+    output = merge_logic.merged_lora_output(merged, {}, {}, None)
+    assert isinstance(output, dict)
+    for use in (len, list, bool, lambda d: d.keys(), lambda d: d.items(), lambda d: d["x"], lambda d: "x" in d):
+        with pytest.raises(LoraRarError, match="merged_lora: a k-lora merge switches between the two LoRAs"):
+            use(output)
+    with pytest.raises(LoraRarError, match="k-lora"):
+        lora_logic.save_lora_model(output, tmp_path, "k/merged")
+    with pytest.raises(LoraRarError, match="k-lora"):
+        lora_logic.lora_file_of(output, "content LoRA")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_node_params_take_only_the_chosen_methods_widgets():
+    from hypernet.nodelogic.merge import node_params
+
+    widgets = {"mu": 2.0, "np_rank": 0, "np_side": "output", "k_top_k": 16, "k_alpha": 1.0, "k_beta": 0.2}
+    assert node_params("np-lora", widgets) == {"mu": 2.0, "rank": None, "side": "output"}
+    assert node_params("np-lora", {**widgets, "np_rank": 8})["rank"] == "8"
+    assert node_params("k-lora", widgets) == {"top_k": 16, "alpha": 1.0, "beta": 0.2}
+    assert node_params("sum", widgets) == {} and node_params("lorarar", widgets) == {}
+    assert node_params("np-lora", {}) == {}  # an old workflow without the new widgets: defaults
+
+
+def test_plot_shows_each_layers_switch_point(pair):
+    from PIL import ImageStat
+
+    from hypernet.nodelogic import merge as merge_logic
+    from hypernet.nodelogic import plot
+
+    merged = merge(*pair, method="k-lora")
+    image = merge_logic.coefficient_image(merged, "dog", "watercolor", "")
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[2] >= 800
+    switches = plot.layer_switches(merged.switch_points)
+    assert [s.name for s in switches] == [n for n in ATTENTION if n in merged.switch_points]  # UNet order
+    picture = plot.switch_plot(switches, "t")
+    # a layer that uses the style throughout is orange from top to bottom, one with p_l >= 1 blue
+    assert max(ImageStat.Stat(picture).stddev) > 10
+    empty = plot.switch_plot([], "t")
+    assert empty.getpixel((10, 400)) == plot.BACKGROUND

@@ -286,3 +286,18 @@ def test_cli_writes_an_np_lora_file_with_its_settings(pair_sd, tmp_path, capsys)
                  "--mu", "1"]) == 1
     assert "--mu is a setting of --method np-lora, not of --method sum" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_plot_shows_the_removed_share_per_block(pair):
+    from hypernet.nodelogic import merge as merge_logic
+    from hypernet.nodelogic import plot
+
+    merged = merge(*pair, method="np-lora")
+    values = plot.block_values(merged.layer_values)
+    assert [(v.block, v.index) for v in values] == [("input_blocks.4.1", 0), ("input_blocks.4.1", 1),
+                                                    ("output_blocks.3.1", 1)]
+    block = values[0]
+    expected = [merged.layer_values[n] for n in merged.layer_values if n.startswith("input_blocks.4.1.transformer_blocks.0.")]
+    assert block.value == pytest.approx(sum(expected) / len(expected))
+    image = merge_logic.coefficient_image(merged, "dog", "watercolor", "")
+    assert image.shape[0] == 1 and float(image.std()) > 0.05

@@ -1,17 +1,22 @@
 """Logic of the merge node: the library's `merge` with an identity cache, so changing only the
-strengths never runs a method again; the patch plan (how the merged result reaches
-`comfy.sd.load_lora_for_models` cheaply); the merged LORA_MODEL output; the coefficient plot."""
+strengths never runs a method again; the node's method settings; the patch plan (how the merged
+result reaches `comfy.sd.load_lora_for_models` cheaply) and, for K-LoRA, the switch plan (which
+layers change their patch during sampling, and when); the merged LORA_MODEL output; the plot."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .. import naming
+from ..errors import LoraRarError
 from ..merge import merge
-from ..merged import CONTENT, STYLE, MergedLora
+from ..merged import CONTENT, STYLE, MergedLayer, MergedLora
 from ..model import HyperNetwork
 from . import plot
 from .cache import IdentityCache
@@ -26,6 +31,25 @@ Progress = Callable[[int, int], None]
 # parameters. Four entries: the side-by-side workflow runs one pair through every method.
 _MERGES = IdentityCache(size=4)
 
+# The node's method-specific inputs: widget name → (method, library parameter), and their defaults.
+NODE_PARAMS = {
+    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
+    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
+}
+
+
+def node_params(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen method's parameters from the node's widgets. Only that method's: changing
+    another method's widget must not rerun (or re-key) this merge. np_rank 0 means "all"."""
+    params = {}
+    for widget, (owner, name) in NODE_PARAMS.items():
+        if owner == method and inputs.get(widget) is not None:
+            value = inputs[widget]
+            if widget == "np_rank":
+                value = None if int(value) == 0 else str(int(value))
+            params[name] = value
+    return params
+
 
 def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
               content_strength: float, style_strength: float, method: str,
@@ -37,9 +61,43 @@ def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
                  expected_family="sdxl", progress=progress, cache=_MERGES)
 
 
+class NotOneLora(dict):
+    """The LORA_MODEL output of a merge that is not one LoRA (K-LoRA): every read raises the
+    library's explanation naming the method, so core's LoRA nodes, Save Merged LoRA or another
+    merge say why instead of loading or writing something that is not the merge."""
+
+    def __init__(self, merged: MergedLora):
+        super().__init__()
+        try:
+            merged._require_single_lora("merged_lora")
+        except LoraRarError as exc:
+            self._message = str(exc)
+        else:  # only built for merges that are not one LoRA
+            raise ValueError("NotOneLora needs a merge that switches LoRAs during sampling")
+        self.provenance = None
+
+    def _refuse(self, *args, **kwargs):
+        raise LoraRarError(self._message)
+
+    __len__ = __iter__ = __contains__ = __getitem__ = keys = values = items = get = copy = _refuse
+    __setitem__ = __delitem__ = update = pop = setdefault = __or__ = __ror__ = _refuse
+
+    def __bool__(self) -> bool:
+        self._refuse()
+
+    def __repr__(self) -> str:
+        return "<merged_lora of a merge that is not one LoRA>"
+
+    def __reduce_ex__(self, protocol):
+        self._refuse()
+
+
 def merged_lora_output(merged: MergedLora, content_sd: dict, style_sd: dict,
-                       hypernet: HyperNetwork | None) -> LazyMergedLora:
-    """The merged LoRA for the LORA_MODEL output: lazy, with provenance for saving."""
+                       hypernet: HyperNetwork | None) -> dict:
+    """The merged LoRA for the LORA_MODEL output: lazy, with provenance for saving — or, for a
+    merge that switches LoRAs during sampling, a dict that explains why there is none."""
+    if merged.switch_points:
+        return NotOneLora(merged)
     provenance = MergeProvenance(
         merged,
         content_name=name_of(content_sd, ""), content_path=getattr(content_sd, "path", None),
@@ -57,10 +115,82 @@ def patch_plan(merged: MergedLora, include_text_encoders: bool = True) -> list[t
     side is given as its own LoRA (`MergedLora.side_state_dicts`: its original tensors, the
     method's columns folded into `down`, dense layers as `.diff`) at its strength — the same work
     as two stacked LoraLoaders, and never one load_lora_for_models call per layer (DESIGN §8).
+    A K-LoRA merge has its own plan (`switch_plan`).
     """
     sides = merged.side_state_dicts(include_text_encoders)
     return [(sides[role], merged.strength(role)) for role in (CONTENT, STYLE)
             if sides[role] and merged.strength(role) != 0]
+
+
+@dataclass
+class SwitchPlan:
+    """How a K-LoRA merge reaches ComfyUI. `static`: (kohya dict, strength) patched once, like any
+    merge — the summed layers, and the attention projections whose switch point lies outside
+    sampling (p_l ≤ 0: the style side only; p_l ≥ 1: the content side only). `content`/`style`:
+    kohya dicts of the layers that switch during sampling (0 < p_l < 1), one side each, and
+    `points` their switch points by kohya module name. Strengths apply to every patch."""
+
+    static: list[tuple[dict[str, torch.Tensor], float]]
+    content: dict[str, torch.Tensor]
+    style: dict[str, torch.Tensor]
+    points: dict[str, float]
+    content_strength: float
+    style_strength: float
+
+
+def _sides_subset(merged: MergedLora, layers: dict[str, MergedLayer], include_text_encoders: bool) -> dict:
+    """role → kohya dict of the given layers' sides (a single-LoRA view, so the library's one
+    fold and export code is used)."""
+    view = MergedLora(layers, merged.report)
+    return view.side_state_dicts(include_text_encoders)
+
+
+def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> SwitchPlan:
+    """The `SwitchPlan` of a merge with switch points (strength-free parts cached on the merge)."""
+    key = ("switch_plan", include_text_encoders)
+    if key not in merged._shared:
+        fixed: dict[str, MergedLayer] = {}
+        moving: dict[str, MergedLayer] = {}
+        points: dict[str, float] = {}
+        for name, layer in merged.layers.items():
+            point = merged.switch_points.get(name)
+            if point is None:
+                fixed[name] = layer
+            elif point <= 0:
+                fixed[name] = MergedLayer(style=layer.style)
+            elif point >= 1:
+                fixed[name] = MergedLayer(content=layer.content)
+            else:
+                moving[name] = layer
+                points[naming.ldm_to_kohya_key(name)] = point
+        merged._shared[key] = (_sides_subset(merged, fixed, include_text_encoders),
+                               _sides_subset(merged, moving, include_text_encoders), points)
+    static, dynamic, points = merged._shared[key]
+    return SwitchPlan([(static[role], merged.strength(role)) for role in (CONTENT, STYLE)
+                       if static[role] and merged.strength(role) != 0],
+                      dynamic[CONTENT], dynamic[STYLE], points,
+                      merged.content_strength, merged.style_strength)
+
+
+class SwitchTimeline:
+    """The layers that switch during sampling, in the order they switch, and how many of them
+    have switched at a noise level. Progress p is ComfyUI's sampling percent (its
+    `percent_to_sigma`, as used by ControlNet start/end and hook keyframes): p = 0 at the model's
+    highest noise, 1 at none — so any sampler, step count, scheduler or denoise < 1 places every
+    step at the p of its noise level. A layer uses the style side iff sigma ≤ sigma(p_l)."""
+
+    def __init__(self, points: Mapping[str, float]):
+        self.order = sorted(points, key=lambda k: (points[k], k))
+        self.points = [points[k] for k in self.order]
+        self._negative_sigmas: list[float] = []
+
+    def set_noise_levels(self, percent_to_sigma: Callable[[float], float]) -> None:
+        """sigma(p_l) of every layer (descending), from the model's sampling schedule."""
+        self._negative_sigmas = [-float(percent_to_sigma(p)) for p in self.points]
+
+    def switched(self, sigma: float) -> int:
+        """How many layers (a prefix of `order`) use their style side at noise level `sigma`."""
+        return bisect.bisect_right(self._negative_sigmas, -float(sigma))
 
 
 def plot_title(merged: MergedLora, content_name: str, style_name: str, hypernet_name: str) -> tuple[str, str]:
@@ -72,12 +202,24 @@ def plot_title(merged: MergedLora, content_name: str, style_name: str, hypernet_
     return title, subtitle
 
 
-_BLOCK_MEANS = IdentityCache()
+_PLOT_DATA = IdentityCache(size=4)
 
 
 def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hypernet_name: str) -> torch.Tensor:
-    """The merge node's IMAGE output: mean coefficients per transformer block (cached per
-    coefficient set; only the subtitle changes with the strengths)."""
-    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
+    """The merge node's IMAGE output, drawn for what the method did: LoRA.rar's mean coefficients
+    per transformer block, NP-LoRA's removed share per block, K-LoRA's switch point per layer
+    (the data cached per merge; only the subtitle changes with the strengths)."""
     title, subtitle = plot_title(merged, content_name, style_name, hypernet_name)
+    if merged.switch_points:
+        switches = _PLOT_DATA.get_or_compute((merged.switch_points,), lambda: plot.layer_switches(merged.switch_points))
+        subtitle = (f"content {content_name or '?'} x{merged.content_strength:g}, style {style_name or '?'} "
+                    f"x{merged.style_strength:g}; {len(switches)} attention projections: "
+                    f"{sum(0 < s.point < 1 for s in switches)} switch during sampling, "
+                    f"{sum(s.point <= 0 for s in switches)} style throughout, "
+                    f"{sum(s.point >= 1 for s in switches)} content throughout")
+        return plot.image_to_tensor(plot.switch_plot(switches, title, subtitle))
+    if merged.layer_values:
+        values = _PLOT_DATA.get_or_compute((merged.layer_values,), lambda: plot.block_values(merged.layer_values))
+        return plot.image_to_tensor(plot.projection_plot(values, title, subtitle))
+    means = _PLOT_DATA.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
     return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle))
