@@ -80,7 +80,9 @@ def torch_is_float(value) -> bool:
 
 class LoraRarTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoraRarTestTinySDXL, LoraRarTestDumpWeights]
+        from .record_weights import LoraRarTestRecordWeights
+
+        return [LoraRarTestTinySDXL, LoraRarTestDumpWeights, LoraRarTestRecordWeights]
 
 
 async def comfy_entrypoint() -> LoraRarTestExtension:
