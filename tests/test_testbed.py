@@ -236,7 +236,7 @@ def test_bundle_is_small_and_says_what_it_is():
 @needs_bundle
 def test_demo_runs_offline_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "demo"
-    proc = _cli("demo", "--output", str(out))
+    proc = _cli("demo", "--output", str(out), "--images", "2", "--steps", "6")
     for name in ("demo.png", "coefficients.png", "merged_lorarar.safetensors", "verdicts.json"):
         assert (out / name).is_file(), name
     verdicts = json.loads((out / "verdicts.json").read_text())["verdicts"]
@@ -248,4 +248,4 @@ def test_demo_runs_offline_and_refuses_to_overwrite(tmp_path):
     assert read_lora(out / "merged_lorarar.safetensors").unet_layers
     again = _cli("demo", "--output", str(out), check=False)
     assert again.returncode == 1 and "--force" in again.stderr
-    _cli("demo", "--output", str(out), "--force")
+    _cli("demo", "--output", str(out), "--force", "--images", "1", "--steps", "2")

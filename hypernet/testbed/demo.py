@@ -18,13 +18,18 @@ import torch
 
 from . import world as W
 
-BUNDLE_DIR = Path(__file__).resolve().parents[2] / "weights" / "testbed"
+
+def bundle_dir() -> Path:
+    """weights/testbed of the pack (a checkout, or hypernet/weights/testbed in a wheel)."""
+    from ..catalog import PACK_WEIGHTS_DIR
+
+    return PACK_WEIGHTS_DIR / "testbed"
 
 
 def bundle(built, pair: tuple[str, str], dest: Path | None = None) -> Path:
     from .base import TestbedBase
 
-    dest = Path(dest or BUNDLE_DIR)
+    dest = Path(dest or bundle_dir())
     dest.mkdir(parents=True, exist_ok=True)
     subject, style = pair
     TestbedBase.load(built.base_path).save(dest / "base.safetensors", dtype=torch.float16,
@@ -42,7 +47,7 @@ def bundle(built, pair: tuple[str, str], dest: Path | None = None) -> Path:
     return dest
 
 
-def run_demo(out: Path, bundle_dir: Path | None = None, images: int = 4, steps: int = 20, seed: int = 0,
+def run_demo(out: Path, bundle: Path | None = None, images: int = 4, steps: int = 20, seed: int = 0,
              force: bool = False) -> dict:
     from ..lora import read_lora
     from ..merge import merge
@@ -56,7 +61,7 @@ def run_demo(out: Path, bundle_dir: Path | None = None, images: int = 4, steps: 
     from .judges import Judges
 
     start = time.perf_counter()
-    src = Path(bundle_dir or BUNDLE_DIR)
+    src = Path(bundle or bundle_dir())
     info = json.loads((src / "demo.json").read_text())
     out = Path(out)
     targets = [out / n for n in ("demo.png", "coefficients.png", "merged_lorarar.safetensors", "verdicts.json")]
