@@ -29,6 +29,9 @@ FRONTEND_TYPES = {"Note": ["STRING"], "MarkdownNote": ["STRING"]}
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 MODEL_FILE = re.compile(r"^[\w./ -]+\.(safetensors|pth)$")
+# LoraRarMerge's widgets: content_strength, style_strength, method, then (appended later, optional)
+# the methods' settings.
+METHOD_WIDGET = 2
 SECRET = re.compile(r"(sk-[A-Za-z0-9]{16,}|api[_-]?key|Bearer\s+\S{10,})", re.IGNORECASE)
 
 
@@ -42,7 +45,8 @@ def load(path: Path) -> dict:
 
 
 def test_there_are_the_documented_examples():
-    assert {p.stem for p in WORKFLOWS} >= {"lorarar_sdxl_subject_style", "lorarar_sum_vs_lorarar"}
+    assert {p.stem for p in WORKFLOWS} >= {"lorarar_sdxl_subject_style", "lorarar_sum_vs_lorarar",
+                                           "lorarar_all_methods"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -108,12 +112,16 @@ def test_required_sockets_connected(path, schemas):
 
 def expected_widgets(schema: dict) -> list[tuple[str, str, dict]]:
     """(name, kind, options) in the order the frontend stores widgets_values."""
+    return [(name, kind, options) for name, kind, options, _ in widgets_with_sections(schema)]
+
+
+def widgets_with_sections(schema: dict) -> list[tuple[str, str, dict, str]]:
     out = []
-    for _, name, kind, options in schema["inputs"]:
+    for section, name, kind, options in schema["inputs"]:
         if kind in WIDGET_KINDS:
-            out.append((name, kind, options))
+            out.append((name, kind, options, section))
             if options.get("control_after_generate"):
-                out.append(("control_after_generate", "CONTROL", {}))
+                out.append(("control_after_generate", "CONTROL", {}, section))
     return out
 
 
@@ -157,9 +165,14 @@ def test_widget_values_valid(path, schemas):
         values = node.get("widgets_values", [])
         if node["type"] in FRONTEND_TYPES:
             widgets = [("text", "STRING", {})]
+            appended = []
         else:
             widgets = expected_widgets(schemas[node["type"]])
-        if len(values) != len(widgets):
+            appended = [w for w in widgets_with_sections(schemas[node["type"]])[len(values):]]
+        # A workflow saved before optional widgets were appended to a node stores fewer values;
+        # the frontend gives the new ones their defaults. Anything else is a broken workflow.
+        if len(values) > len(widgets) or (len(values) < len(widgets)
+                                          and any(section != "optional" for *_, section in appended)):
             errors.append(f"node {node['id']} ({node['type']}): {len(values)} widget values, "
                           f"schema has {[w[0] for w in widgets]}")
             continue
@@ -182,12 +195,59 @@ def test_no_secrets_and_relative_outputs(path):
 def test_comparison_workflow_uses_one_seed_for_both_methods(schemas):
     wf = load(REPO / "example_workflows" / "lorarar_sum_vs_lorarar.json")
     merges = [n for n in wf["nodes"] if n["type"] == "LoraRarMerge"]
-    assert sorted(n["widgets_values"][-1] for n in merges) == ["lorarar", "sum"]
+    assert sorted(n["widgets_values"][METHOD_WIDGET] for n in merges) == ["lorarar", "sum"]
     samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
     assert len(samplers) == 2
     assert samplers[0]["widgets_values"] == samplers[1]["widgets_values"]
     assert samplers[0]["widgets_values"][1] == "fixed"  # same seed on every run, not re-rolled
     assert any(n["type"] == "ImageBatch" for n in wf["nodes"])
+
+
+def test_merge_node_widgets_only_ever_grow_at_the_end(schemas):
+    """Saved workflows store widget values by position: the widgets of old workflows keep their
+    places, and everything added since is optional (an old API prompt lacks it)."""
+    widgets = widgets_with_sections(schemas["LoraRarMerge"])
+    assert [name for name, *_ in widgets[:3]] == ["content_strength", "style_strength", "method"]
+    assert [name for name, *_ in widgets[3:]] == ["mu", "np_rank", "np_side", "k_top_k", "k_alpha", "k_beta"]
+    assert all(section == "optional" for *_, section in widgets[3:])
+    assert widgets[METHOD_WIDGET][2]["options"] == ["lorarar", "np-lora", "k-lora", "sum"]
+
+
+def _source_of(wf: dict, node_id: int, input_name: str) -> dict:
+    """The node whose output feeds `input_name` of node `node_id`."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    link_id = next(i["link"] for i in nodes[node_id]["inputs"] if i["name"] == input_name)
+    origin = next(link[1] for link in wf["links"] if link[0] == link_id)
+    return nodes[origin]
+
+
+def test_all_methods_workflow_labels_each_image_with_its_method():
+    """One pair through every method with one seed; following the links from the grid back
+    through the Batch Images chain, image k comes from the merge whose method is label k."""
+    wf = load(REPO / "example_workflows" / "lorarar_all_methods.json")
+    merges = [n for n in wf["nodes"] if n["type"] == "LoraRarMerge"]
+    methods = [n["widgets_values"][METHOD_WIDGET] for n in merges]
+    assert sorted(methods) == sorted(["lorarar", "np-lora", "k-lora", "sum"])
+    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    assert len(samplers) == 4 and all(s["widgets_values"] == samplers[0]["widgets_values"] for s in samplers)
+    assert samplers[0]["widgets_values"][1] == "fixed"
+    grid = next(n for n in wf["nodes"] if n["type"] == "LoraRarLabelledGrid")
+    labels = [label.strip() for label in grid["widgets_values"][0].split(",")]
+
+    def images_of(node: dict) -> list[str]:  # the method of every image in this node's output, in order
+        if node["type"] == "ImageBatch":
+            return images_of(_source_of(wf, node["id"], "image1")) + images_of(_source_of(wf, node["id"], "image2"))
+        assert node["type"] == "VAEDecode", node["type"]
+        sampler = _source_of(wf, node["id"], "samples")
+        merge = _source_of(wf, sampler["id"], "model")
+        # …and the sampler's prompts were encoded with that merge's clip
+        for name in ("positive", "negative"):
+            assert _source_of(wf, _source_of(wf, sampler["id"], name)["id"], "clip")["id"] == merge["id"]
+        return [merge["widgets_values"][METHOD_WIDGET]]
+
+    assert images_of(_source_of(wf, grid["id"], "images")) == labels
+    save = next(n for n in wf["nodes"] if n["type"] == "SaveImage")
+    assert _source_of(wf, save["id"], "images")["id"] == grid["id"]
 
 
 def test_widget_checker_rejects_bad_values():
