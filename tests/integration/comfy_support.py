@@ -230,14 +230,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         info = object_info[node["type"]]
         values = iter(node.get("widgets_values", []))
+        missing = object()
         inputs = {}
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 if (isinstance(spec[0], list) or spec[0] in WIDGET_KINDS) and not options.get("forceInput"):
-                    inputs[name] = next(values)
+                    value = next(values, missing)
+                    # A workflow saved before a widget was appended to its node has no value for
+                    # it: the frontend keeps the widget's default.
+                    inputs[name] = options.get("default") if value is missing else value
                     if options.get("control_after_generate"):
-                        next(values)  # the frontend-only "control after generate" value
+                        next(values, None)  # the frontend-only "control after generate" value
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 link = links[slot["link"]]

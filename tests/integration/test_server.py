@@ -94,7 +94,7 @@ def test_merge_node_inputs_match_documented_api(object_info):
     assert merge["output"][:4] == ["MODEL", "CLIP", "LORA_MODEL", "IMAGE"]
     method = inputs["method"]
     options = method[1].get("options") if method[0] == "COMBO" else method[0]
-    assert set(options) == {"lorarar", "sum"}
+    assert set(options) == {"lorarar", "np-lora", "k-lora", "sum"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +351,10 @@ def test_example_workflow_runs_end_to_end(merge_run, object_info, workflow):
     for node_id in saves:
         images = entry["outputs"][node_id]["images"]
         batch = sum(1 for n in prompt.values() if n["class_type"] == "KSampler")
-        assert len(images) == batch  # the comparison saves sum + lorarar as one batch
+        gridded = prompt[node_id]["inputs"]["images"][0] in {
+            i for i, n in prompt.items() if n["class_type"] == "LoraRarLabelledGrid"}
+        # the comparison saves sum + lorarar as one batch; the all-methods one saves one labelled grid
+        assert len(images) == (1 if gridded else batch)
         for image in images:
             assert (server.base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
     plots = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
