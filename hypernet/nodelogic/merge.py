@@ -202,7 +202,9 @@ def plot_title(merged: MergedLora, content_name: str, style_name: str, hypernet_
     return title, subtitle
 
 
-_PLOT_DATA = IdentityCache(size=4)
+# Per-block (or per-layer) plot data of each merge, by identity of its coefficients, removed
+# shares or switch points (the name is older than the non-coefficient plots).
+_BLOCK_MEANS = IdentityCache(size=4)
 
 
 def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hypernet_name: str) -> torch.Tensor:
@@ -211,7 +213,7 @@ def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hy
     (the data cached per merge; only the subtitle changes with the strengths)."""
     title, subtitle = plot_title(merged, content_name, style_name, hypernet_name)
     if merged.switch_points:
-        switches = _PLOT_DATA.get_or_compute((merged.switch_points,), lambda: plot.layer_switches(merged.switch_points))
+        switches = _BLOCK_MEANS.get_or_compute((merged.switch_points,), lambda: plot.layer_switches(merged.switch_points))
         subtitle = (f"content {content_name or '?'} x{merged.content_strength:g}, style {style_name or '?'} "
                     f"x{merged.style_strength:g}; {len(switches)} attention projections: "
                     f"{sum(0 < s.point < 1 for s in switches)} switch during sampling, "
@@ -219,7 +221,7 @@ def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hy
                     f"{sum(s.point >= 1 for s in switches)} content throughout")
         return plot.image_to_tensor(plot.switch_plot(switches, title, subtitle))
     if merged.layer_values:
-        values = _PLOT_DATA.get_or_compute((merged.layer_values,), lambda: plot.block_values(merged.layer_values))
+        values = _BLOCK_MEANS.get_or_compute((merged.layer_values,), lambda: plot.block_values(merged.layer_values))
         return plot.image_to_tensor(plot.projection_plot(values, title, subtitle))
-    means = _PLOT_DATA.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
+    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
     return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle))
