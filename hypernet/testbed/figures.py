@@ -15,6 +15,11 @@ def font(size: int):
         return ImageFont.load_default()
 
 
+def ascii_text(text: str) -> str:
+    """Pillow's built-in font has no dashes or multiplication signs."""
+    return str(text).replace("–", "-").replace("×", "x").replace("—", "-")
+
+
 def _text_w(draw, text, f) -> int:
     box = draw.textbbox((0, 0), text, font=f)
     return box[2] - box[0]
@@ -34,9 +39,9 @@ def table_image(report: dict) -> Image.Image:
                      "–" if sec is None or r["method"] == "oracle" else f"{sec:.3f}"])
     f, fb = font(15), font(17)
     probe = ImageDraw.Draw(Image.new("RGB", (10, 10)))
-    widths = [max(_text_w(probe, str(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
+    widths = [max(_text_w(probe, ascii_text(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
     row_h = 26
-    title = (f"LoRA.rar testbed: {len(report['pairs'])} held-out pairs × {report['settings']['images']} images "
+    title = (f"LoRA.rar testbed: {len(report['pairs'])} held-out pairs x {report['settings']['images']} images "
              f"(world seed {report['world_seed']}); 95% bootstrap intervals over pairs")
     width = max(sum(widths) + 20, _text_w(probe, title, fb) + 20)
     image = Image.new("RGB", (width, 50 + row_h * (len(body) + 1) + 10), BG)
@@ -48,7 +53,7 @@ def table_image(report: dict) -> Image.Image:
         if i % 2 == 0 and i:
             draw.rectangle([10, y, 10 + sum(widths), y + row_h], fill=(245, 245, 248))
         for c, cell in enumerate(row):
-            draw.text((x + 6, y + 5), str(cell), fill=INK, font=fb if i == 0 else f)
+            draw.text((x + 6, y + 5), ascii_text(cell), fill=INK, font=fb if i == 0 else f)
             x += widths[c]
         y += row_h
         if i == 0:
@@ -70,7 +75,7 @@ def labelled_grid(cells: list[list[np.ndarray]], row_labels: list[str], col_labe
     if title:
         draw.text((8, 6), title, fill=INK, font=font(16))
     for c, lab in enumerate(col_labels):
-        draw.text((left + c * (cw + 6), top - 22), lab, fill=INK, font=f)
+        draw.text((left + c * (cw + 6), top - 22), ascii_text(lab), fill=INK, font=f)
     for r, lab in enumerate(row_labels):
         y = top + r * (ch + 6)
         draw.text((8, y + ch // 2 - 8), lab, fill=INK, font=f)
@@ -91,5 +96,24 @@ def sample_grid(samples: dict, rows: list[str], pairs: list[tuple[str, str]], n_
                 line.append(images[k] if images is not None and k < len(images) else blank)
         cells.append(line)
         labels.append(row)
-    cols = [f"{s}×{t}" if k == 0 else "" for s, t in pairs for k in range(n_show)]
+    cols = [f"{s} x {t}" if k == 0 else "" for s, t in pairs for k in range(n_show)]
     return labelled_grid(cells, labels, cols, scale=3, title="samples (same noise in every row)")
+
+
+def redraw(bench_dir, n_show: int = 2) -> None:
+    """table.png and samples.png again from bench.json and generated/ (after a figure change)."""
+    import json
+    from pathlib import Path
+
+    bench_dir = Path(bench_dir)
+    report = json.loads((bench_dir / "bench.json").read_text())
+    table_image(report).save(bench_dir / "table.png")
+    rows = [r["method"] for r in report["rows"]]
+    pairs = [tuple(p) for p in report["pairs"]][: report["settings"]["grid_pairs"]]
+    samples = {}
+    for row in rows:
+        for pi, (s, t) in enumerate(pairs):
+            files = sorted((bench_dir / "generated" / row.replace(" ", "_") / f"{s}__{t}").glob("*.png"))
+            if files:
+                samples[(row, pi)] = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:n_show]])
+    sample_grid(samples, rows, pairs, n_show).save(bench_dir / "samples.png")
