@@ -6,13 +6,14 @@ draws what the method did per UNet transformer block. Logic lives in `hypernet.n
 
 K-LoRA's model changes patches during sampling (`KLoraSwitcher`): every layer that switches inside
 sampling is patched with its content side like any LoRA, and when sampling reaches the layer's
-switch point its patch is exchanged for the style side and that one weight is re-patched by
-ComfyUI's own `patch_weight_to_device` from the original weight. Each layer switches at most
-once per image (and back when sampling ends), so the added work per image is about two LoRA
-patches of the switching layers, and per step one comparison of the noise level. Alternatives
-measured against this: ComfyUI's hook keyframes re-patch *every* hooked weight at each keyframe
-change and are attached to conditioning, not to a MODEL; bypass-style forward hooks add two
-small matmuls per switching layer to every model call (see benchmarks/bench_methods.py).
+switch point its patch is exchanged for the style side and that one weight is updated on its
+device (content side out, style side in, with ComfyUI's patch maths); after sampling the kept
+content-state tensors are put back. Each layer switches at most once per image, so the added
+work per image is about one LoRA patch of the switching layers, and per step one comparison of
+the noise level. Alternatives: ComfyUI's hook keyframes re-patch *every* hooked weight at each
+keyframe change and are attached to conditioning, not to a MODEL; bypass-style forward hooks add
+two small matmuls per switching layer to every model call (both measured in
+benchmarks/bench_methods.py).
 """
 
 from __future__ import annotations
@@ -42,13 +43,22 @@ class KLoraSwitcher:
     ends, so outside sampling the MODEL is its p = 0 state (what ComfyUI's own patching of it,
     a weight dump or another node sees). Registered as ModelPatcher callbacks, which every clone
     of the model keeps: ON_PRE_RUN (noise levels of the switch points), ON_PREPARE_STATE (every
-    model call, with its sigma), ON_CLEANUP (after sampling, also after an error or interrupt)."""
+    model call, with its sigma), ON_CLEANUP (after sampling, also after an error or interrupt).
+
+    The weight of a layer switched to its style side is computed on its own device from the
+    weight in place: minus the content patch, plus the style patch (ComfyUI's own patch maths,
+    `comfy.lora.calculate_weight`), and the content-state tensor is kept aside, so switching back
+    is putting it back — exact, no arithmetic. That costs one extra copy of the switched layers
+    while sampling runs; where the device lacks the room for it (or the model is patched in place),
+    each switch re-patches that weight exactly from ComfyUI's original (`patch_weight_to_device`)."""
 
     def __init__(self, timeline, keys: dict[str, str], content_patches: dict, style_patches: dict):
         self.timeline = timeline
         self.weight_keys = [keys[module] for module in timeline.order]
         self.content_patches, self.style_patches = content_patches, style_patches
-        self.applied = 0  # layers (a prefix of the timeline) now on their style patch
+        self.applied = 0   # layers (a prefix of the timeline) now on their style patch
+        self.fast = True   # keep content-state tensors aside (see the class docstring)
+        self._kept: dict[str, tuple] = {}   # key → (content-state tensor, the style tensor put in its place)
 
     def register(self, patcher) -> None:
         from comfy.patcher_extension import CallbacksMP
@@ -58,48 +68,75 @@ class KLoraSwitcher:
         patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, SWITCH_CALLBACK_KEY, self.on_cleanup)
 
     def on_pre_run(self, patcher) -> None:
+        import comfy.model_management
+        import comfy.utils
+
         model_sampling = patcher.get_model_object("model_sampling")
         self.timeline.set_noise_levels(model_sampling.percent_to_sigma)
         # Whatever an interrupted run left in this patcher's lists: back to content.
         self.applied = len(self.weight_keys)
         self._move(patcher, 0)
+        self._kept.clear()
+        weights = [comfy.utils.get_attr(patcher.model, key) for key in self.weight_keys if key in patcher.backup]
+        if weights:
+            needed = sum(w.numel() * w.element_size() for w in weights)
+            free = comfy.model_management.get_free_memory(weights[0].device)
+            self.fast = free > needed + comfy.model_management.minimum_inference_memory()
 
     def on_prepare_state(self, patcher, timestep) -> None:
         self._move(patcher, self.timeline.switched(float(timestep.reshape(-1)[0])))
 
     def on_cleanup(self, patcher) -> None:
         self._move(patcher, 0)
+        self._kept.clear()
 
     def _move(self, patcher, target: int) -> None:
         if target == self.applied:
             return
         if target > self.applied:
             for key in self.weight_keys[self.applied:target]:
-                self._exchange(patcher, key, self.content_patches[key], self.style_patches[key])
+                self._exchange(patcher, key, self.content_patches[key], self.style_patches[key], to_style=True)
         else:
             for key in self.weight_keys[target:self.applied]:
-                self._exchange(patcher, key, self.style_patches[key], self.content_patches[key])
+                self._exchange(patcher, key, self.style_patches[key], self.content_patches[key], to_style=False)
         self.applied = target
 
-    @staticmethod
-    def _exchange(patcher, key: str, old, new) -> None:
+    def _exchange(self, patcher, key: str, old, new, to_style: bool) -> None:
+        import comfy.float
+        import comfy.lora
+        import comfy.model_patcher
         import comfy.utils
+        import torch
 
         patches = patcher.patches.get(key, [])
         index = next((i for i, patch in enumerate(patches) if patch is old), None)
         if index is None:
             return  # already exchanged (or the patch list was rebuilt by a node downstream)
         patches[index] = new
-        # Weights patched in place at load time are re-patched from the original; modules loaded
-        # in low-VRAM mode read the (now exchanged) patch list on every call by themselves.
+        # Modules loaded in low-VRAM mode read the (now exchanged) patch list on every call by
+        # themselves; weights patched at load time are changed here.
         backup = patcher.backup.get(key)
-        if backup is not None:
-            device = comfy.utils.get_attr(patcher.model, key).device
-            if backup.inplace_update:
-                comfy.utils.copy_to_param(patcher.model, key, backup.weight)
-            else:
-                comfy.utils.set_attr_param(patcher.model, key, backup.weight)
-            patcher.patch_weight_to_device(key, device_to=device)
+        if backup is None:
+            return
+        current = comfy.utils.get_attr(patcher.model, key)
+        kept = self._kept.pop(key, None)
+        if not to_style and kept is not None and kept[1] is current:
+            comfy.utils.set_attr(patcher.model, key, kept[0])  # the content-state tensor, as it was
+            return
+        if to_style and self.fast and not backup.inplace_update:
+            removed = (-old[0], *old[1:])  # the same patch at minus its strength
+            weight = comfy.lora.calculate_weight([removed, new], current.to(torch.float32, copy=True), key)
+            weight = comfy.float.stochastic_rounding(weight, current.dtype, seed=comfy.model_patcher.string_to_seed(key))
+            replacement = torch.nn.Parameter(weight, requires_grad=False)
+            comfy.utils.set_attr(patcher.model, key, replacement)
+            self._kept[key] = (current, replacement)
+            return
+        # Exactly as ComfyUI patches at load: from the original weight, with the current list.
+        if backup.inplace_update:
+            comfy.utils.copy_to_param(patcher.model, key, backup.weight)
+        else:
+            comfy.utils.set_attr_param(patcher.model, key, backup.weight)
+        patcher.patch_weight_to_device(key, device_to=current.device)
 
 
 def scheduled_model(model, plan):
