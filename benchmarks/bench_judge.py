@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hypernet.cli import main  # noqa: E402
-from tests.judge_support.layout import make_layout  # noqa: E402
-from tests.judge_support.server import JudgeServer, Reply  # noqa: E402
+from tests.support.judge.layout import make_layout  # noqa: E402
+from tests.support.judge.server import JudgeServer, Reply  # noqa: E402
 
 
 def main_bench() -> None:

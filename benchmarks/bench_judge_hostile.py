@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.judge_support.hostile import (  # noqa: E402
+from tests.support.judge.hostile import (  # noqa: E402
     GIB,
     HostileServer,
     chat_body,
@@ -42,7 +42,7 @@ from tests.judge_support.hostile import (  # noqa: E402
     huge_body,
     respond,
 )
-from tests.judge_support.server import JudgeServer, Reply  # noqa: E402
+from tests.support.judge.server import JudgeServer, Reply  # noqa: E402
 
 KEY = "sk-bench-" + "0123456789abcdef" * 2
 

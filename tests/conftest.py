@@ -6,24 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from hypernet.tooling import synthetic
-
-OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "official-hypernets"
-OFFICIAL_SDXL = OFFICIAL_DIR / "lorarar_sdxl_hypernet.pth"
+from tests.support.files import OFFICIAL_SDXL, write_lora
 
 
 @pytest.fixture(scope="session")
 def official_sdxl_path() -> Path:
     if not OFFICIAL_SDXL.is_file():
-        pytest.skip(f"official SDXL hypernetwork not found at {OFFICIAL_SDXL} (third-party file, never in the repo)")
+        pytest.skip(f"official SDXL hypernetwork not found at {OFFICIAL_SDXL} (third-party file, never in the "
+                    "repo; set LORARAR_OFFICIAL_HYPERNETS to the folder that holds it)")
     return OFFICIAL_SDXL
-
-
-def write_lora(path: Path, state_dict: dict, metadata: dict | None = None) -> Path:
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata)
-    return path
 
 
 @pytest.fixture(scope="session")

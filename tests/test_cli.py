@@ -10,8 +10,7 @@ from pathlib import Path
 from hypernet.cli import main
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
-
-from .conftest import write_lora
+from tests.support.files import write_lora
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from hypernet.model import load_hypernet
 from hypernet.training.manifest import load_manifest
 from hypernet.training.testmodel import tiny_base
 from hypernet.training.trainer import Trainer, TrainSettings
-from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
+from tests.support.training import make_dataset, one_thread  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,8 +29,7 @@ from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet, official
 from hypernet.nodelogic import lora as node_lora
 from hypernet.safetensors_io import STALE_DEAD_WRITER_S, STALE_TEMP_S, atomic_write, remove_stale_temp_files
 from hypernet.tooling import synthetic
-
-from .conftest import write_lora
+from tests.support.files import write_lora
 
 REPO = Path(__file__).resolve().parents[1]
 P = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"

@@ -19,7 +19,7 @@ from hypernet.training.injection import (
 from hypernet.training.objective import DiscreteSchedule, Sample, ldm_denoiser, ones_coefficients, ziplora_objective
 from hypernet.training.testmodel import ToyEncoder, UNetConfig, build_unet, random_lora
 from hypernet.training.trainer import CoefficientModel
-from tests.training_support import one_thread  # noqa: F401 - fixture
+from tests.support.training import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

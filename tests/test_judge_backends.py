@@ -14,7 +14,7 @@ from PIL import Image
 
 from hypernet.errors import JudgeBackendError, JudgeInputError
 from hypernet.judge import BackendConfig, make_backend, prepare, resolve_api_key
-from tests.judge_support.server import JudgeServer, Reply, refused_url
+from tests.support.judge.server import JudgeServer, Reply, refused_url
 
 KEY = "sk-test-" + "k3y" * 8  # shaped like a real key, so any leak is easy to spot
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
@@ -259,7 +259,7 @@ def test_transformers_backend_runs_a_tiny_local_model(tmp_path):
     pytest.importorskip("transformers", reason="optional extra 'local-judge' not installed")
     from hypernet.judge import judge
     from hypernet.judge.protocol import ImageJob
-    from tests.judge_support.tiny_vlm import build_tiny_llava
+    from tests.support.judge.tiny_vlm import build_tiny_llava
 
     folder = build_tiny_llava(tmp_path / "tiny-llava")
     backend = make_backend(BackendConfig("transformers", model=str(folder), max_tokens=4, concurrency=8))

@@ -13,8 +13,8 @@ import pytest
 from hypernet.cli import main
 from hypernet.errors import JudgeInputError
 from hypernet.judge import AnswerCache
-from tests.judge_support.layout import make_layout
-from tests.judge_support.server import JudgeServer, Reply, colour_judge
+from tests.support.judge.layout import make_layout
+from tests.support.judge.server import JudgeServer, Reply, colour_judge
 
 KEY = "sk-cli-" + "s3cr3t" * 5
 OK, BAD_SUBJECT, BAD_STYLE = (True, True), (False, True), (True, False)
@@ -254,7 +254,7 @@ def test_cache_that_cannot_be_read_or_appended_is_one_clean_error(tmp_path):
 
 
 def test_cli_hostile_server_gives_one_error_line(layout, tmp_path, capsys, monkeypatch):
-    from tests.judge_support.hostile import HostileServer, http_response, respond
+    from tests.support.judge.hostile import HostileServer, http_response, respond
 
     monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
     generated, references = layout

@@ -17,7 +17,7 @@ from hypernet.judge import AnswerCache, BackendConfig, judge, make_backend, prep
 from hypernet.judge.protocol import ImageJob, Question
 from hypernet.judge.runner import ask_all
 from hypernet.judge.transport import MAX_ERROR_BYTES, MAX_RESPONSE_BYTES
-from tests.judge_support.hostile import (
+from tests.support.judge.hostile import (
     GIB,
     HostileServer,
     chat_body,
@@ -26,8 +26,8 @@ from tests.judge_support.hostile import (
     huge_body,
     respond,
 )
-from tests.judge_support.server import JudgeServer, Reply
-from tests.judge_support.tls import make_certificate, server_context
+from tests.support.judge.server import JudgeServer, Reply
+from tests.support.judge.tls import make_certificate, server_context
 
 KEY = "sk-hostile-" + "Zq9" * 8
 FAST = dict(backoff=0.01, max_backoff=0.02)
@@ -485,7 +485,7 @@ def test_key_with_a_newline_is_refused_naming_its_source(monkeypatch):
 # --- proxies (kept from urllib's behaviour) -------------------------------------------------
 
 def test_http_proxy_from_the_environment_is_used(monkeypatch, key_env):
-    from tests.judge_support.server import refused_url
+    from tests.support.judge.server import refused_url
 
     target = refused_url()  # nothing listens there: only the proxy can answer
     with JudgeServer(lambda seen: Reply("Yes via proxy")) as proxy:

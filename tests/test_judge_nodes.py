@@ -19,8 +19,8 @@ import pytest
 
 from hypernet.errors import JudgeInputError
 from hypernet.judge import BackendConfig, judge_image_batch, make_backend, verdict_grid
-from tests.judge_support.layout import STYLE_COLOURS, SUBJECT_COLOURS, WRONG, split_image
-from tests.judge_support.server import JudgeServer, colour_judge
+from tests.support.judge.layout import STYLE_COLOURS, SUBJECT_COLOURS, WRONG, split_image
+from tests.support.judge.server import JudgeServer, colour_judge
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-node-" + "x9" * 12

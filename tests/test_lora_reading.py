@@ -12,8 +12,7 @@ from hypernet.cli.inspect import describe_lora
 from hypernet.errors import LoraFormatError
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
-
-from .conftest import write_lora
+from tests.support.files import write_lora
 
 SHAPES = synthetic.sdxl_layer_shapes(te_layers=2)
 # Several ranks across layers: 4, 8 and 12 by position.

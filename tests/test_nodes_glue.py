@@ -27,8 +27,7 @@ from hypernet.nodelogic import plot
 from hypernet.nodelogic.lazy import LazyMergedLora, LoadedLora
 from hypernet.safetensors_io import sha256_file
 from hypernet.tooling import synthetic
-
-from .conftest import OFFICIAL_SDXL
+from tests.support.files import OFFICIAL_SDXL
 
 
 def tiny_sdxl_shapes(te_layers: int = 1) -> dict[str, tuple[int, int]]:

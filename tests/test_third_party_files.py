@@ -20,8 +20,7 @@ from hypernet.cli.inspect import describe_lora
 from hypernet.errors import LoraFormatError
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
-
-from .conftest import write_lora
+from tests.support.files import write_lora
 
 # A few real SDXL layers of each kind and width, all 12 CLIP-L layers' attention (the 48 layers
 # transformers 5 renamed), and CLIP-G's first layer.

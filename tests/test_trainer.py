@@ -17,7 +17,7 @@ from hypernet.training.injection import linear_layer_shapes
 from hypernet.training.manifest import check_loras, load_manifest
 from hypernet.training.testmodel import UNetConfig, tiny_base
 from hypernet.training.trainer import Trainer, TrainSettings, build_hypernet
-from tests.training_support import make_dataset, one_thread  # noqa: F401 - fixture
+from tests.support.training import make_dataset, one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ from hypernet.training.objective import (
 )
 from hypernet.training.testmodel import ToyEncoder, build_unet, random_lora
 from hypernet.training.ziplora import ZipLoraSettings, ziplora_merge
-from tests.training_support import one_thread  # noqa: F401 - fixture
+from tests.support.training import one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,7 @@
 """The MLLM judge nodes inside a real ComfyUI, asking a real loopback judge server.
 
 Images enter through core Load Image, the judge's answers come back through core Preview Any.
-The judge server (tests/judge_support) is a deterministic "vision model": it says Yes to a
+The judge server (tests/support/judge) is a deterministic "vision model": it says Yes to a
 content question when the reference colour matches the generated image's left half and to a
 style question when it matches the right half — so the scores depend on the pixels ComfyUI
 actually sent.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.judge_support.server import JudgeServer, colour_judge
+from tests.support.judge.server import JudgeServer, colour_judge
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
