@@ -1,0 +1,7 @@
+"""Helpers shared by the test modules (and a few benchmarks): test modules import from here,
+never from each other.
+
+- `files`: writing LoRA files, where the official (third-party) checkpoints are;
+- `training`: the tiny training data set and the one-thread fixture;
+- `judge/`: loopback judge servers (well-behaved and hostile), image layouts, a tiny local VLM.
+"""
