@@ -103,6 +103,11 @@ def comfy():
         pytest.skip(f"ComfyUI's import-time dependencies missing: {', '.join(missing)}")
     if str(root) not in sys.path:
         sys.path.append(str(root))  # appended: our own `nodes` package must win over ComfyUI's nodes.py
+    if "transformers" not in sys.modules and importlib.util.find_spec("transformers") is not None:
+        # A real transformers decides once, at import, whether torchvision is there: let it decide
+        # before a placeholder torchvision exists, or every later transformers user here would
+        # take the placeholder for the real package.
+        importlib.import_module("transformers")
     stubs = [m for m in ("torchvision", "transformers")
              if m not in sys.modules and importlib.util.find_spec(m) is None]
     for name in stubs:
