@@ -1,6 +1,7 @@
-"""The testbed: world determinism, a tiny world end to end (LoRA files that inspect/merge read,
-the benchmark's outputs), the bundled judges' accuracy, the judge server agreeing with direct
-classification through `python -m hypernet judge`, and the demo."""
+"""The testbed: world determinism, a micro world end to end in seconds (world → LoRA files that
+inspect/merge read → H → merge → sampling → judges), the bundled judges' accuracy; marked slow:
+the tiny world (cache, CLI, benchmark rows, the sweep tools), the judge server agreeing with
+direct classification through `python -m hypernet judge`, and the demo."""
 
 from __future__ import annotations
 
@@ -65,7 +66,105 @@ def test_render_any_subject_in_any_style():
     assert not np.array_equal(plain, W.render(w.subjects[1], W.PLAIN, W.Pose()))
 
 
-# -- a tiny world end to end ---------------------------------------------------------------------
+# -- a micro world end to end (default run: seconds) --------------------------------------------
+
+def _micro_settings():
+    """The smallest world the pipeline runs on: 3 subjects × 3 styles (one test, one validation and
+    one training subject/style), a couple of steps per stage. Checks plumbing, not quality."""
+    from hypernet.testbed.build import BaseSettings, HypernetSettings, WorldSettings
+    from hypernet.training.lora_trainer import LoraTrainSettings
+
+    s = WorldSettings.tiny()
+    s.subjects, s.styles, s.test_subjects, s.test_styles, s.subject_images = 3, 3, 1, 1, 2
+    s.lora = LoraTrainSettings(rank=2, steps=2, batch=2, lr=5e-3)
+    s.judge_steps, s.judge_batch, s.judge_eval = 3, 8, 16
+    s.base = BaseSettings(steps=2, batch=4)
+    s.hypernet = HypernetSettings(steps=2, hidden=8, pairs_per_step=1, dev_subjects=1, dev_styles=1, init="sum")
+    return s
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from hypernet.testbed.build import build_world
+
+    torch.set_num_threads(1)
+    return build_world(_micro_settings(), tmp_path_factory.mktemp("micro"))
+
+
+def test_pipeline_end_to_end(micro, tmp_path, capsys):
+    """world → kohya LoRAs (read by the library and by `inspect`/`merge` in-process) → the testbed H
+    (trained on training pairs only) → merge → sampling with the merge applied → judges."""
+    from hypernet.cli import main
+    from hypernet.lora import read_lora
+    from hypernet.merge import merge
+    from hypernet.model import load_hypernet
+    from hypernet.testbed.bench import merged_patches
+    from hypernet.testbed.build import build_world
+    from hypernet.testbed.judges import Judges
+
+    w = micro.world
+    for s in w.subjects + w.styles:
+        lora = read_lora(micro.lora_path(s.name))
+        assert lora.unet_layers and all(layer.rank == micro.settings.lora.rank for layer in lora.layers.values())
+    h = load_hypernet(micro.hypernet_path)
+    assert h.config.base_family == "lorarar-testbed" and "NOT an SDXL" in h.config.extra["for"]
+    trained = {tuple(p) for p in json.loads(h.config.extra["train_pairs"])}
+    dev = {tuple(p) for p in json.loads(h.config.extra["dev_pairs"])}
+    assert trained and dev and not trained & set(w.test_pairs) and not dev & set(w.test_pairs)
+    assert not {a for a, _ in trained} & {a for a, _ in dev} and not {b for _, b in trained} & {b for _, b in dev}
+    assert json.loads(h.config.extra["test_pairs_never_seen"]) == [list(p) for p in w.test_pairs]
+
+    subject, style = w.test_pairs[0]
+    content_path, style_path = micro.lora_path(subject), micro.lora_path(style)
+    assert main(["inspect", str(content_path)]) == 0
+    assert "layers" in capsys.readouterr().out.lower()
+    out = tmp_path / "rar.safetensors"
+    assert main(["merge", str(content_path), str(style_path), "-o", str(out), "--hypernet", str(micro.hypernet_path)]) == 0
+    assert set(read_lora(out).unet_layers) == set(read_lora(content_path).unet_layers)
+
+    model, judges = micro.base(), Judges.load(micro.judges_path)
+    content, style_lora = read_lora(content_path), read_lora(style_path)
+    merged, summed = merge(content, style_lora, h, method="lorarar"), merge(content, style_lora, None, method="sum")
+    noise = torch.randn((2, 12, 16, 16), generator=torch.Generator().manual_seed(0))
+    prompt = [w.pair_prompt(subject, style)] * 2
+    images = model.sample(prompt, noise, 2, merged_patches(merged)[0])
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert not np.array_equal(images, model.sample(prompt, noise, 2, merged_patches(summed)[0]))
+    subjects, styles = judges.classify(images)
+    assert set(subjects) <= set(judges.subject_labels) and set(styles) <= set(judges.style_labels)
+
+    again = build_world(micro.settings, micro.folder.parents[1])  # everything comes from the cache
+    assert again.info["timings_this_run_s"]["loras"] < 5 and again.hypernet_path == micro.hypernet_path
+
+
+def test_sum_initialised_hypernet_is_the_sum(micro):
+    """init="sum": H's head is 0 with bias 1, so before training its merge is exactly the sum."""
+    from hypernet.lora import read_lora
+    from hypernet.merge import merge
+    from hypernet.testbed.build import sum_initialised
+
+    content, style = (read_lora(micro.lora_path(n)) for n in micro.world.test_pairs[0])
+    h = sum_initialised(micro.base().config.unet_config().attention_widths, hidden=8, seed=0)
+    merged, summed = merge(content, style, h, method="lorarar"), merge(content, style, None, method="sum")
+    assert merged.coefficients and all(torch.equal(m, torch.ones_like(m)) for pair in merged.coefficients.values()
+                                       for m in pair)
+    for name in summed.layers:
+        assert torch.allclose(merged.delta(name), summed.delta(name), atol=1e-6), name
+
+
+def test_guidance_zero_is_the_empty_prompt(micro):
+    """Classifier-free guidance: scale 1 is plain conditional sampling, scale 0 the unconditional
+    (empty-prompt) model."""
+    model = micro.base()
+    noise = torch.randn((2, 12, 16, 16), generator=torch.Generator().manual_seed(1))
+    prompt = [micro.world.subject_prompt(micro.world.subjects[0].name)] * 2
+    plain = model.sample(prompt, noise, 3)
+    assert np.array_equal(model.sample(prompt, noise, 3, guidance=1.0), plain)
+    assert np.array_equal(model.sample(prompt, noise, 3, guidance=0.0), model.sample(["", ""], noise, 3))
+    assert not np.array_equal(model.sample(prompt, noise, 3, guidance=4.0), plain)
+
+
+# -- a tiny world (slow: tens of seconds) ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -76,6 +175,7 @@ def tiny(tmp_path_factory):
     return build_world(WorldSettings.tiny(), root)
 
 
+@pytest.mark.slow
 def test_tiny_world_builds_and_is_cached(tiny):
     from hypernet.lora import read_lora
     from hypernet.model import load_hypernet
@@ -95,6 +195,7 @@ def test_tiny_world_builds_and_is_cached(tiny):
     assert again.info["timings_this_run_s"]["loras"] < 5 and again.hypernet_path == tiny.hypernet_path
 
 
+@pytest.mark.slow
 def test_tiny_loras_work_with_inspect_and_merge(tiny, tmp_path):
     content, style = tiny.world.test_pairs[0]
     proc = _cli("inspect", str(tiny.lora_path(content)))
@@ -111,6 +212,7 @@ def test_tiny_loras_work_with_inspect_and_merge(tiny, tmp_path):
     assert set(merged.unet_layers) == set(c.unet_layers)
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_every_row(tiny, tmp_path):
     from hypernet.merge import METHODS
     from hypernet.testbed.bench import BenchSettings, method_rows, run_bench
@@ -134,7 +236,7 @@ def test_tiny_bench_writes_every_row(tiny, tmp_path):
     assert (tmp_path / "generated" / "lorarar").is_dir()
 
 
-def test_sampler_applies_progress_dependent_merges(tiny):
+def test_sampler_applies_progress_dependent_merges():
     """A merge whose weights depend on sampling progress is re-patched during sampling."""
     from hypernet.testbed.bench import merged_patches
 
@@ -169,6 +271,7 @@ def test_bundled_judges_are_accurate_on_held_out_renders():
     assert np.mean([p == t.name for p, (_, t, _) in zip(styles, items)]) >= 0.93
 
 
+@pytest.mark.slow
 @needs_bundle
 def test_judge_cli_through_classifier_server_matches_direct_classification(tmp_path):
     """`python -m hypernet judge` against the loopback classifier server gives the same accuracies
@@ -233,6 +336,7 @@ def test_bundle_is_small_and_says_what_it_is():
         find_checkpoint("hypernet.safetensors")  # not a catalog name: never offered as SDXL
 
 
+@pytest.mark.slow
 @needs_bundle
 def test_demo_runs_offline_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "demo"
@@ -249,3 +353,29 @@ def test_demo_runs_offline_and_refuses_to_overwrite(tmp_path):
     again = _cli("demo", "--output", str(out), check=False)
     assert again.returncode == 1 and "--force" in again.stderr
     _cli("demo", "--output", str(out), "--force", "--images", "1", "--steps", "2")
+
+
+@pytest.mark.slow
+def test_sweep_tools_on_the_tiny_world(tiny, tmp_path):
+    """The issue-11 experiments: an H configuration trained with early stopping on the validation
+    split and scored there; ZipLoRA snapshots equal ZipLoRA run for that many steps."""
+    from hypernet.testbed import sweep
+    from hypernet.training.ziplora import ZipLoraSettings, ziplora_merge
+
+    ev = sweep.EvalSettings(images=2, sampling_steps=2, objective_draws=2)
+    records = sweep.run_hypernet_sweep(tiny, tmp_path, evaluation=ev, dev=(1, 1),
+                                       configs=[("short", {"steps": 4, "hidden": 8, "pairs_per_step": 1})])
+    by_name = {r["name"]: r for r in records}
+    assert set(by_name) == {"sum", "short"}
+    short = by_name["short"]
+    assert short["chosen_step"] == 4 and short["objective_mse"] > 0 and 0 <= short["joint"] <= 1
+    assert sweep.run_hypernet_sweep(tiny, tmp_path, evaluation=ev, dev=(1, 1), configs=[("short", {})]) == records
+    evaluator = sweep.PairEvaluator(tiny, tiny.world.test_pairs[:1], ev)
+    it = evaluator.items[0]
+    snaps = sweep.ziplora_snapshots(tiny, evaluator.model, it["content"], it["style_lora"], it["examples_s"],
+                                    it["examples_t"], (1, 3), seed=5)
+    direct = ziplora_merge(evaluator.model.unet, evaluator.model.denoise, evaluator.model.schedule, it["content"],
+                           it["style_lora"], it["examples_s"], it["examples_t"], ZipLoraSettings(steps=3, seed=5)).merged
+    for name, (m_c, m_s) in direct.coefficients.items():
+        assert torch.allclose(snaps[3].coefficients[name][0], m_c) and torch.allclose(snaps[3].coefficients[name][1], m_s)
+    assert not torch.equal(snaps[1].coefficients[name][0], snaps[3].coefficients[name][0])

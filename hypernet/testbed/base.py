@@ -172,13 +172,20 @@ class TestbedBase:
     @torch.no_grad()
     def sample(self, prompts: list[str], noise: torch.Tensor, steps: int = 20,
                patches: Callable[[float], dict[str, torch.Tensor] | None] | None = None,
-               batch: int = 128) -> np.ndarray:
+               batch: int = 128, guidance: float = 1.0) -> np.ndarray:
         """DDIM (η = 0) from `noise` (B, 12, 16, 16); `patches(p)` gives ΔW per layer for sampling
-        progress p (None: keep the previous patch). Returns uint8 (B, 32, 32, 3)."""
+        progress p (None: keep the previous patch). `guidance` > 1: classifier-free guidance
+        against the empty prompt (the base is pretrained with 10% empty prompts), with the patch
+        applied to both passes, as ComfyUI applies a LoRA. Returns uint8 (B, 32, 32, 3)."""
         context = self.contexts(prompts)
+        empty = self.contexts([""]).expand(len(prompts), -1, -1)
         ac = self.schedule.alphas_cumprod.float()
         times = torch.linspace(len(ac) - 1, 0, steps).round().long()
         x = noise.clone().float()
+
+        def run(t, ctx):
+            return torch.cat([self.unet(x[s:s + batch], t.float().expand(len(x[s:s + batch])),
+                                        context=ctx[s:s + batch]) for s in range(0, len(x), batch)])
         with WeightPatch(self.unet) as patcher:
             for i, t in enumerate(times):
                 if patches is not None:
@@ -187,8 +194,10 @@ class TestbedBase:
                         patcher.set(delta)
                 a = ac[t]
                 a_prev = ac[times[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-                eps = torch.cat([self.unet(x[s:s + batch], t.float().expand(len(x[s:s + batch])),
-                                           context=context[s:s + batch]) for s in range(0, len(x), batch)])
+                eps = run(t, context)
+                if guidance != 1.0:
+                    uncond = run(t, empty)  # the model's output (x0 or ε) without the prompt
+                    eps = uncond + guidance * (eps - uncond)
                 if self.config.prediction == "sample":
                     x0 = eps.clamp(-1, 1)
                     eps = (x - a.sqrt() * x0) / (1 - a).sqrt()

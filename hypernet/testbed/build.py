@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..model import HypernetConfig, HyperNetwork
 from ..training.lora_trainer import LoraTrainSettings, save_kohya, train_lora
 from . import cache
 from . import world as W
@@ -58,8 +60,20 @@ class HypernetSettings:
     lam: float = 0.01
     pairs_per_step: int = 2
     seed: int = 0
-    dev_subjects: int = 3        # held out of H's training pairs, inside the training split:
-    dev_styles: int = 2          # the trainer's validation, so the test pairs are never looked at
+    dev_subjects: int = 3        # held out of H's training pairs, inside the training split: the
+    dev_styles: int = 2          # validation split (both sides unseen), so test pairs are never looked at
+    weight_decay: float = 1e-4
+    # "default": PyTorch's initialisation (coefficients ≈ 0 at step 0: the merged layers start
+    # with neither LoRA); "sum": output weights 0 and bias 1, so H starts as the plain sum
+    init: str = "default"
+    validate_every: int = 0      # 0: validate once, at the end
+    validation_draws: int = 2    # (timestep, noise) draws per validation pair
+    early_stop: bool = False     # keep the checkpoint with the lowest validation objective
+    train_subjects: int = 0      # use only this many of the training subjects / styles (0: all);
+    train_styles: int = 0        # for the "number of training LoRAs" sweep
+
+
+_FIRST_HYPERNET_FIELDS = ("steps", "hidden", "lr", "lam", "pairs_per_step", "seed", "dev_subjects", "dev_styles")
 
 
 @dataclass
@@ -102,7 +116,11 @@ class WorldSettings:
         return cache.key(self.judge_steps, self.judge_batch, self.judge_blur)
 
     def hypernet_key(self) -> str:
-        return cache.key(self.lora_key(), asdict(self.hypernet))
+        # settings added after the first worlds were built enter the key only when changed, so
+        # an H built before they existed is still found
+        default = asdict(HypernetSettings())
+        h = {k: v for k, v in asdict(self.hypernet).items() if k in _FIRST_HYPERNET_FIELDS or v != default[k]}
+        return cache.key(self.lora_key(), h)
 
 
 @dataclass
@@ -267,43 +285,94 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     return built
 
 
-def write_manifest(built: BuiltWorld) -> Path:
-    w, s = built.world, built.settings.hypernet
-    train_subjects, train_styles = w.train_subjects, w.train_styles
-    rng = np.random.default_rng(W._seed("dev-split", w.seed))
-    dev_subjects = sorted(rng.choice(train_subjects, min(s.dev_subjects, len(train_subjects) - 1), replace=False).tolist())
-    dev_styles = sorted(rng.choice(train_styles, min(s.dev_styles, len(train_styles) - 1), replace=False).tolist())
+def _index(name: str) -> int:
+    """sks12 → 12: manifests list subjects and styles in world order."""
+    return int("".join(ch for ch in name if ch.isdigit()) or 0)
+
+
+def dev_split(world: W.World, settings: HypernetSettings) -> tuple[list[str], list[str]]:
+    """H's validation subjects and styles: drawn from the training side of the world (never the
+    test pairs), both sides unseen in H's training, the way the test split is built."""
+    train_subjects, train_styles = world.train_subjects, world.train_styles
+    rng = np.random.default_rng(W._seed("dev-split", world.seed))
+    dev_subjects = sorted(rng.choice(train_subjects, min(settings.dev_subjects, len(train_subjects) - 1),
+                                     replace=False).tolist())
+    dev_styles = sorted(rng.choice(train_styles, min(settings.dev_styles, len(train_styles) - 1), replace=False).tolist())
+    return dev_subjects, dev_styles
+
+
+def write_manifest(built: BuiltWorld, settings: HypernetSettings | None = None, folder: Path | None = None) -> Path:
+    w, s = built.world, settings or built.settings.hypernet
+    dev_subjects, dev_styles = dev_split(w, s)
+    train_subjects = [n for n in w.train_subjects if n not in dev_subjects]
+    train_styles = [n for n in w.train_styles if n not in dev_styles]
+    # the LoRA-count sweep: fewer training LoRAs (a fixed prefix, so smaller sets nest in larger ones)
+    train_subjects = dev_subjects + train_subjects[: s.train_subjects or None]
+    train_styles = dev_styles + train_styles[: s.train_styles or None]
+    folder = Path(folder or built.hypernet_path.parent)
+    lora_ref = os.path.relpath(built.lora_dir, folder)
+    images_ref = os.path.relpath(built.folder / "images", folder)
     data = {
         "resolution": W.SIZE,
-        "subjects": [{"name": n, "lora": f"../{built.lora_dir.name}/{n}.safetensors", "images": f"../images/subjects/{n}",
-                      "prompt": w.subject_prompt(n), "class_word": w.subject(n).cls} for n in train_subjects],
-        "styles": [{"name": n, "lora": f"../{built.lora_dir.name}/{n}.safetensors", "images": f"../images/styles/{n}.png",
-                    "prompt": w.style_prompt(n, w.style_object(n)[0].cls), "style_name": n} for n in train_styles],
+        "subjects": [{"name": n, "lora": f"{lora_ref}/{n}.safetensors", "images": f"{images_ref}/subjects/{n}",
+                      "prompt": w.subject_prompt(n), "class_word": w.subject(n).cls} for n in sorted(train_subjects, key=_index)],
+        "styles": [{"name": n, "lora": f"{lora_ref}/{n}.safetensors", "images": f"{images_ref}/styles/{n}.png",
+                    "prompt": w.style_prompt(n, w.style_object(n)[0].cls), "style_name": n}
+                   for n in sorted(train_styles, key=_index)],
         "split": {"validation_subjects": dev_subjects, "validation_styles": dev_styles},
     }
-    path = built.hypernet_path.parent / "manifest.json"
+    path = folder / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return path
 
 
+def sum_initialised(widths: tuple[int, ...], hidden: int, seed: int) -> HyperNetwork:
+    """An H whose output is exactly m = 1 (the plain sum) for every input: head weights 0, bias 1."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        h = HyperNetwork(HypernetConfig(hidden=hidden, widths=tuple(sorted(widths)), base_family=FAMILY))
+    with torch.no_grad():
+        h.output[1].weight.zero_()
+        h.output[1].bias.fill_(1.0)
+    return h
+
+
 def train_hypernet(built: BuiltWorld, model: TestbedBase, progress=None, settings: HypernetSettings | None = None,
                    out: Path | None = None) -> Path:
     """The testbed hypernetwork: the pack's trainer on training subjects × training styles only."""
-    from ..model import save_hypernet
+    from ..model import load_hypernet, save_hypernet
+    from ..training.injection import attention_widths, linear_layer_shapes
     from ..training.manifest import load_manifest
     from ..training.trainer import Trainer, TrainSettings
 
     s = settings or built.settings.hypernet
-    manifest = load_manifest(write_manifest(built))
+    out = Path(out or built.hypernet_path)
+    run_dir = out.parent
+    manifest = load_manifest(write_manifest(built, s, run_dir))
     train_pairs, dev_pairs = manifest.split()
-    run_dir = (out or built.hypernet_path).parent
     ts = TrainSettings(steps=s.steps, lr=s.lr, lam=s.lam, seed=s.seed, pairs_per_step=s.pairs_per_step,
-                       checkpoint_every=0, validate_every=0, hidden=s.hidden, amp="off",
-                       name=f"lorarar-testbed-seed{built.world.seed}", license="same as this package")
-    trainer = Trainer(model.training_base(), manifest, ts, run_dir)
+                       weight_decay=s.weight_decay, checkpoint_every=s.validate_every if s.early_stop else 0,
+                       validate_every=s.validate_every, validation_draws=s.validation_draws, hidden=s.hidden,
+                       amp="off", name=f"lorarar-testbed-seed{built.world.seed}", license="same as this package")
+    if s.init not in ("default", "sum"):
+        raise ValueError(f"hypernetwork init must be 'default' or 'sum', not {s.init!r}")
+    init = None
+    if s.init == "sum":
+        widths = attention_widths(linear_layer_shapes(model.unet), tuple(ts.targets))
+        init = sum_initialised(widths, s.hidden, s.seed)
+    trainer = Trainer(model.training_base(), manifest, ts, run_dir, init_hypernet=init)
     result = trainer.run(progress=(lambda d, n, rec: progress(d, n)) if progress else None)
+    validations = [r for r in result.history if r.get("kind") == "validation"]
     final = trainer.final_hypernet(result.validation)
+    chosen_step = result.step
+    if s.early_stop and validations:
+        best = min(validations, key=lambda r: r["hypernet"]["total"])
+        chosen_step = best["step"]
+        if chosen_step != result.step:
+            picked = load_hypernet(run_dir / "checkpoints" / f"step_{chosen_step:06d}" / "hypernet.safetensors")
+            final.load_state_dict(picked.state_dict())
+        final.config.extra["validation_objective_hypernet"] = f"{best['hypernet']['total']:.6g}"
     final.config.extra.update({
         "for": "the LoRA.rar testbed (python -m hypernet testbed / demo); NOT an SDXL hypernetwork",
         "world_seed": str(built.world.seed), "world_subjects": str(len(built.world.subjects)),
@@ -312,6 +381,8 @@ def train_hypernet(built: BuiltWorld, model: TestbedBase, progress=None, setting
         "dev_pairs": json.dumps([[a.name, b.name] for a, b in dev_pairs]),
         "test_pairs_never_seen": json.dumps(built.world.test_pairs),
         "base_model": built.base_path.name,
+        "chosen_step": str(chosen_step), "init": s.init,
+        "validation_curve": json.dumps([[r["step"], round(r["hypernet"]["total"], 5)] for r in validations]),
     })
     final.config.base_family = FAMILY
-    return save_hypernet(final, out or built.hypernet_path, force=True)
+    return save_hypernet(final, out, force=True)
