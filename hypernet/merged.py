@@ -94,8 +94,17 @@ class Side:
                     delta = delta * _column_shape(self.columns.float(), delta)
                 self._dense_delta = delta
             return self._dense_delta
-        up, down = self.up.float(), self.folded_down().float()
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * self.scale
+        return _product([(self, self.scale)])
+
+
+def _product(scaled: list[tuple[Side, float]]) -> torch.Tensor:
+    """Σ factor · ΔW of low-rank sides as ONE matrix product [f·up …] @ [folded_down; …]: the scale
+    goes into the small up factor, never into an out×in pass (dense views of SDXL's large layers
+    are memory-bound; every extra elementwise pass over them cost as much as the product)."""
+    up = torch.cat([side.up.float().flatten(1) * factor for side, factor in scaled], dim=1)
+    down = torch.cat([side.folded_down().float().flatten(1) for side, _ in scaled], dim=0)
+    first = scaled[0][0]
+    return (up @ down).reshape(first.up.shape[0], *first.down.shape[1:])
 
 
 def fold_columns(sides: Iterable[Side]) -> None:
@@ -200,10 +209,12 @@ class MergedLora:
         if name in self.switch_points:
             role = CONTENT if progress < self.switch_points[name] else STYLE
             sides = [(r, s) for r, s in sides if r == role]
-        total = None
+        low_rank = [(side, side.scale * self.strength(role)) for role, side in sides if side.is_low_rank]
+        total = _product(low_rank) if low_rank else None
         for role, side in sides:
-            part = side.delta() * self.strength(role)
-            total = part if total is None else total + part
+            if not side.is_low_rank:
+                part = side.delta() * self.strength(role)
+                total = part if total is None else total.add_(part)
         return total
 
     # -- exports -------------------------------------------------------------------------------
