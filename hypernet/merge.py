@@ -98,7 +98,8 @@ def _run_np_lora(content, style, hypernet, params, progress) -> MergedLora:
 
 
 def _run_k_lora(content, style, hypernet, params, progress) -> MergedLora:
-    return k_lora.k_lora_merge(content, style, params["top_k"], params["alpha"], params["beta"], progress)
+    return k_lora.k_lora_merge(content, style, params["top_k"], params["alpha"], params["beta"], progress,
+                               params["device"])
 
 
 register(Method(
@@ -117,7 +118,9 @@ register(Method(
     params={"top_k": Param(k_lora.DEFAULT_TOP_K, int, "entries of each |ΔW| summed into its magnitude S"),
             "alpha": Param(k_lora.DEFAULT_ALPHA, float, "how fast the style LoRA takes over as sampling "
                            "progresses (> 0)"),
-            "beta": Param(k_lora.DEFAULT_BETA, float, "the style's weight at the start of sampling")}))
+            "beta": Param(k_lora.DEFAULT_BETA, float, "the style's weight at the start of sampling"),
+            "device": Param("cpu", str, "torch device that forms the dense products for the magnitudes "
+                            "(cpu, cuda, …; the ComfyUI node uses its own)")}))
 register(Method("sum", "direct merge: the plain sum of both LoRAs (baseline)", needs_hypernet=False, run=_run_sum))
 
 METHODS = tuple(REGISTRY)

@@ -284,13 +284,17 @@ class LoraRarMerge(io.ComfyNode):
     @classmethod
     def execute(cls, model, content_lora, style_lora, content_strength, style_strength, method,
                 clip=None, hypernetwork=None, **method_inputs) -> io.NodeOutput:
+        import comfy.model_management
         import comfy.sd
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(1)
+        params = merge_logic.node_params(method, method_inputs)
+        if method == "k-lora":  # its magnitudes are dense products: form them where ComfyUI computes
+            params["device"] = str(comfy.model_management.get_torch_device())
         merged = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork, content_strength, style_strength, method,
-            params=merge_logic.node_params(method, method_inputs),
+            params=params,
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = model, clip
         include_text_encoders = clip is not None

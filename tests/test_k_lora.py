@@ -57,6 +57,21 @@ def dense(sd: dict, name: str) -> torch.Tensor:
     return float(sd[f"{module}.alpha"]) / down.shape[0] * up @ down
 
 
+def lycoris_layers(out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """attn1 to_q as LoHa, to_v as a full difference, to_out.0 as DoRA — adapters without a
+    low-rank form (kohya key names, as LyCORIS writes them)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
+    return {
+        f"{p}to_q.hada_w1_a": rnd(out, rank), f"{p}to_q.hada_w1_b": rnd(rank, inp),
+        f"{p}to_q.hada_w2_a": rnd(out, rank), f"{p}to_q.hada_w2_b": rnd(rank, inp), f"{p}to_q.alpha": torch.tensor(2.0),
+        f"{p}to_v.diff": rnd(out, inp),
+        f"{p}to_out_0.lora_up.weight": rnd(out, rank), f"{p}to_out_0.lora_down.weight": rnd(rank, inp),
+        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
+    }
+
+
 class LiteralRule:
     """The rule exactly as DESIGN §4 states it, evaluated at a given p."""
 
@@ -121,10 +136,8 @@ def test_rows_chunked_magnitudes_equal_whole_layer(pair, monkeypatch):
 
 
 def test_magnitudes_of_a_dense_adapter(pair):
-    from tests.test_lora_reading import _loha_lokr_full_dora
-
-    lyco = lora_from_state_dict(_loha_lokr_full_dora())
-    shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    lyco = lora_from_state_dict(lycoris_layers(640, 640))
+    shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     merged = merge(lyco, plain, method="k-lora", params={"top_k": 16})
     deltas = {n: (lyco.layers[n].delta().double(), plain.layers[n].delta().double()) for n in shapes}
@@ -183,7 +196,7 @@ def test_cli_writes_the_schedule_and_refuses_a_lora_file(pair_sd, tmp_path, caps
     import json
 
     from hypernet.cli import main
-    from tests.conftest import write_lora
+    from tests.support.files import write_lora
 
     content, style = write_lora(tmp_path / "c.safetensors", pair_sd[0]), write_lora(tmp_path / "s.safetensors", pair_sd[1])
     refused = tmp_path / "k.safetensors"
@@ -196,7 +209,7 @@ def test_cli_writes_the_schedule_and_refuses_a_lora_file(pair_sd, tmp_path, caps
                  "--k-alpha", "2", "--k-beta", "0.3"]) == 0
     document = json.loads(out.read_text())
     rule = LiteralRule(*pair_sd, 8, 2.0, 0.3)
-    assert document["params"] == {"top_k": 8, "alpha": 2.0, "beta": 0.3}
+    assert document["params"] == {"top_k": 8, "alpha": 2.0, "beta": 0.3, "device": "cpu"}
     assert set(document["switch_points"]) == {kohya(n) for n in ATTENTION}
     for name in ATTENTION:
         assert document["switch_points"][kohya(name)] == pytest.approx(rule.crossing(name), rel=1e-5)
@@ -298,3 +311,10 @@ def test_plot_shows_each_layers_switch_point(pair):
     assert max(ImageStat.Stat(picture).stddev) > 10
     empty = plot.switch_plot([], "t")
     assert empty.getpixel((10, 400)) == plot.BACKGROUND
+
+
+def test_device_setting_gives_the_same_switch_points_and_refuses_a_missing_device(pair):
+    on_cpu = merge(*pair, method="k-lora", params={"device": "cpu"})
+    assert on_cpu.switch_points == merge(*pair, method="k-lora").switch_points
+    with pytest.raises(LoraRarError, match="k-lora: device must be a torch device"):
+        merge(*pair, method="k-lora", params={"device": "no-such-device"})

@@ -38,6 +38,21 @@ def conv_entries(rank: int, seed: int, alpha: float | None) -> dict[str, torch.T
     return entries
 
 
+def lycoris_layers(out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """attn1 to_q as LoHa, to_v as a full difference, to_out.0 as DoRA — adapters without a
+    low-rank form (kohya key names, as LyCORIS writes them)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
+    return {
+        f"{p}to_q.hada_w1_a": rnd(out, rank), f"{p}to_q.hada_w1_b": rnd(rank, inp),
+        f"{p}to_q.hada_w2_a": rnd(out, rank), f"{p}to_q.hada_w2_b": rnd(rank, inp), f"{p}to_q.alpha": torch.tensor(2.0),
+        f"{p}to_v.diff": rnd(out, inp),
+        f"{p}to_out_0.lora_up.weight": rnd(out, rank), f"{p}to_out_0.lora_down.weight": rnd(rank, inp),
+        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
+    }
+
+
 @pytest.fixture(scope="module")
 def pair_sd():
     """Content rank 4 with alpha 2, style rank 6 without alpha (scale 1), conv layers included."""
@@ -214,10 +229,7 @@ def test_rank_deficient_style_projects_only_its_real_directions():
 
 
 def test_dense_adapters_use_the_dense_formula():
-    from tests.test_lora_reading import _loha_lokr_full_dora
-
-    lyco_sd = _loha_lokr_full_dora(out=128, inp=128)  # LoHa to_q, full to_v, DoRA to_out.0 (its LoKr stays 640)
-    lyco = lora_from_state_dict({k: v for k, v in lyco_sd.items() if "to_k" not in k})
+    lyco = lora_from_state_dict(lycoris_layers(128, 128))
     shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (128, 128) for p in ("to_q", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     for content, style in ((lyco, plain), (plain, lyco)):
@@ -268,7 +280,7 @@ def test_cli_writes_an_np_lora_file_with_its_settings(pair_sd, tmp_path, capsys)
     import json
 
     from hypernet.cli import main
-    from tests.conftest import write_lora
+    from tests.support.files import write_lora
 
     content, style = write_lora(tmp_path / "c.safetensors", pair_sd[0]), write_lora(tmp_path / "s.safetensors", pair_sd[1])
     out = tmp_path / "np.safetensors"

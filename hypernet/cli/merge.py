@@ -10,6 +10,7 @@ import argparse
 METHOD_OPTIONS = {
     "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
     "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
+    "k_device": ("k-lora", "device"),
 }
 
 
@@ -48,6 +49,8 @@ def add_parser(subparsers) -> None:
                    help=f"k-lora: {k_params['alpha'].help} (default: {k_params['alpha'].default})")
     p.add_argument("--k-beta", type=float, metavar="B",
                    help=f"k-lora: {k_params['beta'].help} (default: {k_params['beta'].default})")
+    p.add_argument("--k-device", metavar="DEVICE",
+                   help=f"k-lora: {k_params['device'].help} (default: {k_params['device'].default})")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the written factors (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")

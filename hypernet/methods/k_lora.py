@@ -67,28 +67,30 @@ def _top_values(chunk: torch.Tensor, top_k: int) -> torch.Tensor:
     return flat.topk(min(top_k, flat.numel())).values
 
 
-def magnitude(side: Side, top_k: int) -> Magnitude:
-    """S and Σ|ΔW| of one side's ΔW (its file's scale applied), formed a chunk of rows at a time."""
+def magnitude(side: Side, top_k: int, device: torch.device | None = None) -> Magnitude:
+    """S and Σ|ΔW| of one side's ΔW (its file's scale applied), formed a chunk of rows at a time
+    on `device` (default: where the factors are)."""
     if side.is_low_rank:
-        up = side.up.float().reshape(side.up.shape[0], -1)
-        down = side.folded_down().float().reshape(side.down.shape[0], -1)
+        up = side.up.to(device, torch.float32).reshape(side.up.shape[0], -1)
+        down = side.folded_down().to(device, torch.float32).reshape(side.down.shape[0], -1)
         scale = abs(side.scale)
     else:
-        delta = side.delta()
+        delta = side.delta().to(device)
         up, down, scale = None, delta.reshape(delta.shape[0], -1), 1.0
     rows = max(1, CHUNK_ELEMENTS // max(1, down.shape[1]))
-    total = torch.zeros((), dtype=torch.float64)
+    exact = torch.float64 if down.device.type == "cpu" else torch.float32  # (MPS has no float64)
+    total = 0.0
     candidates = []
     for start in range(0, (up if up is not None else down).shape[0], rows):
         if up is not None:
             chunk = (up[start:start + rows] @ down).abs_()  # a fresh product: |·| in place
         else:
             chunk = down[start:start + rows].abs()         # a view of the side's cached ΔW
-        total += chunk.sum(dtype=torch.float64)
+        total += float(chunk.sum(dtype=exact))
         candidates.append(_top_values(chunk, top_k))
     values = torch.cat(candidates)
-    top = values.topk(min(top_k, values.numel())).values.sum(dtype=torch.float64)
-    return Magnitude(float(top) * scale, float(total) * scale)
+    top = values.topk(min(top_k, values.numel())).values.sum(dtype=exact)
+    return Magnitude(float(top) * scale, total * scale)
 
 
 def balance(magnitudes: dict[str, tuple[Magnitude, Magnitude]]) -> float:
@@ -105,6 +107,17 @@ def switch_point(content: Magnitude, style: Magnitude, gamma: float, alpha: floa
     return ((content.top / gamma) / style.top - beta) / alpha
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device for the magnitudes' products ('cpu', 'cuda', 'cuda:1', 'mps', …)."""
+    try:
+        resolved = torch.device(device or "cpu")
+        torch.empty(1, device=resolved)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise LoraRarError(f"k-lora: device must be a torch device this machine has (cpu, cuda, …), "
+                           f"got {device!r}: {exc}") from None
+    return resolved
+
+
 def check_params(top_k: int, alpha: float, beta: float) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise LoraRarError(f"k-lora: top_k must be a whole number >= 1 (official: 64), got {top_k!r}")
@@ -116,10 +129,13 @@ def check_params(top_k: int, alpha: float, beta: float) -> None:
 
 
 def k_lora_merge(content: LoraFile, style: LoraFile, top_k: int = DEFAULT_TOP_K, alpha: float = DEFAULT_ALPHA,
-                 beta: float = DEFAULT_BETA, progress: Progress | None = None) -> MergedLora:
+                 beta: float = DEFAULT_BETA, progress: Progress | None = None, device: str | None = None) -> MergedLora:
     """The strength-free K-LoRA merge: every shared layer as both sides, attention projections
-    with their switch points, the rest summed."""
+    with their switch points, the rest summed. `device`: where the dense products for the
+    magnitudes are formed (the ComfyUI node passes its GPU; the result does not depend on it
+    beyond float rounding)."""
     check_params(top_k, alpha, beta)
+    where = resolve_device(device)
     merged = assemble(content, style, method="k-lora",
                       method_label="switched from content to style during sampling")
     names = [n for n, layer in merged.layers.items()
@@ -128,7 +144,7 @@ def k_lora_merge(content: LoraFile, style: LoraFile, top_k: int = DEFAULT_TOP_K,
     with torch.no_grad():
         for done, name in enumerate(names, start=1):
             layer = merged.layers[name]
-            magnitudes[name] = (magnitude(layer.content, top_k), magnitude(layer.style, top_k))
+            magnitudes[name] = (magnitude(layer.content, top_k, where), magnitude(layer.style, top_k, where))
             if progress:
                 progress(done, len(names))
     gamma = balance(magnitudes)

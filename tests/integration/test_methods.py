@@ -11,17 +11,17 @@ merged_lora output of a K-LoRA merge explains, by method name, why it is not one
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image, ImageStat
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hypernet import merge as merge_lib
 from hypernet.lora import read_lora
 from hypernet.tooling.synthetic import random_factors, to_state_dict
-from tests.integration import test_server as server_helpers
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -36,8 +36,33 @@ RUNS = {  # name → KSampler settings
 BOUNDARY = 2e-3  # calls this close to a layer's switch point are not judged (interpolation rounding)
 
 
-def dump(server, name):
-    return server_helpers.dump(server, name)
+def dump(server, name) -> dict[str, torch.Tensor]:
+    """A file written by the test-only LoraRarTestDumpWeights node."""
+    return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
+
+
+def model_key(layer: str) -> str:
+    """Canonical layer name → key in a LoraRarTestDumpWeights file."""
+    if layer.startswith("te1."):
+        return "clip.clip_l.transformer." + layer[4:] + ".weight"
+    if layer.startswith("te2."):
+        return "clip.clip_g.transformer." + layer[4:] + ".weight"
+    return "unet." + layer + ".weight"
+
+
+def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """What a kohya SDXL LoRA trains, at the tiny model's shapes: the transformer blocks'
+    Linears and the text encoders' attention/MLP layers."""
+    shapes = {}
+    for key, value in base.items():
+        if value.dim() != 2 or not key.endswith(".weight") or "norm" in key:
+            continue
+        if key.startswith("unet.") and (".transformer_blocks." in key or key.endswith((".proj_in.weight", ".proj_out.weight"))):
+            shapes[key[5:-7]] = tuple(value.shape)
+        for prefix, te in (("clip.clip_l.transformer.", "te1."), ("clip.clip_g.transformer.", "te2.")):
+            if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
+                shapes[te + key[len(prefix):-7]] = tuple(value.shape)
+    return shapes
 
 
 def read_record(server, name) -> list[tuple[float, dict[str, torch.Tensor]]]:
@@ -113,7 +138,7 @@ def run(comfy_server):
         "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "methods_base_before"}},
     })
     base = dump(server, "methods_base_before")
-    shapes = server_helpers.lora_shapes(base)
+    shapes = lora_shapes(base)
     content = random_factors(shapes, 4, seed=41)
     content = {n: (up * SPREAD[i % len(SPREAD)], down) for i, (n, (up, down)) in enumerate(content.items())}
     loras = server.base_dir / "models" / "loras"
@@ -150,7 +175,7 @@ def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(run, name)
             point = merged.switch_points.get(layer)
             if point is not None and abs(p - point) < BOUNDARY:
                 continue
-            expected = base[server_helpers.model_key(layer)] + merged.delta_at(layer, p).reshape(weight.shape)
+            expected = base[model_key(layer)] + merged.delta_at(layer, p).reshape(weight.shape)
             torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, layer=layer, p=p: f"{layer} at p={p:.4f}: {m}")
             judged += 1
@@ -171,7 +196,7 @@ def test_sampling_model_is_back_at_its_start_state_and_the_input_model_untouched
     for layer in merged.layers:
         if layer.startswith(("te1.", "te2.")):
             continue
-        key = server_helpers.model_key(layer)
+        key = model_key(layer)
         torch.testing.assert_close(after[key], base[key] + merged.delta_at(layer, 0.0).reshape(base[key].shape),
                                    rtol=1e-5, atol=1e-6)
     other = dump(run["server"], "methods_base_after")
@@ -180,10 +205,15 @@ def test_sampling_model_is_back_at_its_start_state_and_the_input_model_untouched
 
 
 def test_np_lora_patches_exactly_the_library_projection(run):
-    checked, _ = server_helpers.assert_patched_equals(run["base"], dump(run["server"], "np_lora"),
-                                                      run["expected"]["np-lora"], "np-lora")
-    assert checked == len(run["shapes"])
-    assert run["expected"]["np-lora"].report.method_layers == len(run["shapes"])
+    merged, base = run["expected"]["np-lora"], run["base"]
+    patched = dump(run["server"], "np_lora")
+    for layer in merged.layers:
+        key = model_key(layer)
+        torch.testing.assert_close(patched[key], base[key] + merged.delta(layer).reshape(base[key].shape),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, layer=layer: f"{layer}: {m}")
+    targeted = {model_key(n) for n in merged.layers}
+    assert [k for k in base if k not in targeted and not torch.equal(patched[k], base[k])] == []
+    assert len(merged.layers) == merged.report.method_layers == len(run["shapes"])
 
 
 def test_plots_show_what_each_method_did(run):
