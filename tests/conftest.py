@@ -44,3 +44,23 @@ def random_hypernet_pth(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hypernet") / "random_hypernet.pth"
     torch.save(sd, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Test tiers: tests marked `slow` (full-size SDXL shapes, DDP, the testbed's heavier runs, real
+# ComfyUI servers) stay out of the default `python -m pytest`, which must answer in about a
+# minute. `--run-slow` (or any explicit `-m` expression, e.g. `-m slow`) brings them back;
+# `.ci/run` runs both tiers.
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (full-size shapes, DDP, real ComfyUI, browser)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
