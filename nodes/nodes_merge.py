@@ -45,12 +45,15 @@ class KLoraSwitcher:
     of the model keeps: ON_PRE_RUN (noise levels of the switch points), ON_PREPARE_STATE (every
     model call, with its sigma), ON_CLEANUP (after sampling, also after an error or interrupt).
 
-    The weight of a layer switched to its style side is computed on its own device from the
-    weight in place: minus the content patch, plus the style patch (ComfyUI's own patch maths,
-    `comfy.lora.calculate_weight`), and the content-state tensor is kept aside, so switching back
-    is putting it back — exact, no arithmetic. That costs one extra copy of the switched layers
-    while sampling runs; where the device lacks the room for it (or the model is patched in place),
-    each switch re-patches that weight exactly from ComfyUI's original (`patch_weight_to_device`)."""
+    A layer switched to its style side is re-patched as ComfyUI patches at load
+    (`patch_weight_to_device`, from the original weight and the exchanged patch list) where the
+    original sits on the weight's device (CPU runs); on a GPU, whose originals ComfyUI keeps in CPU
+    memory, it is computed where the weight is instead: the weight in place minus the content
+    patch plus the style patch (ComfyUI's patch maths, `comfy.lora.calculate_weight`; equal to the
+    load-time result up to one rounding of the weight's dtype). Either way the content-state tensor
+    is kept aside, so switching back is putting it back — exact, no arithmetic. That costs one extra
+    copy of the switched layers while sampling runs; where the device lacks the room for it (or the
+    model is patched in place), both directions re-patch from ComfyUI's original."""
 
     def __init__(self, timeline, keys: dict[str, str], content_patches: dict, style_patches: dict):
         self.timeline = timeline
@@ -58,6 +61,9 @@ class KLoraSwitcher:
         self.content_patches, self.style_patches = content_patches, style_patches
         self.applied = 0   # layers (a prefix of the timeline) now on their style patch
         self.fast = True   # keep content-state tensors aside (see the class docstring)
+        # True: compute style weights from the weight in place wherever the original is (the GPU
+        # path; lets a CPU-only test run it)
+        self.update_in_place = False
         self._kept: dict[str, tuple] = {}   # key → (content-state tensor, the style tensor put in its place)
 
     def register(self, patcher) -> None:
@@ -123,20 +129,24 @@ class KLoraSwitcher:
         if not to_style and kept is not None and kept[1] is current:
             comfy.utils.set_attr(patcher.model, key, kept[0])  # the content-state tensor, as it was
             return
-        if to_style and self.fast and not backup.inplace_update:
-            removed = (-old[0], *old[1:])  # the same patch at minus its strength
+        keep = to_style and self.fast and not backup.inplace_update
+        if keep and (backup.weight.device != current.device or self.update_in_place):
+            # The original is on another device (a GPU run): update the weight where it is, from
+            # the weight in place — the same patch at minus its strength, then the new one.
+            removed = (-old[0], *old[1:])
             weight = comfy.lora.calculate_weight([removed, new], current.to(torch.float32, copy=True), key)
             weight = comfy.float.stochastic_rounding(weight, current.dtype, seed=comfy.model_patcher.string_to_seed(key))
-            replacement = torch.nn.Parameter(weight, requires_grad=False)
-            comfy.utils.set_attr(patcher.model, key, replacement)
-            self._kept[key] = (current, replacement)
-            return
-        # Exactly as ComfyUI patches at load: from the original weight, with the current list.
-        if backup.inplace_update:
-            comfy.utils.copy_to_param(patcher.model, key, backup.weight)
+            comfy.utils.set_attr(patcher.model, key, torch.nn.Parameter(weight, requires_grad=False))
         else:
-            comfy.utils.set_attr_param(patcher.model, key, backup.weight)
-        patcher.patch_weight_to_device(key, device_to=current.device)
+            # Exactly as ComfyUI patches at load: from the original weight, with the current list
+            # (no copy across devices where the original sits beside the weight, e.g. on the CPU).
+            if backup.inplace_update:
+                comfy.utils.copy_to_param(patcher.model, key, backup.weight)
+            else:
+                comfy.utils.set_attr_param(patcher.model, key, backup.weight)
+            patcher.patch_weight_to_device(key, device_to=current.device)
+        if keep:
+            self._kept[key] = (current, comfy.utils.get_attr(patcher.model, key))
 
 
 def scheduled_model(model, plan):

@@ -117,7 +117,9 @@ def sampling_prompt(files: dict) -> dict:
 
 def after_prompt(files: dict) -> dict:
     """The sampling model (the recorder's, from the cache) and the model passed in, dumped after
-    sampling; the NP-LoRA merge patched and dumped."""
+    sampling; the NP-LoRA merge patched and dumped; one more sampling run on the K-LoRA model with
+    the switcher's GPU path (style weights computed from the weight in place), recorded."""
+    settings = RUNS["euler"]
     return {
         **loaders(files),
         "4": merge_node("k-lora"),
@@ -127,6 +129,15 @@ def after_prompt(files: dict) -> dict:
         "22": {"class_type": "PreviewImage", "inputs": {"images": ["20", 3]}},
         "40": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["10", 0], "name": "klora_sampler_after"}},
         "41": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "methods_base_after"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a sks dog in watercolor style"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "50": {"class_type": "LoraRarTestRecordWeights", "inputs": {
+            "model": ["4", 0], "name": "klora_in_place", "substring": ".attn", "switch_in_place": True}},
+        "51": {"class_type": "KSampler", "inputs": {
+            "model": ["50", 0], "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0],
+            "seed": 5, "cfg": 2.0, **settings}},
+        "52": {"class_type": "SaveLatent", "inputs": {"samples": ["51", 0], "filename_prefix": "latents/klora_in_place"}},
     }
 
 
@@ -157,11 +168,13 @@ def run(comfy_server):
             "shapes": shapes, "files": files, "expected": expected}
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, "in place"])
 def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(run, name):
     merged, base = run["expected"]["k-lora"], run["base"]
-    calls = read_record(run["server"], f"klora_{list(RUNS).index(name)}")
-    settings = RUNS[name]
+    if name == "in place":  # the switcher's GPU path, on the CPU
+        calls, settings = read_record(run["server"], "klora_in_place_0"), RUNS["euler"]
+    else:
+        calls, settings = read_record(run["server"], f"klora_{list(RUNS).index(name)}"), RUNS[name]
     assert len(calls) >= settings["steps"], f"{len(calls)} model calls recorded for {settings['steps']} steps"
     switched = [n for n, p in merged.switch_points.items() if 0 < p < 1]
     assert len(switched) >= 20, merged.switch_points  # the content LoRA's spread worked

@@ -67,14 +67,21 @@ class LoraRarTestRecordWeights(io.ComfyNode):
                 io.Model.Input("model", tooltip="Model to pass through, recorded while it samples."),
                 io.String.Input("name", default="record", tooltip="File name (no extension) under output/lorarar_testonly."),
                 io.String.Input("substring", default=".attn", tooltip="Record the patched weights whose key contains this."),
+                io.Boolean.Input("switch_in_place", default=False, optional=True,
+                                 tooltip="Make the model's K-LoRA switcher compute style weights from the weight in "
+                                         "place (its GPU path) also on the CPU."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, name, substring) -> io.NodeOutput:
+    def execute(cls, model, name, substring, switch_in_place=False) -> io.NodeOutput:
         from comfy.patcher_extension import CallbacksMP
 
+        for callback in model.get_all_callbacks(CallbacksMP.ON_PREPARE_STATE):
+            switcher = getattr(callback, "__self__", None)
+            if hasattr(switcher, "update_in_place"):
+                switcher.update_in_place = bool(switch_in_place)
         recorder = Recorder(name, substring)
         out = model.clone()
         out.add_callback_with_key(CallbacksMP.ON_PRE_RUN, RECORD_KEY, recorder.on_pre_run)
