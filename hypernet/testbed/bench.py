@@ -32,6 +32,9 @@ from .judges import Judges
 log = logging.getLogger(__name__)
 
 FIXED_BEFORE = ("content only", "style only", "sum", "lorarar", "ziplora")
+# rows that run a library method with other settings than its defaults: row → (method, params).
+# NP-LoRA's paper is ambiguous about the side it projects (issue 10): both are measured.
+VARIANTS = {"np-lora output side": ("np-lora", {"side": "output"})}
 
 
 @dataclass
@@ -51,7 +54,10 @@ def method_rows() -> list[str]:
     from .. import merge as merge_module
 
     rows = list(FIXED_BEFORE)
-    rows += [m for m in merge_module.METHODS if m not in rows]
+    for m in merge_module.METHODS:
+        if m not in rows:
+            rows.append(m)
+            rows += [variant for variant, (method, _) in VARIANTS.items() if method == m]
     return rows + ["oracle"]
 
 
@@ -199,7 +205,9 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernet_pa
                                                    ZipLoraSettings(steps=settings.ziplora_steps, seed=settings.seed + pi),
                                                    device="cpu").merged
                         else:
-                            merged = merge(content, style_lora, hypernet if row == "lorarar" else None, method=row)
+                            method, params = VARIANTS.get(row, (row, None))
+                            merged = merge(content, style_lora, hypernet if row == "lorarar" else None,
+                                           method=method, params=params)
                         patches, deltas = merged_patches(merged)
                     record["merge_seconds"].append(time.perf_counter() - t0)
                     images = model.sample([prompt] * n, noise, settings.sampling_steps, patches)

@@ -54,21 +54,23 @@ class BaseSettings:
 
 @dataclass
 class HypernetSettings:
-    steps: int = 500
+    steps: int = 300
     hidden: int = 128
     lr: float = 0.01
     lam: float = 0.01
     pairs_per_step: int = 2
     seed: int = 0
     dev_subjects: int = 3        # held out of H's training pairs, inside the training split: the
-    dev_styles: int = 2          # validation split (both sides unseen), so test pairs are never looked at
+    dev_styles: int = 3          # validation split (both sides unseen), so test pairs are never looked at
     weight_decay: float = 1e-4
     # "default": PyTorch's initialisation (coefficients ≈ 0 at step 0: the merged layers start
     # with neither LoRA); "sum": output weights 0 and bias 1, so H starts as the plain sum
     init: str = "default"
-    validate_every: int = 0      # 0: validate once, at the end
+    validate_every: int = 50     # 0: validate once, at the end
     validation_draws: int = 2    # (timestep, noise) draws per validation pair
-    early_stop: bool = False     # keep the checkpoint with the lowest validation objective
+    # keep the checkpoint with the lowest validation objective: on world 0 the validation
+    # objective is lowest near step 150 and rises after (H overfits its 96 training pairs)
+    early_stop: bool = True
     train_subjects: int = 0      # use only this many of the training subjects / styles (0: all);
     train_styles: int = 0        # for the "number of training LoRAs" sweep
 
@@ -85,6 +87,10 @@ class WorldSettings:
     test_styles: int = 5
     subject_images: int = 4
     lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=1e-2))
+    # subject LoRAs' own settings (None: `lora`, as the style LoRAs). Longer DreamBooth training is
+    # what makes the subject recognisable in content-only samples (docs/testbed.md, round 2)
+    subject_lora: LoraTrainSettings | None = field(
+        default_factory=lambda: LoraTrainSettings(rank=4, steps=300, batch=8, lr=1e-2))
     judge_steps: int = 1600
     judge_batch: int = 64
     judge_eval: int = 3000       # held-out renders for the reported accuracy
@@ -97,7 +103,7 @@ class WorldSettings:
     def tiny(cls, seed: int = 0) -> "WorldSettings":
         """A test-sized world: seconds on a CPU; checks the pipeline, not the quality figures."""
         return cls(seed=seed, subjects=4, styles=4, test_subjects=2, test_styles=2, subject_images=3,
-                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), judge_steps=20, judge_batch=32, judge_eval=100,
+                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), subject_lora=None, judge_steps=20, judge_batch=32, judge_eval=100,
                    hypernet=HypernetSettings(steps=3, hidden=16, pairs_per_step=1, dev_subjects=1, dev_styles=1),
                    base=BaseSettings(steps=4, batch=8), base_config=BaseConfig.tiny())
 
@@ -112,6 +118,13 @@ class WorldSettings:
     def lora_key(self) -> str:
         return cache.key(self.base_key(), asdict(self.lora))
 
+    def subject_lora_key(self) -> str:
+        return self.lora_key() if self.subject_lora is None else cache.key(self.base_key(), asdict(self.subject_lora))
+
+    def loras_key(self) -> str:
+        """Both kinds of LoRA (what H's training data depends on)."""
+        return self.lora_key() if self.subject_lora is None else cache.key(self.lora_key(), self.subject_lora_key())
+
     def judges_key(self) -> str:
         return cache.key(self.judge_steps, self.judge_batch, self.judge_blur)
 
@@ -120,7 +133,7 @@ class WorldSettings:
         # an H built before they existed is still found
         default = asdict(HypernetSettings())
         h = {k: v for k, v in asdict(self.hypernet).items() if k in _FIRST_HYPERNET_FIELDS or v != default[k]}
-        return cache.key(self.lora_key(), h)
+        return cache.key(self.loras_key(), h)
 
 
 @dataclass
@@ -133,10 +146,16 @@ class BuiltWorld:
 
     @property
     def lora_dir(self) -> Path:
+        """The style LoRAs (and the subject LoRAs when they share the style LoRAs' settings)."""
         return self.folder / f"loras-{self.settings.lora_key()}"
 
+    @property
+    def subject_lora_dir(self) -> Path:
+        return self.folder / f"loras-{self.settings.subject_lora_key()}"
+
     def lora_path(self, name: str) -> Path:
-        return self.lora_dir / f"{name}.safetensors"
+        subject = any(s.name == name for s in self.world.subjects)
+        return (self.subject_lora_dir if subject else self.lora_dir) / f"{name}.safetensors"
 
     @property
     def judges_path(self) -> Path:
@@ -241,7 +260,8 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     for index, (name, images, prompt, kind) in enumerate(jobs):
         path = built.lora_path(name)
         if not path.is_file():
-            lora_settings = LoraTrainSettings(**{**asdict(settings.lora), "seed": settings.lora.seed + index,
+            kind_settings = settings.subject_lora if kind == "subject" and settings.subject_lora else settings.lora
+            lora_settings = LoraTrainSettings(**{**asdict(kind_settings), "seed": kind_settings.seed + index,
                                                  "target": settings.base_config.lora_target})
             factors, losses = train_lora(model.unet, model.denoise, model.schedule,
                                          lora_examples(model, images, prompt), lora_settings)
@@ -310,13 +330,15 @@ def write_manifest(built: BuiltWorld, settings: HypernetSettings | None = None, 
     train_subjects = dev_subjects + train_subjects[: s.train_subjects or None]
     train_styles = dev_styles + train_styles[: s.train_styles or None]
     folder = Path(folder or built.hypernet_path.parent)
-    lora_ref = os.path.relpath(built.lora_dir, folder)
     images_ref = os.path.relpath(built.folder / "images", folder)
+
+    def lora_ref(n):
+        return os.path.relpath(built.lora_path(n), folder)
     data = {
         "resolution": W.SIZE,
-        "subjects": [{"name": n, "lora": f"{lora_ref}/{n}.safetensors", "images": f"{images_ref}/subjects/{n}",
+        "subjects": [{"name": n, "lora": lora_ref(n), "images": f"{images_ref}/subjects/{n}",
                       "prompt": w.subject_prompt(n), "class_word": w.subject(n).cls} for n in sorted(train_subjects, key=_index)],
-        "styles": [{"name": n, "lora": f"{lora_ref}/{n}.safetensors", "images": f"{images_ref}/styles/{n}.png",
+        "styles": [{"name": n, "lora": lora_ref(n), "images": f"{images_ref}/styles/{n}.png",
                     "prompt": w.style_prompt(n, w.style_object(n)[0].cls), "style_name": n}
                    for n in sorted(train_styles, key=_index)],
         "split": {"validation_subjects": dev_subjects, "validation_styles": dev_styles},
