@@ -288,6 +288,10 @@ class LoraRarMerge(io.ComfyNode):
                 io.Image.Output("coefficient_plot", display_name="coefficient_plot",
                                 tooltip="What the method did per UNet transformer block: lorarar's mean "
                                         "coefficients, np-lora's removed share, k-lora's switch point per layer."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="What the merge did, as text: layers per kind, and every warning — "
+                                         "layers of an input LEFT OUT (keys not recognised), alpha assumed "
+                                         "1 where a file has none. Connect it to a Preview Any node to read it."),
             ],
         )
 
@@ -326,7 +330,10 @@ class LoraRarMerge(io.ComfyNode):
         image = merge_logic.coefficient_image(merged, content_name, style_name, hypernet_name)
         output = merge_logic.merged_lora_output(merged, content_lora, style_lora,
                                                 hypernetwork if method == "lorarar" else None)
-        return io.NodeOutput(new_model, new_clip, output, image)
+        report = merge_logic.report_text(merged)
+        for note in merged.report.notes:  # also in the server log, for workflows that leave `report` unconnected
+            log.warning("LoRA.rar Merge: %s", note)
+        return io.NodeOutput(new_model, new_clip, output, image, report)
 
 
 NODES = [LoraRarLoadHypernet, LoraRarMerge]

@@ -32,6 +32,28 @@ def test_merge_command_writes_a_merged_lora(lora_pair, official_sdxl_path, tmp_p
     assert read_lora(out).metadata["lorarar.method"] == "sum"
 
 
+def test_merge_prints_its_report_and_notes_as_output(tmp_path, capsys):
+    """Issue 9: left-out layers and an assumed alpha are CLI output (stderr), not only log lines;
+    stdout stays the one path scripts read."""
+    import torch
+
+    shapes = {"middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280)}
+    content_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0), alpha=2.0)
+    content_sd["lora_unet_some_unknown_block_0.lora_up.weight"] = torch.zeros(8, 4)
+    content_sd["lora_unet_some_unknown_block_0.lora_down.weight"] = torch.zeros(4, 8)
+    content = write_lora(tmp_path / "c.safetensors", content_sd)
+    style = write_lora(tmp_path / "s.safetensors", synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1)))
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(content), str(style), "-o", str(out), "--method", "sum"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    err = captured.err.splitlines()
+    assert any(line.startswith("merged: method sum") and "1 layer(s) of the content LoRA LEFT OUT" in line
+               for line in err), captured.err
+    assert any(line.startswith("note: content LoRA:") and "not recognised" in line for line in err), captured.err
+    assert any(line.startswith("note: style LoRA:") and "scale 1" in line for line in err), captured.err
+
+
 def test_errors_are_one_line_and_exit_non_zero(tmp_path):
     bogus = tmp_path / "style.ckpt"
     bogus.write_bytes(b"\x80\x02}q\x00.")

@@ -97,7 +97,7 @@ def schedule_document(merged, content_name: str, style_name: str, params: dict) 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import logging
+    import sys
     from pathlib import Path
 
     from ..catalog import resolve_hypernet
@@ -108,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     from ..tooling.progress import ProgressLine
     from ..writer import merge_metadata, save_merged
 
-    log = logging.getLogger("hypernet.merge")
     out = Path(args.output)
     spec = method_spec(args.method)
     params = spec.resolve(method_params(args))  # bad settings fail before anything is read
@@ -141,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
             content_name=Path(args.content).name, style_name=Path(args.style).name)
         metadata["lorarar.params"] = json.dumps(params, sort_keys=True)
         save_merged(merged, out, metadata, args.dtype, args.force)
-    log.info("wrote %s (%s)", out, merged.report.summary())
+    # The report is CLI output, not a log line (issue 9: left-out layers must never be only in a
+    # log): stderr, so that stdout stays the one path scripts read.
+    print(f"merged: {merged.report.summary()}", file=sys.stderr)
     for note in merged.report.notes:
-        log.warning("%s", note)
+        print(f"note: {note}", file=sys.stderr)
     print(out)
     return 0

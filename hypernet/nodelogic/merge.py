@@ -193,12 +193,21 @@ class SwitchTimeline:
         return bisect.bisect_right(self._negative_sigmas, -float(sigma))
 
 
+def report_text(merged: MergedLora) -> str:
+    """The merge report as the node's `report` output shows it: the summary line, then each note
+    (left-out layers, assumed alpha, …) on its own line — what a CLI user sees on stderr."""
+    return "\n".join([merged.report.summary(), *merged.report.notes])
+
+
 def plot_title(merged: MergedLora, content_name: str, style_name: str, hypernet_name: str) -> tuple[str, str]:
     report = merged.report
     title = f"LoRA.rar {report.method} merge" + (f" - {hypernet_name}" if hypernet_name else "")
     subtitle = (f"content {content_name or '?'} x{merged.content_strength:g}, style {style_name or '?'} "
                 f"x{merged.style_strength:g}; {report.method_layers} matrices {report.method_label}, "
                 f"{report.summed_layers} summed")
+    left_out = sum(report.left_out.values())
+    if left_out:  # the picture is what many users look at: it must not hide dropped layers
+        subtitle += f"; {left_out} input layer(s) LEFT OUT (see report)"
     return title, subtitle
 
 

@@ -405,6 +405,25 @@ def test_hypernet_for_other_widths_is_refused_clearly(merge_run):
     server.run_prompt(ok)
 
 
+def test_merge_report_output_names_left_out_layers(merge_run):
+    """Issue 9: a layer the reader cannot place shows on the node (its `report` output, read here
+    through core's Preview Any), not only in the server log."""
+    server, files = merge_run["server"], merge_run["files"]
+    loras = server.base_dir / "models" / "loras"
+    state = load_file(str(loras / files["content"]))
+    state["lora_unet_some_unknown_block_0.lora_up.weight"] = torch.zeros(8, 4)
+    state["lora_unet_some_unknown_block_0.lora_down.weight"] = torch.zeros(4, 8)
+    save_file(state, str(loras / "content_with_unknown_key.safetensors"))
+    prompt = merge_to_file_prompt({**files, "content": "content_with_unknown_key.safetensors"}, files["hypernet"],
+                                  method="sum")
+    prompt["6"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 4]}}
+    entry = server.run_prompt(prompt)
+    text = entry["outputs"]["6"]["text"][0]
+    assert text.startswith("method sum"), text
+    assert "1 layer(s) of the content LoRA LEFT OUT" in text
+    assert any(line.startswith("content LoRA:") and "not recognised" in line for line in text.splitlines()), text
+
+
 # ---------------------------------------------------------------------------------------------
 # The merged LoRA is an ordinary LoRA for core ComfyUI
 
