@@ -75,7 +75,7 @@ def _run_sum(content, style, hypernet, params, progress) -> MergedLora:
 
 
 def _run_lorarar(content, style, hypernet, params, progress) -> MergedLora:
-    return lorarar_merge(content, style, hypernet, params["unsupported_width"], progress)
+    return lorarar_merge(content, style, hypernet, params["unsupported_width"], progress, params["device"])
 
 
 REGISTRY: dict[str, Method] = {}
@@ -90,7 +90,9 @@ register(Method(
     "lorarar", "LoRA.rar: a hypernetwork predicts per-column coefficients for to_q/to_out.0 of every "
     "attention layer; every other layer is summed", needs_hypernet=True, run=_run_lorarar,
     params={"unsupported_width": Param("error", str, "layers whose width the hypernetwork has no input "
-                                       "for: 'error', or 'sum' them", WIDTH_POLICIES)}))
+                                       "for: 'error', or 'sum' them", WIDTH_POLICIES),
+            "device": Param("cpu", str, "torch device the hypernetwork runs on (cpu, cuda, …; the ComfyUI "
+                            "node uses the model's); coefficients equal the CPU's to float32 rounding")}))
 
 
 def _run_np_lora(content, style, hypernet, params, progress) -> MergedLora:

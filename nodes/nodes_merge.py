@@ -304,7 +304,7 @@ class LoraRarMerge(io.ComfyNode):
 
         bar = comfy.utils.ProgressBar(1)
         params = merge_logic.node_params(method, method_inputs)
-        if method == "k-lora":  # its magnitudes are dense products: form them where ComfyUI computes
+        if method in ("k-lora", "lorarar"):  # H / k-lora's dense products run where ComfyUI computes
             params["device"] = str(comfy.model_management.get_torch_device())
         merged = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork, content_strength, style_strength, method,

@@ -12,6 +12,8 @@ def add_parser(subparsers) -> None:
                    help="hypernetwork file (default: the official SDXL one if found, else random weights)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats of the factored merge")
     p.add_argument("--skip-dense", action="store_true", help="skip the slow dense formulation")
+    p.add_argument("--device", default=None,
+                   help="also time the hypernetwork on this torch device (e.g. cuda), beside the CPU")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
@@ -26,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
     if hypernet is None:
         hypernet = find_checkpoint("lorarar-sdxl")[0]
     results = run_benchmark(args.rank, args.dtype, str(hypernet) if hypernet else None,
-                            args.repeat, not args.skip_dense)
+                            args.repeat, not args.skip_dense, device=args.device)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0

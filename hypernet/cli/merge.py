@@ -10,7 +10,7 @@ import argparse
 METHOD_OPTIONS = {
     "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
     "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
-    "k_device": ("k-lora", "device"),
+    "k_device": ("k-lora", "device"), "h_device": ("lorarar", "device"),
 }
 
 
@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
                    help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default: %(default)s)")
     p.add_argument("--allow-width-fallback", action="store_true",
                    help="lorarar: sum layers whose width the hypernetwork has no input for, instead of failing")
+    p.add_argument("--h-device", metavar="DEVICE",
+                   help=f"lorarar: {REGISTRY['lorarar'].params['device'].help} (default: cpu)")
     np_params, k_params = REGISTRY["np-lora"].params, REGISTRY["k-lora"].params
     p.add_argument("--mu", type=float, metavar="MU",
                    help=f"np-lora: {np_params['mu'].help} (default: {np_params['mu'].default})")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import naming
+from ..devices import resolve_device
 from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
@@ -107,17 +108,6 @@ def switch_point(content: Magnitude, style: Magnitude, gamma: float, alpha: floa
     return ((content.top / gamma) / style.top - beta) / alpha
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """The torch device for the magnitudes' products ('cpu', 'cuda', 'cuda:1', 'mps', …)."""
-    try:
-        resolved = torch.device(device or "cpu")
-        torch.empty(1, device=resolved)
-    except (RuntimeError, AssertionError, TypeError) as exc:
-        raise LoraRarError(f"k-lora: device must be a torch device this machine has (cpu, cuda, …), "
-                           f"got {device!r}: {exc}") from None
-    return resolved
-
-
 def check_params(top_k: int, alpha: float, beta: float) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise LoraRarError(f"k-lora: top_k must be a whole number >= 1 (official: 64), got {top_k!r}")
@@ -135,7 +125,7 @@ def k_lora_merge(content: LoraFile, style: LoraFile, top_k: int = DEFAULT_TOP_K,
     magnitudes are formed (the ComfyUI node passes its GPU; the result does not depend on it
     beyond float rounding)."""
     check_params(top_k, alpha, beta)
-    where = resolve_device(device)
+    where = resolve_device(device, "k-lora")
     merged = assemble(content, style, method="k-lora",
                       method_label="switched from content to style during sampling")
     names = [n for n, layer in merged.layers.items()

@@ -11,12 +11,14 @@ H's first layer is linear, so its pre-activation for all columns is computed fro
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 
 import torch
 
 from .. import naming
+from ..devices import full_float32_matmuls, resolve_device
 from ..errors import HypernetError, LoraRarError
 from ..lora import LoraFile, LoraLayer
 from ..merged import Coefficients, MergedLora, assemble, check_same_shape
@@ -27,8 +29,10 @@ WIDTH_POLICIES = ("error", "sum")
 
 # Layers per batched hypernetwork call. Small batches keep the (batch, hidden, in) activations
 # in cache: on the idle 2-core CPU, batches of 2–16 took 0.20–0.22 s for SDXL's 280 rank-64
-# matrices, batches of 48 took 0.28–0.36 s.
+# matrices, batches of 48 took 0.28–0.36 s. On an accelerator, kernel launches are the cost, so
+# each group of equal shapes goes in one call (SDXL: 2 groups).
 _BATCH = 4
+_BATCH_ACCELERATOR = 1 << 30
 
 
 def is_hypernet_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -41,19 +45,24 @@ def _factored(layer: LoraLayer) -> bool:
     return layer.is_low_rank and layer.mid is None
 
 
-def _stacked_factors(layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale·up, down) of same-shape layers stacked to (L, out, r) and (L, r, in), float32."""
-    scales = torch.tensor([layer.scale for layer in layers], dtype=torch.float32).reshape(-1, 1, 1)
-    ups = torch.stack([layer.up.reshape(layer.up.shape[0], -1) for layer in layers]).float() * scales
-    downs = torch.stack([layer.down.reshape(layer.down.shape[0], -1) for layer in layers]).float()
-    return ups, downs
+def _stacked_factors(layers: list[LoraLayer], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale·up, down) of same-shape layers stacked to (L, out, r) and (L, r, in), float32, on
+    `device` (the factors travel in their file dtype and are widened there)."""
+    scales = torch.tensor([layer.scale for layer in layers], dtype=torch.float32).reshape(-1, 1, 1).to(device)
+    ups = torch.stack([layer.up.reshape(layer.up.shape[0], -1).to(device, non_blocking=True) for layer in layers])
+    downs = torch.stack([layer.down.reshape(layer.down.shape[0], -1).to(device, non_blocking=True) for layer in layers])
+    return ups.float() * scales, downs.float()
 
 
 def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
                          unsupported_width: str = "error", progress: Progress | None = None,
-                         ) -> tuple[Coefficients, int]:
+                         device: str | None = None) -> tuple[Coefficients, int]:
     """(m_c, m_s) for every layer the hypernetwork merges; also how many layers were left to the
-    sum because H has no input layer for their width (only with unsupported_width="sum")."""
+    sum because H has no input layer for their width (only with unsupported_width="sum").
+
+    `device` ('cpu' default, 'cuda', …): where H runs — a copy of H (its ~0.5 M weights) and the
+    factors H needs go there, products in full float32; the coefficients come back to the CPU."""
+    where = resolve_device(device, "lorarar")
     if unsupported_width not in WIDTH_POLICIES:
         raise LoraRarError(f"unsupported_width: expected one of {', '.join(WIDTH_POLICIES)}, got {unsupported_width!r}")
     targets = hypernet.config.targets
@@ -84,30 +93,38 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
         else:
             dense.append(name)
     total, done = len(names) - fallback, 0
-    with torch.no_grad():
+    on_cpu = where.type == "cpu"
+    net = hypernet if on_cpu else copy.deepcopy(hypernet).to(where)  # the caller's H stays where it is
+    batch = _BATCH if on_cpu else _BATCH_ACCELERATOR
+    results: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad(), full_float32_matmuls(where):
         for group in groups.values():
-            for start in range(0, len(group), _BATCH):
-                chunk = group[start:start + _BATCH]
-                m_c, m_s = hypernet.coefficients_factored(
-                    *_stacked_factors([content.layers[n] for n in chunk]),
-                    *_stacked_factors([style.layers[n] for n in chunk]))
-                coefficients.update((n, (m_c[i], m_s[i])) for i, n in enumerate(chunk))
+            for start in range(0, len(group), batch):
+                chunk = group[start:start + batch]
+                m_c, m_s = net.coefficients_factored(
+                    *_stacked_factors([content.layers[n] for n in chunk], where),
+                    *_stacked_factors([style.layers[n] for n in chunk], where))
+                results.append((chunk, m_c, m_s))
                 done += len(chunk)
                 if progress:
                     progress(done, total)
         for name in dense:
             c, s = content.layers[name], style.layers[name]
-            coefficients[name] = hypernet.coefficients_dense(c.delta().flatten(1), s.delta().flatten(1))
+            m_c, m_s = net.coefficients_dense(c.delta().flatten(1).to(where), s.delta().flatten(1).to(where))
+            results.append(([name], m_c[None], m_s[None]))
             done += 1
             if progress:
                 progress(done, total)
+    for chunk, m_c, m_s in results:  # back to the CPU only now: one wait for the device, not one per batch
+        m_c, m_s = m_c.cpu(), m_s.cpu()
+        coefficients.update((n, (m_c[i], m_s[i])) for i, n in enumerate(chunk))
     return coefficients, fallback
 
 
 def lorarar_merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork, unsupported_width: str = "error",
-                  progress: Progress | None = None) -> MergedLora:
-    """The strength-free LoRA.rar merge of `content` and `style`."""
-    coefficients, fallback = compute_coefficients(content, style, hypernet, unsupported_width, progress)
+                  progress: Progress | None = None, device: str | None = None) -> MergedLora:
+    """The strength-free LoRA.rar merge of `content` and `style`; H runs on `device`."""
+    coefficients, fallback = compute_coefficients(content, style, hypernet, unsupported_width, progress, device)
     merged = assemble(content, style, coefficients, method="lorarar", method_label="merged by the hypernetwork")
     merged.report.width_fallback_layers = fallback
     if not coefficients:

@@ -48,8 +48,25 @@ def dense_coefficients(content, style, hypernet, names):
         return {n: hypernet.coefficients_dense(content.layers[n].delta(), style.layers[n].delta()) for n in names}
 
 
+def _timed_on(device: str, content, style, hypernet, repeat: int) -> tuple[list[float], dict]:
+    """Coefficient pass times on `device` (first call = warm-up: kernels, allocator), result of the last."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    compute_coefficients(content, style, hypernet, device=device)
+    synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        coefficients, _ = compute_coefficients(content, style, hypernet, device=device)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times, coefficients
+
+
 def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None = None,
-                  repeat: int = 3, dense: bool = True, folder: str | None = None) -> dict[str, float]:
+                  repeat: int = 3, dense: bool = True, folder: str | None = None,
+                  device: str | None = None) -> dict[str, float]:
+    """`device` (e.g. "cuda"): also time the coefficient pass there, beside the CPU's, from factors
+    in CPU memory as ComfyUI holds them (the transfer of the factors H needs is included)."""
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     hypernet = load_hypernet(hypernet_path) if hypernet_path else HyperNetwork(HypernetConfig()).eval()
     results: dict[str, float] = {"threads": torch.get_num_threads(), "rank": rank}
@@ -76,6 +93,15 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
         results["factored_s"] = statistics.median(times)
         results["factored_min_s"] = min(times)
         results["matrices"] = len(coefficients)
+        if device and device != "cpu":
+            device_times, on_device = _timed_on(device, content, style, hypernet, max(repeat, 5))
+            results["device"] = device
+            results["device_factored_s"] = statistics.median(device_times)
+            results["device_factored_min_s"] = min(device_times)
+            results["cpu_over_device"] = results["factored_s"] / results["device_factored_s"]
+            results["device_max_relative_diff"] = max(
+                float((on_device[n][i] - coefficients[n][i]).abs().max() / coefficients[n][i].abs().max().clamp_min(1e-12))
+                for n in coefficients for i in (0, 1))
         start = time.perf_counter()
         merged = assemble(content, style, coefficients, method="lorarar")
         results["assemble_s"] = time.perf_counter() - start
@@ -105,6 +131,11 @@ def format_results(r: dict[str, float]) -> str:
              f"hypernetwork merge         {r['factored_s']:8.3f} s  (median; best {r['factored_min_s']:.3f} s; "
              f"{r['matrices']:.0f} matrices, factored)",
              f"assemble merged LoRA       {r['assemble_s']:8.3f} s"]
+    if "device" in r:
+        lines += [f"hypernetwork merge on {r['device']:<5}{r['device_factored_s'] * 1000:8.1f} ms  (median; best "
+                  f"{r['device_factored_min_s'] * 1000:.1f} ms; factors from CPU memory) = "
+                  f"{r['cpu_over_device']:.0f}x faster than the CPU",
+                  f"max relative diff vs CPU   {r['device_max_relative_diff']:8.2e}"]
     if "dense_s" in r:
         lines += [f"dense formulation          {r['dense_s']:8.3f} s",
                   f"dense / factored           {r['dense_over_factored']:8.1f} x",
