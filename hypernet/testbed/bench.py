@@ -27,6 +27,7 @@ from ..lora import LoraFile, read_lora
 from . import world as W
 from .base import TestbedBase, WeightPatch, to_latent, uint8_to_image
 from .build import BuiltWorld, load_png
+from .figures import percent
 from .judges import Judges
 
 log = logging.getLogger(__name__)
@@ -263,11 +264,6 @@ def summarise(results: dict, rows: list[str], settings: BenchSettings) -> list[d
     return table
 
 
-def _pct(v, ci=None) -> str:
-    if v is None:
-        return "–"
-    text = f"{100 * v:.1f}"
-    return text + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
 
 
 def markdown_table(report: dict) -> str:
@@ -279,8 +275,8 @@ def markdown_table(report: dict) -> str:
         sec = "–" if r["merge_seconds"] is None or r["method"] == "oracle" else (
             f"{r['merge_seconds']:.3f}" if r["merge_seconds"] < 10 else f"{r['merge_seconds']:.1f}")
         err = f" ({len(r['errors'])} errors)" if r["errors"] else ""
-        lines.append(f"| {r['method']}{err} | {_pct(r['content'], r['content_ci'])} | {_pct(r['style'], r['style_ci'])} | "
-                     f"{_pct(r['joint'], r['joint_ci'])} | {obj_c} | {obj_s} | {sec} |")
+        lines.append(f"| {r['method']}{err} | {percent(r['content'], r['content_ci'])} | {percent(r['style'], r['style_ci'])} | "
+                     f"{percent(r['joint'], r['joint_ci'])} | {obj_c} | {obj_s} | {sec} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+
+def percent(v, ci=None) -> str:
+    """A share as the benchmark's tables print it: '12.3 [4–21]' (95% interval), '–' if none."""
+    if v is None:
+        return "–"
+    text = f"{100 * v:.1f}"
+    return text + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
+
 INK, GRID, BG = (30, 30, 30), (210, 210, 210), (255, 255, 255)
 
 
@@ -26,14 +34,13 @@ def _text_w(draw, text, f) -> int:
 
 
 def table_image(report: dict) -> Image.Image:
-    from .bench import _pct
 
     headers = ["method", "content %", "style %", "joint %", "obj. content", "obj. style", "merge s/pair"]
     body = []
     for r in report["rows"]:
         sec = r["merge_seconds"]
-        body.append([r["method"] + (" (errors)" if r["errors"] else ""), _pct(r["content"], r["content_ci"]),
-                     _pct(r["style"], r["style_ci"]), _pct(r["joint"], r["joint_ci"]),
+        body.append([r["method"] + (" (errors)" if r["errors"] else ""), percent(r["content"], r["content_ci"]),
+                     percent(r["style"], r["style_ci"]), percent(r["joint"], r["joint_ci"]),
                      "–" if r["objective_content"] is None else f"{r['objective_content']:.4f}",
                      "–" if r["objective_style"] is None else f"{r['objective_style']:.4f}",
                      "–" if sec is None or r["method"] == "oracle" else f"{sec:.3f}"])
