@@ -7,15 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hypernet.cli import main
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
 from tests.support.files import write_lora
+from tests.support.loras import sample_lora, sd15_lora
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_merge_command_writes_a_merged_lora(lora_pair, official_sdxl_path, tmp_path, capsys):
+@pytest.mark.parametrize(("pair", "method_layers"), [
+    ("sample_lora_pair", 12),  # the sample's 3 transformer blocks × attn1/attn2 × to_q/to_out.0
+    pytest.param("lora_pair", 280, marks=pytest.mark.slow),  # all of SDXL: the end-to-end full-size merge
+])
+def test_merge_command_writes_a_merged_lora(pair, method_layers, official_sdxl_path, tmp_path, capsys, request):
+    lora_pair = request.getfixturevalue(pair)
     out = tmp_path / "merged.safetensors"
     rc = main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--hypernet", str(official_sdxl_path),
                "--content-strength", "0.9", "--style-strength", "1.1", "--dtype", "fp16"])
@@ -23,7 +31,7 @@ def test_merge_command_writes_a_merged_lora(lora_pair, official_sdxl_path, tmp_p
     merged = read_lora(out)
     assert merged.metadata["lorarar.method"] == "lorarar"
     assert merged.metadata["lorarar.hypernet_sha256"] == "0cfa9772a0c56020a38c0bebd33834703cf915ead96136cf316be5b27e933b05"
-    assert json.loads(merged.metadata["lorarar.report"])["method_layers"] == 280
+    assert json.loads(merged.metadata["lorarar.report"])["method_layers"] == method_layers
     assert merged.layers["middle_block.1.transformer_blocks.0.attn1.to_q"].rank == 8 + 16
     # refuses to overwrite, before doing any work
     assert main(["merge", str(lora_pair[0]), str(lora_pair[1]), "-o", str(out), "--method", "sum"]) == 1
@@ -57,7 +65,7 @@ def test_merge_prints_its_report_and_notes_as_output(tmp_path, capsys):
 def test_errors_are_one_line_and_exit_non_zero(tmp_path):
     bogus = tmp_path / "style.ckpt"
     bogus.write_bytes(b"\x80\x02}q\x00.")
-    content = write_lora(tmp_path / "c.safetensors", synthetic.sdxl_lora(rank=2, seed=0, te_layers=0))
+    content = write_lora(tmp_path / "c.safetensors", sample_lora(rank=2, seed=0))
     proc = subprocess.run([sys.executable, "-m", "hypernet", "merge", str(content), str(bogus), "-o",
                            str(tmp_path / "o.safetensors"), "--method", "sum"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -69,24 +77,23 @@ def test_errors_are_one_line_and_exit_non_zero(tmp_path):
 
 
 def test_merge_refuses_an_sd15_style_lora(tmp_path, capsys):
-    from .test_lora_reading import _sd15_lora
-
-    content = write_lora(tmp_path / "c.safetensors", synthetic.sdxl_lora(rank=2, seed=0, te_layers=0))
-    style = write_lora(tmp_path / "sd15_style.safetensors", _sd15_lora())
+    content = write_lora(tmp_path / "c.safetensors", sample_lora(rank=2, seed=0))
+    style = write_lora(tmp_path / "sd15_style.safetensors", sd15_lora())
     assert main(["merge", str(content), str(style), "-o", str(tmp_path / "o.safetensors"), "--method", "sum"]) == 1
     err = capsys.readouterr().err
     assert "style LoRA" in err and "sd15_style.safetensors looks like SD1.5" in err
 
 
-def test_inspect_command(lora_pair, capsys):
-    assert main(["inspect", str(lora_pair[1]), "--json"]) == 0
+def test_inspect_command(sample_lora_pair, capsys):
+    assert main(["inspect", str(sample_lora_pair[1]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["base_family"] == "sdxl" and info["ranks"] == {"16": info["layers"]}
+    assert info["base_family"] == "sdxl" and info["ranks"] == {"16": info["layers"]} == {"16": 40}
     assert info["naming"] == {"kohya": 3 * info["layers"]}
-    assert main(["inspect", str(lora_pair[1])]) == 0
+    assert main(["inspect", str(sample_lora_pair[1])]) == 0
     assert "layers_per_block:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the command always builds a full-size SDXL pair (no size option)
 def test_bench_command_reports_the_figures(capsys):
     assert main(["bench", "--rank", "2", "--repeat", "1", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
@@ -95,7 +102,11 @@ def test_bench_command_reports_the_figures(capsys):
     assert figures["dense_over_factored"] > 0 and figures["write_s"] > 0
 
 
-def test_help_lists_every_command():
-    proc = subprocess.run([sys.executable, "-m", "hypernet", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_help_lists_every_command(capsys):
+    # In-process: `python -m hypernet` itself is run by test_errors_are_one_line_and_exit_non_zero.
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
     for command in ("merge", "inspect", "convert-hypernet", "bench"):
-        assert command in proc.stdout
+        assert command in out

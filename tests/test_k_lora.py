@@ -16,6 +16,7 @@ from hypernet.merge import merge
 from hypernet.methods import k_lora
 from hypernet.tooling import synthetic
 from hypernet.writer import save_merged
+from tests.support.loras import lycoris_layers
 
 ATTENTION = {
     f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")
@@ -55,21 +56,6 @@ def dense(sd: dict, name: str) -> torch.Tensor:
     module = kohya(name)
     up, down = sd[f"{module}.lora_up.weight"].double(), sd[f"{module}.lora_down.weight"].double()
     return float(sd[f"{module}.alpha"]) / down.shape[0] * up @ down
-
-
-def lycoris_layers(out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """attn1 to_q as LoHa, to_v as a full difference, to_out.0 as DoRA — adapters without a
-    low-rank form (kohya key names, as LyCORIS writes them)."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
-    return {
-        f"{p}to_q.hada_w1_a": rnd(out, rank), f"{p}to_q.hada_w1_b": rnd(rank, inp),
-        f"{p}to_q.hada_w2_a": rnd(out, rank), f"{p}to_q.hada_w2_b": rnd(rank, inp), f"{p}to_q.alpha": torch.tensor(2.0),
-        f"{p}to_v.diff": rnd(out, inp),
-        f"{p}to_out_0.lora_up.weight": rnd(out, rank), f"{p}to_out_0.lora_down.weight": rnd(rank, inp),
-        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
-    }
 
 
 class LiteralRule:

@@ -13,15 +13,21 @@ from hypernet.errors import LoraFormatError
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
 from tests.support.files import write_lora
+from tests.support.loras import loha_lokr_full_dora, sample_lora, sd15_lora, sdxl_every_block_shapes, sdxl_sample_shapes
 
-SHAPES = synthetic.sdxl_layer_shapes(te_layers=2)
-# Several ranks across layers: 4, 8 and 12 by position.
-RANKS = {name: (4, 8, 12)[i % 3] for i, name in enumerate(SHAPES)}
+# Layouts read in every naming family: by default one of each of SDXL's 11 transformer blocks'
+# names (proj_in/out + the last transformer block, every name the diffusers <-> LDM block mapping
+# translates) at real widths; the slow tier reads all 722 UNet targets. Both with two layers of
+# each text encoder.
+LAYOUTS = {"every-block": sdxl_every_block_shapes(te_layers=2), "full-sdxl": synthetic.sdxl_layer_shapes(te_layers=2)}
 
 
-@pytest.fixture(scope="module")
-def factors():
-    return synthetic.random_factors(SHAPES, RANKS, seed=3)
+@pytest.fixture(scope="module", params=["every-block", pytest.param("full-sdxl", marks=pytest.mark.slow)])
+def layout(request):
+    """(shapes, ranks, factors); several ranks across layers: 4, 8 and 12 by position."""
+    shapes = LAYOUTS[request.param]
+    ranks = {name: (4, 8, 12)[i % 3] for i, name in enumerate(shapes)}
+    return shapes, ranks, synthetic.random_factors(shapes, ranks, seed=3)
 
 
 def test_sdxl_layer_inventory():
@@ -34,49 +40,37 @@ def test_sdxl_layer_inventory():
 
 
 @pytest.mark.parametrize("family", synthetic.NAMING_FAMILIES)
-def test_every_naming_family_reads_to_the_same_canonical_form(family, factors, tmp_path):
+def test_every_naming_family_reads_to_the_same_canonical_form(family, layout, tmp_path):
+    shapes, ranks, factors = layout
     path = write_lora(tmp_path / f"{family}.safetensors", synthetic.to_state_dict(factors, family))
     lora = read_lora(path)
     assert not lora.unrecognised_keys
-    assert set(lora.layers) == set(SHAPES)
-    assert len(lora.unet_layers) == 722 and len(lora.text_encoder_layers) == len(SHAPES) - 722
+    assert set(lora.layers) == set(shapes)
+    unet = 722 if shapes is LAYOUTS["full-sdxl"] else 11 * 2 + 11 * 10
+    assert len(lora.unet_layers) == unet and len(lora.text_encoder_layers) == len(shapes) - unet == 2 * 2 * 6
     for name, (up, down) in factors.items():
         layer = lora.layers[name]
-        assert layer.kind == "lora" and layer.rank == RANKS[name]
+        assert layer.kind == "lora" and layer.rank == ranks[name]
         assert torch.equal(layer.up, up) and torch.equal(layer.down, down), name
         assert layer.scale == 1.0  # no alpha key: ΔW = up @ down
     assert lora_mod.guess_family(lora).family == "sdxl"
 
 
-def test_alpha_gives_the_effective_scale(factors, tmp_path):
+def test_alpha_gives_the_effective_scale(layout, tmp_path):
+    _, _, factors = layout
     lora = read_lora(write_lora(tmp_path / "a.safetensors", synthetic.to_state_dict(factors, "kohya", alpha=2.0)))
-    layer = lora.layers["middle_block.1.transformer_blocks.0.attn1.to_q"]
+    layer = lora.layers["middle_block.1.transformer_blocks.9.attn1.to_q"]
     assert layer.scale == pytest.approx(2.0 / layer.rank)
     torch.testing.assert_close(layer.delta(), layer.scale * layer.up.float() @ layer.down.float())
 
 
-def test_metadata_is_kept(lora_pair):
-    lora = read_lora(lora_pair[0])
+def test_metadata_is_kept(sample_lora_pair):
+    lora = read_lora(sample_lora_pair[0])
     assert lora.metadata["ss_output_name"] == "subject"
 
 
-def _loha_lokr_full_dora(out=640, inp=640, r=4):
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
-    return {
-        f"{p}to_q.hada_w1_a": rnd(out, r), f"{p}to_q.hada_w1_b": rnd(r, inp),
-        f"{p}to_q.hada_w2_a": rnd(out, r), f"{p}to_q.hada_w2_b": rnd(r, inp), f"{p}to_q.alpha": torch.tensor(2.0),
-        f"{p}to_k.lokr_w1": rnd(8, 8), f"{p}to_k.lokr_w2_a": rnd(80, r), f"{p}to_k.lokr_w2_b": rnd(r, 80),
-        f"{p}to_k.alpha": torch.tensor(2.0),
-        f"{p}to_v.diff": rnd(out, inp),
-        f"{p}to_out_0.lora_up.weight": rnd(out, r), f"{p}to_out_0.lora_down.weight": rnd(r, inp),
-        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
-    }
-
-
 def test_loha_lokr_full_and_dora_are_detected_and_expanded(tmp_path):
-    sd = _loha_lokr_full_dora()
+    sd = loha_lokr_full_dora()
     lora = lora_mod.lora_from_state_dict(sd)
     base = "input_blocks.4.1.transformer_blocks.0.attn1."
     q, k, v, o = (lora.layers[base + n] for n in ("to_q", "to_k", "to_v", "to_out.0"))
@@ -93,19 +87,24 @@ def test_loha_lokr_full_and_dora_are_detected_and_expanded(tmp_path):
     assert any("LoHa" in n for n in info["notes"]) and any("DoRA" in n for n in info["notes"])
 
 
-def test_inspect_reports_blocks_ranks_and_family(lora_pair):
-    info = describe_lora(lora_pair[0])
+@pytest.mark.parametrize(("pair", "layers", "unet_layers", "second_block"), [
+    ("sample_lora_pair", len(sdxl_sample_shapes()), 32, "middle_block.1"),
+    pytest.param("lora_pair", len(synthetic.sdxl_layer_shapes(te_layers=2)), 722, "input_blocks.5.1",
+                 marks=pytest.mark.slow),
+])
+def test_inspect_reports_blocks_ranks_and_family(pair, layers, unet_layers, second_block, request):
+    info = describe_lora(request.getfixturevalue(pair)[0])
     assert info["base_family"] == "sdxl"
     assert info["layers_per_block"]["input_blocks.4.1"] == 2 * (8 + 2) + 2  # 2 blocks × (8 attn + 2 ff) + proj_in/out
-    assert list(info["layers_per_block"])[:2] == ["input_blocks.4.1", "input_blocks.5.1"]
-    assert info["ranks"] == {8: len(SHAPES)}
+    assert list(info["layers_per_block"])[:2] == ["input_blocks.4.1", second_block]
+    assert info["ranks"] == {8: layers}
     # every tensor of the file counts, the float32 alphas too
-    assert info["dtypes"] == {"float16": 2 * len(SHAPES), "float32": len(SHAPES)}
-    assert info["unet_layers"] == 722
+    assert info["dtypes"] == {"float16": 2 * layers, "float32": layers}
+    assert info["unet_layers"] == unet_layers
 
 
 def test_unrecognised_keys_are_counted_not_silently_dropped(tmp_path, caplog):
-    sd = synthetic.sdxl_lora(rank=2, seed=0, te_layers=0)
+    sd = sample_lora(rank=2, seed=0)
     sd["lora_unet_some_future_block.lora_up.weight"] = torch.zeros(4, 2)
     sd["totally_unrelated.weight"] = torch.zeros(3)
     path = write_lora(tmp_path / "extra.safetensors", sd)
@@ -127,8 +126,8 @@ def test_not_a_safetensors_file(tmp_path):
         read_lora(path)
 
 
-def test_truncated_file(lora_pair, tmp_path):
-    data = lora_pair[0].read_bytes()
+def test_truncated_file(sample_lora_pair, tmp_path):
+    data = sample_lora_pair[0].read_bytes()
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoraFormatError, match=r"cut\.safetensors: truncated or corrupt"):
@@ -155,25 +154,15 @@ def test_pickles_are_refused_never_unpickled(tmp_path, name):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights(tmp_path, bad):
-    sd = synthetic.sdxl_lora(rank=2, seed=0, te_layers=0)
+    sd = sample_lora(rank=2, seed=0)
     key = next(k for k in sd if k.endswith("lora_up.weight"))
     sd[key][0, 0] = bad
     with pytest.raises(LoraFormatError, match="NaN or Inf"):
         read_lora(write_lora(tmp_path / "nan.safetensors", sd))
 
 
-def _sd15_lora() -> dict:
-    shapes = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
-              "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
-              "input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640)}
-    sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0), "kohya")
-    sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(768, 4)
-    sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 768)
-    return sd
-
-
 def test_sd15_lora_is_named_as_such():
-    lora = lora_mod.lora_from_state_dict(_sd15_lora(), source="sd15.safetensors")
+    lora = lora_mod.lora_from_state_dict(sd15_lora(), source="sd15.safetensors")
     with pytest.raises(LoraFormatError, match=r"style LoRA sd15\.safetensors looks like SD1\.5 \(320/640-wide attention, 768-wide text context\); expected SDXL"):
         lora_mod.require_family(lora, "sdxl", "style LoRA")
 

@@ -15,6 +15,7 @@ from hypernet.merge import merge
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet
 from hypernet.tooling import synthetic
 from hypernet.writer import merge_metadata, save_merged
+from tests.support.loras import loha_lokr_full_dora, sample_lora
 
 TARGET = re.compile(r"\.attn[12]\.(to_q|to_out\.0)$")
 
@@ -56,17 +57,37 @@ class ReferenceMerge:
         return self.cs * dc + self.ss * ds
 
 
-@pytest.fixture(scope="module")
-def pair_sd():
-    """Full SDXL shapes; content rank 4 with alpha 2, style rank 8 without alpha; one layer
-    only in each LoRA."""
-    content = synthetic.sdxl_lora(rank=4, seed=11, alpha=2, te_layers=1)
-    style = synthetic.sdxl_lora(rank=8, seed=12, te_layers=1)
-    for key in [k for k in content if "output_blocks_5_1_transformer_blocks_1_attn1_to_q" in k]:
+# The two layers that only one LoRA has (both are in the sample too).
+CONTENT_ONLY = "input_blocks.4.1.proj_in"
+STYLE_ONLY = "input_blocks.4.1.transformer_blocks.1.attn1.to_q"
+
+
+@pytest.fixture(scope="module", params=["sample", pytest.param("full-sdxl", marks=pytest.mark.slow)])
+def pair_sd(request):
+    """Content rank 4 with alpha 2, style rank 8 without alpha; one layer only in each. The
+    default tier uses a sample of SDXL's layers at real widths (tests/support/loras.py: a whole
+    640-wide block, 1280-wide middle-block layers, text encoders) and checks every layer of it;
+    the slow tier repeats every test on all 722 targets."""
+    if request.param == "sample":
+        content, style = sample_lora(rank=4, seed=11, alpha=2), sample_lora(rank=8, seed=12)
+    else:
+        content = synthetic.sdxl_lora(rank=4, seed=11, alpha=2, te_layers=1)
+        style = synthetic.sdxl_lora(rank=8, seed=12, te_layers=1)
+    for key in [k for k in content if naming.ldm_to_kohya_key(STYLE_ONLY) + "." in k]:
         del content[key]
-    for key in [k for k in style if "input_blocks_4_1_proj_in" in k]:
+    for key in [k for k in style if naming.ldm_to_kohya_key(CONTENT_ONLY) + "." in k]:
         del style[key]
     return content, style
+
+
+def is_full_size(pair_sd) -> bool:
+    return len(pair_sd[0]) > 1000
+
+
+def step(pair_sd, full_size_step: int) -> int:
+    """Dense checks run on every layer of the sample; at full size on every n-th layer (a whole
+    dense SDXL LoRA is ~17 GB and minutes of float64 products)."""
+    return full_size_step if is_full_size(pair_sd) else 1
 
 
 def _check_against_reference(merged, reference, tol=2e-6, every=1):
@@ -93,21 +114,27 @@ def test_merge_equals_dense_reference(pair_sd, random_hypernet_pth, use_official
     content_sd, style_sd = pair_sd
     content, style = lora_from_state_dict(content_sd, source="c"), lora_from_state_dict(style_sd, source="s")
     merged = merge(content, style, load_hypernet(path), content_strength=0.8, style_strength=1.3)
-    assert _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3), every=15) > 80
+    checked = _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, raw, 0.8, 1.3),
+                                       every=step(pair_sd, 15))
+    assert checked > 80 if is_full_size(pair_sd) else checked == len(merged.layers)
+    # H on to_q and to_out.0 of every attention module (280 of them in SDXL), except the one
+    # layer that only the style has
+    targets = [n for n in merged.layers if TARGET.search(n) and not naming.is_text_encoder(n)]
+    assert len(targets) == (280 if is_full_size(pair_sd) else 2 * 2 * 3)
     report = merged.report
-    assert report.method_layers == 279 and report.content_only_layers == 1 and report.style_only_layers == 1
-    assert report.summed_layers == len(merged.layers) - 281 and report.dense_layers == 0
+    assert report.method_layers == len(targets) - 1 and report.content_only_layers == 1 and report.style_only_layers == 1
+    assert report.summed_layers == len(merged.layers) - len(targets) - 1 and report.dense_layers == 0
     # exact low rank: r_c + r_s where both exist
-    both = merged.layers["middle_block.1.transformer_blocks.3.attn2.to_q"]
+    both = merged.layers["middle_block.1.transformer_blocks.0.attn2.to_q"]
     assert both.rank == 12 and both.is_low_rank
-    assert merged.layers["input_blocks.4.1.proj_in"].rank == 4
+    assert merged.layers[CONTENT_ONLY].rank == 4
 
 
 def test_factored_equals_dense_coefficients(pair_sd, random_hypernet_pth):
     hypernet = load_hypernet(random_hypernet_pth)
     content, style = (lora_from_state_dict(sd) for sd in pair_sd)
     merged = merge(content, style, hypernet)
-    for name in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "output_blocks.0.1.transformer_blocks.9.attn2.to_out.0"):
+    for name in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_out.0"):
         m_c, m_s = hypernet.coefficients_dense(content.layers[name].delta(), style.layers[name].delta())
         torch.testing.assert_close(merged.coefficients[name][0], m_c, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merged.coefficients[name][1], m_s, atol=1e-5, rtol=1e-5)
@@ -122,7 +149,8 @@ def test_strengths_scale_linearly_and_never_change_coefficients(pair_sd, random_
     scaled = merge(content, style, hypernet, 2.5, -0.5)
     for name in base.coefficients:
         assert torch.equal(base.coefficients[name][0], scaled.coefficients[name][0])
-    for name in ("input_blocks.7.1.transformer_blocks.2.attn1.to_out.0", "output_blocks.3.1.proj_out", "te2.text_model.encoder.layers.0.mlp.fc1"):
+    for name in ("middle_block.1.transformer_blocks.0.attn1.to_out.0", "input_blocks.4.1.proj_out",
+                 "te2.text_model.encoder.layers.0.self_attn.q_proj"):
         expected = 2.5 * c_only.delta(name) - 0.5 * s_only.delta(name)
         torch.testing.assert_close(scaled.delta(name), expected, atol=1e-7, rtol=1e-5)
         torch.testing.assert_close(base.delta(name), c_only.delta(name) + s_only.delta(name), atol=1e-7, rtol=1e-5)
@@ -132,7 +160,7 @@ def test_sum_with_weights_one_and_minus_one_cancels(pair_sd):
     content = lora_from_state_dict(pair_sd[0])
     merged = merge(content, content, method="sum", content_strength=1.0, style_strength=-1.0)
     assert merged.report.summed_layers == len(content.layers) and not merged.coefficients
-    for name in list(merged.layers)[::3]:
+    for name in list(merged.layers)[::step(pair_sd, 3)]:
         assert merged.delta(name).abs().max() < 1e-9, name
 
 
@@ -144,7 +172,7 @@ def test_sum_equals_reference_sum(pair_sd):
     ones = {"input_1.weight": torch.zeros(1, 1280), "input_1.bias": torch.zeros(1),
             "input_2.weight": torch.zeros(1, 2560), "input_2.bias": torch.zeros(1),
             "output.1.weight": torch.zeros(2, 1), "output.1.bias": torch.ones(2)}
-    _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, ones, 0.7, 1.1), every=25)
+    _check_against_reference(merged, ReferenceMerge(content_sd, style_sd, ones, 0.7, 1.1), every=step(pair_sd, 25))
 
 
 def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_path):
@@ -162,7 +190,7 @@ def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_
         assert torch.equal(again.layers[name].up, kohya[f"{key}.lora_up.weight"])
         assert torch.equal(again.layers[name].down, kohya[f"{key}.lora_down.weight"])
         assert again.layers[name].scale == 1.0
-    for name in list(merged.layers)[::50]:
+    for name in list(merged.layers)[::step(pair_sd, 50)]:
         torch.testing.assert_close(again.layers[name].delta(), merged.delta(name), atol=1e-8, rtol=1e-5)
     assert again.metadata["lorarar.method"] == "lorarar"
     assert again.metadata["ss_network_dim"] == "12" and again.metadata["lorarar.content_sha256"] == "c" * 64
@@ -170,7 +198,7 @@ def test_saved_file_rereads_to_the_same_delta(pair_sd, random_hypernet_pth, tmp_
     # every other layer's rank is recorded
     assert json.loads(again.metadata["lorarar.rank_counts"]) == {"4": 1, "8": 1, "12": len(merged.layers) - 2}
     assert json.loads(again.metadata["lorarar.other_ranks"]) == {
-        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_q": 8, "lora_unet_input_blocks_4_1_proj_in": 4}
+        naming.ldm_to_kohya_key(STYLE_ONLY): 8, naming.ldm_to_kohya_key(CONTENT_ONLY): 4}
     assert again.metadata["lorarar.content_strength"] == "1.2"
     # kohya names only
     from safetensors import safe_open
@@ -223,9 +251,7 @@ def test_width_without_an_input_layer_errors_or_falls_back():
 
 
 def test_non_low_rank_adapters_become_dense_differences(random_hypernet_pth, tmp_path):
-    from .test_lora_reading import _loha_lokr_full_dora
-
-    lyco = lora_from_state_dict(_loha_lokr_full_dora())
+    lyco = lora_from_state_dict(loha_lokr_full_dora())
     shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     hypernet = load_hypernet(random_hypernet_pth)

@@ -16,6 +16,7 @@ from hypernet.lora import lora_from_state_dict, read_lora
 from hypernet.merge import merge
 from hypernet.tooling import synthetic
 from hypernet.writer import save_merged
+from tests.support.loras import lycoris_layers
 
 # Layer shapes that matter: square 640, the 2048-wide text context of attn2.to_k, 1280 output
 # of a 640 input (proj), a text-encoder layer; plus one conv layer added by conv_pair().
@@ -36,21 +37,6 @@ def conv_entries(rank: int, seed: int, alpha: float | None) -> dict[str, torch.T
     if alpha is not None:
         entries[f"{CONV}.alpha"] = torch.tensor(float(alpha))
     return entries
-
-
-def lycoris_layers(out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """attn1 to_q as LoHa, to_v as a full difference, to_out.0 as DoRA — adapters without a
-    low-rank form (kohya key names, as LyCORIS writes them)."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    p = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_"
-    return {
-        f"{p}to_q.hada_w1_a": rnd(out, rank), f"{p}to_q.hada_w1_b": rnd(rank, inp),
-        f"{p}to_q.hada_w2_a": rnd(out, rank), f"{p}to_q.hada_w2_b": rnd(rank, inp), f"{p}to_q.alpha": torch.tensor(2.0),
-        f"{p}to_v.diff": rnd(out, inp),
-        f"{p}to_out_0.lora_up.weight": rnd(out, rank), f"{p}to_out_0.lora_down.weight": rnd(rank, inp),
-        f"{p}to_out_0.dora_scale": rnd(out, 1).abs(),
-    }
 
 
 @pytest.fixture(scope="module")
