@@ -217,6 +217,29 @@ class MergedLora:
                 total = part if total is None else total.add_(part)
         return total
 
+    def layer_factors(self, name: str, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) with up @ down = this layer's merged ΔW (flattened to 2-D, strengths and
+        scales inside the small `up`), built on `device` from the sides' own tensors — the column
+        fold happens there too, so nothing is concatenated or folded in CPU memory beforehand.
+        None for a layer with a dense side (no low-rank form) or a scheduled layer."""
+        layer = self.layers[name]
+        if not layer.is_low_rank or name in self.switch_points:
+            return None
+        ups, downs = [], []
+        for role, side in layer.sides():
+            factor = side.scale * self.strength(role)
+            if factor == 0:
+                continue
+            ups.append(side.up.to(device, dtype).flatten(1) * factor)
+            down = side.down.to(device, dtype)
+            if side.columns is not None:
+                down = down * _column_shape(side.columns.to(device, dtype), down)
+            downs.append(down.flatten(1))
+        if not ups:
+            return None
+        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
     # -- exports -------------------------------------------------------------------------------
 
     def _require_single_lora(self, what: str) -> None:

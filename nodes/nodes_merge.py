@@ -26,7 +26,7 @@ from ..hypernet.errors import LoraMismatchError
 from ..hypernet.merge import METHODS, REGISTRY
 from ..hypernet.nodelogic import hypernet as hypernet_logic
 from ..hypernet.nodelogic import merge as merge_logic
-from . import paths
+from . import merge_patches, paths
 from .comfy_v3 import io
 
 log = logging.getLogger(__name__)
@@ -312,14 +312,24 @@ class LoraRarMerge(io.ComfyNode):
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = model, clip
         include_text_encoders = clip is not None
+        switching, patched = None, None
+        active = bool(merged.layers) and (content_strength != 0 or style_strength != 0)
         if merged.switch_points:
             switching = merge_logic.switch_plan(merged, include_text_encoders)
             plan = switching.static
+        elif active:
+            # one patch per merged weight where this ComfyUI supports it (merge_patches.py);
+            # otherwise each side as its own LoRA
+            patched = merge_patches.patch_models(
+                model, clip, merged, lambda names: merge_logic.patch_plan_of(merged, names, include_text_encoders))
+            plan = [] if patched is not None else merge_logic.patch_plan(merged, include_text_encoders)
         else:
-            switching, plan = None, merge_logic.patch_plan(merged, include_text_encoders)
+            plan = []
         for state_dict, strength in plan:
             new_model, new_clip = comfy.sd.load_lora_for_models(new_model, new_clip, state_dict, strength, strength)
-        if not plan:  # both strengths 0: hand out the inputs unchanged
+        if patched is not None:
+            new_model, new_clip = patched
+        elif not plan:  # both strengths 0: hand out the inputs unchanged
             new_model, new_clip = model, clip
         if switching is not None and switching.points and (content_strength != 0 or style_strength != 0):
             new_model = scheduled_model(new_model, switching)

@@ -6,6 +6,7 @@ layers change their patch during sampling, and when); the merged LORA_MODEL outp
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,6 +121,13 @@ def patch_plan(merged: MergedLora, include_text_encoders: bool = True) -> list[t
     sides = merged.side_state_dicts(include_text_encoders)
     return [(sides[role], merged.strength(role)) for role in (CONTENT, STYLE)
             if sides[role] and merged.strength(role) != 0]
+
+
+def patch_plan_of(merged: MergedLora, names: list[str], include_text_encoders: bool = True):
+    """`patch_plan` of only the layers `names` (those a one-patch-per-weight plan cannot carry:
+    sides without a low-rank form)."""
+    view = dataclasses.replace(merged, layers={n: merged.layers[n] for n in names}, _shared={})
+    return patch_plan(view, include_text_encoders)
 
 
 @dataclass

@@ -237,6 +237,19 @@ def test_lorarar_merge_patches_exactly_the_library_delta(merge_run):
     assert any(n.startswith("te2.") for n in merged.layers)  # the text encoders were covered too
 
 
+def test_each_merged_weight_gets_one_patch(merge_run):
+    """Issue 12 §3: one ComfyUI patch per merged weight (a weight adapter that adds the
+    concatenated factors' product), where two stacked LoRA loaders add two."""
+    from safetensors import safe_open
+
+    path = merge_run["server"].base_dir / "output" / "lorarar_testonly" / "patched_lorarar.safetensors"
+    with safe_open(str(path), "pt") as f:
+        kinds = json.loads(f.metadata()["patch_kinds"])
+    merged = merge_run["expected"]["lorarar"]
+    assert len(kinds) == len(merged.layers), (len(kinds), len(merged.layers))
+    assert all(entries == ["MergedLayerPatch"] for entries in kinds.values()), sorted(kinds.items())[:3]
+
+
 def test_sum_merge_patches_the_plain_sum(merge_run):
     run = merge_run
     merged = run["expected"]["sum"]

@@ -8,6 +8,7 @@ can compare what ComfyUI actually applied with the library's merged ΔW.
 
 from __future__ import annotations
 
+import json
 import os
 
 from comfy_api.latest import ComfyExtension, io
@@ -64,10 +65,18 @@ class LoraRarTestDumpWeights(io.ComfyNode):
             for key, value in clip.patcher.model_state_dict().items():
                 if torch_is_float(value):
                     tensors["clip." + key] = value.detach().float().cpu().clone()
+        # What ComfyUI holds per weight: how many patches, of which kind (one per merged weight
+        # is what the pack's merge node promises where ComfyUI has weight adapters)
+        kinds = {}
+        for prefix, patcher in (("unet", model), ("clip", clip.patcher if clip is not None else None)):
+            if patcher is None:
+                continue
+            for key, entries in patcher.patches.items():
+                kinds[f"{prefix}.{key}"] = [type(entry[1]).__name__ for entry in entries]
         folder = os.path.join(folder_paths.get_output_directory(), "lorarar_testonly")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name}.safetensors")
-        comfy.utils.save_torch_file(tensors, path + ".tmp")
+        comfy.utils.save_torch_file(tensors, path + ".tmp", metadata={"patch_kinds": json.dumps(kinds)})
         os.replace(path + ".tmp", path)
         return io.NodeOutput()
 
