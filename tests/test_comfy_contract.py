@@ -240,6 +240,7 @@ def test_every_kohya_key_of_the_merge_is_mapped(comfy, tiny):
     assert kohya <= key_map.keys(), sorted(kohya - key_map.keys())[:5]
 
 
+@pytest.mark.slow  # full size; the default tier maps every block's names on the tiny SDXL above
 def test_full_size_sdxl_key_map_covers_all_722_kohya_targets(comfy):
     """On a full-size SDXL built on the meta device (no memory): ComfyUI maps every one of the
     722 kohya UNet targets that the library writes."""

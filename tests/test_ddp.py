@@ -19,6 +19,7 @@ from tests.support.training import make_dataset, one_thread  # noqa: F401 - fixt
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two fresh interpreters with torch.distributed: ~15 s on a busy 2-core machine
 @pytest.mark.usefixtures("one_thread")
 def test_two_process_gloo_matches_one_process(tmp_path):
     manifest_path = make_dataset(tmp_path / "data")

@@ -84,19 +84,23 @@ def test_lora_for_other_widths_and_damaged_file_are_reported_together(tmp_path, 
     assert "styles[1] (style1)" in lines[1] and "pickle" in lines[1]
 
 
-def test_resume_is_bit_exact(tmp_path, dataset, base):
+# (steps, checkpoint every): the default tier resumes a 2-step run after step 1 (4 training steps
+# in all), the slow tier a 4-step run after step 2 (8 steps).
+@pytest.mark.parametrize(("steps", "every"), [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+def test_resume_is_bit_exact(tmp_path, dataset, base, steps, every):
     manifest = load_manifest(dataset)
-    straight = Trainer(base, manifest, settings(), tmp_path / "a").run()
-    first = Trainer(base, manifest, settings(steps=2), tmp_path / "b").run()
-    assert first.step == 2
-    # a fresh trainer (as after a crash) continues from the step-2 checkpoint to step 4
-    resumed = Trainer(base, manifest, settings(), tmp_path / "b", resume=tmp_path / "b").run()
-    assert resumed.step == 4
+    straight = Trainer(base, manifest, settings(steps=steps, checkpoint_every=every), tmp_path / "a").run()
+    first = Trainer(base, manifest, settings(steps=every, checkpoint_every=every), tmp_path / "b").run()
+    assert first.step == every
+    # a fresh trainer (as after a crash) continues from the checkpoint to the last step
+    resumed = Trainer(base, manifest, settings(steps=steps, checkpoint_every=every), tmp_path / "b",
+                      resume=tmp_path / "b").run()
+    assert resumed.step == steps
     for key, value in straight.hypernet.state_dict().items():
         assert torch.equal(value, resumed.hypernet.state_dict()[key]), key
     lines = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert find_checkpoint(tmp_path / "b").name == "step_000004"
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, steps + 1))
+    assert find_checkpoint(tmp_path / "b").name == f"step_{steps:06d}"
 
 
 def test_run_outputs_and_metadata(tmp_path, dataset, base):

@@ -52,14 +52,17 @@ def mean_objective(unet, content, style_lora, subject, style, coefficients_fn, d
     return total / draws
 
 
-def test_twenty_steps_lower_the_objective(pair):
+# A ZipLoRA step on the test UNet costs ~0.35 s of CPU: the default tier runs 5 steps (the
+# objective at the fixed draws: 0.4909 → 0.4895), the slow tier the original 20 (→ 0.4842).
+@pytest.mark.parametrize("steps", [5, pytest.param(20, marks=pytest.mark.slow)])
+def test_steps_lower_the_objective(pair, steps):
     unet, subject, style, content, style_lora = pair
     before = mean_objective(unet, content, style_lora, subject, style, ones_coefficients)
     result = ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content, style_lora,
-                           subject, style, ZipLoraSettings(steps=20, seed=0))
+                           subject, style, ZipLoraSettings(steps=steps, seed=0))
     after = mean_objective(unet, content, style_lora, subject, style, lambda inj: result.merged.coefficients)
     assert after < before
-    assert len(result.history) == 20
+    assert len(result.history) == steps
     assert {"total", "content", "style", "cosine"} <= result.history[0].keys()
     # the result is the exact rank r_c + r_s LoRA of the hypernetwork merge, with m applied
     name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
@@ -72,13 +75,14 @@ def test_twenty_steps_lower_the_objective(pair):
     assert sd[f"lora_unet_{name.replace('.', '_')}.lora_up.weight"].shape == (32, 8)
 
 
-def test_equal_loras_optimum_at_least_as_low_as_sum(pair):
+@pytest.mark.parametrize("steps", [5, pytest.param(15, marks=pytest.mark.slow)])  # 0.5045 → 0.4980 / 0.4947
+def test_equal_loras_optimum_at_least_as_low_as_sum(pair, steps):
     """Both LoRAs equal: the sum doubles ΔW, while m_c = m_s = ½ reproduces each single-LoRA
     target exactly; ZipLoRA's optimum must not be worse than the sum."""
     unet, subject, style, content, _ = pair
     summed = mean_objective(unet, content, content, subject, style, ones_coefficients)
     result = ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content, content,
-                           subject, style, ZipLoraSettings(steps=15, lr=0.05, seed=1))
+                           subject, style, ZipLoraSettings(steps=steps, lr=0.05, seed=1))
     optimum = mean_objective(unet, content, content, subject, style, lambda inj: result.merged.coefficients)
     assert optimum <= summed
     # the merged result equals the plain sum's structure: same layers, coefficients only on targets
