@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from hypernet import lora as lora_mod
 from hypernet import naming
-from hypernet.cli.inspect import describe_lora
 from hypernet.errors import LoraFormatError
+from hypernet.inspection import describe_lora
 from hypernet.lora import read_lora
 from hypernet.tooling import synthetic
 from tests.support.files import write_lora

@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 
 from hypernet import lora as lora_mod
 from hypernet import naming
-from hypernet.cli.inspect import describe_lora
 from hypernet.errors import LoraFormatError
+from hypernet.inspection import describe_lora
 from hypernet.lora import read_lora
+from hypernet.peft_settings import PatternMatcher
 from hypernet.tooling import synthetic
 from tests.support.files import write_lora
 
@@ -139,7 +140,7 @@ MODULES = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "mid_bl
 
 
 def test_the_pattern_fast_path_equals_peft_s_regex_rule():
-    matcher = lora_mod._PatternMatcher("t")
+    matcher = PatternMatcher("t")
     for pattern in LITERAL_CASES + ["attn.*to_q", "layers\\.[0-3]\\.self_attn"]:
         for module in MODULES:
             expected = re.match(rf"(.*\.)?({pattern})$", module) is not None  # peft.utils.other.get_pattern_key

@@ -327,7 +327,7 @@ def make_case(rng: random.Random, seed: Seed) -> Case:
 
 def read_case(case: Case, folder: Path, kind: str) -> str:
     """Read the case as inspect / merge would; returns "ok" (LoraRarError propagates)."""
-    from ..cli.inspect import describe_lora
+    from ..inspection import describe_lora
     from ..lora import check_finite, guess_family, read_lora
     from ..model import load_hypernet
 
