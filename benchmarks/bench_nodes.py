@@ -282,20 +282,29 @@ def main() -> int:
     t_hyp, hypernet = timed(lambda: nodelogic.load_hypernet_cached(hyper_dir / hypernet_name))
     t_coef, result = timed(lambda: nodelogic.run_merge(loras[0], loras[1], hypernet, 1.0, 1.0, "lorarar"))
     t_assemble, _ = timed(lambda: nodelogic.run_merge(loras[0], loras[1], hypernet, 0.9, 1.0, "lorarar"))
-    t_plan, plan = timed(lambda: nodelogic.patch_plan(result, include_text_encoders=False))
+    merge_patches = getattr(node_modules[1], "merge_patches", None) if node_modules else None
+    if merge_patches is not None and merge_patches.patch_class() is not None:
+        # what the node does on a ComfyUI with weight adapters: one patch per merged weight, no plan
+        t_plan, plan = 0.0, []
+        t_apply, _ = timed(lambda: merge_patches.patch_models(
+            patcher, None, result, lambda layer_names: nodelogic.patch_plan_of(result, layer_names, False)))
+        apply_label = "one weight-adapter patch per weight"
+    else:
+        t_plan, plan = timed(lambda: nodelogic.patch_plan(result, include_text_encoders=False))
 
-    def apply():
-        model = patcher
-        for sd, strength in plan:
-            model = comfy.sd.load_lora_for_models(model, None, sd, strength, strength)[0]
-        return model
+        def apply():
+            model = patcher
+            for sd, strength in plan:
+                model = comfy.sd.load_lora_for_models(model, None, sd, strength, strength)[0]
+            return model
 
-    t_apply, _ = timed(apply)
+        t_apply, _ = timed(apply)
+        apply_label = f"load_lora_for_models x{len(plan)}"
     t_plot, _ = timed(lambda: lib.plot.image_to_tensor(lib.plot.coefficient_plot(
         lib.plot.block_means(result.coefficients), "t", "s")))
     print(f"    breakdown (cold): read+parse 2 files {t_read:.3f} s, load hypernetwork {t_hyp:.3f} s, "
           f"merge incl. coefficients {t_coef:.3f} s (strengths only: {t_assemble:.3f} s), patch plan "
-          f"{t_plan:.3f} s, load_lora_for_models x{len(plan)} {t_apply:.3f} s, plot {t_plot:.3f} s")
+          f"{t_plan:.3f} s, {apply_label} {t_apply:.3f} s, plot {t_plot:.3f} s")
 
     # (b) end to end: node execution + weight patching onto the load device.
     def end_to_end(runner, reset):

@@ -253,9 +253,17 @@ class MergedLora:
         return [layer.rank for layer in self.layers.values() if layer.is_low_rank]
 
     def kohya_entries(self, dtype: torch.dtype = torch.float32):
-        """(key, dtype, shape, make_tensor) for every tensor of the kohya file, lazily."""
+        """(key, dtype, shape, make_tensor) for every tensor of the kohya file, lazily: listing the
+        entries folds nothing (the merge node lists them for its LORA_MODEL output, which most
+        workflows never read); the first tensor made folds every layer's columns at once."""
         self._require_single_lora("merged LoRA")
-        fold_columns(side for layer in self.layers.values() for _, side in layer.sides())
+        folded = []
+
+        def fold_all() -> None:
+            if not folded:
+                fold_columns(side for layer in self.layers.values() for _, side in layer.sides())
+                folded.append(True)
+
         entries = []
         for name, layer in self.layers.items():
             key = naming.ldm_to_kohya_key(name)
@@ -270,7 +278,7 @@ class MergedLora:
             down_shape = (rank, *first.down.shape[1:])
             entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
                 [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
-            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: torch.cat(
+            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: fold_all() or torch.cat(
                 [side.folded_down().float() for _, side in s], dim=0)))
             # alpha = rank: each side's scale and strength are already inside up.
             entries.append((f"{key}.alpha", torch.float32, (), lambda r=rank: torch.tensor(float(r))))
