@@ -23,8 +23,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # annotations only: the helpers below import what they use
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TESTONLY_PACK = Path(__file__).resolve().parent / "custom_nodes_testonly" / "lorarar_testonly"
@@ -248,3 +252,38 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[slot["name"]] = [str(link[1]), link[2]]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written by the test-only nodes (tests/integration/custom_nodes_testonly)
+
+def dump(server, name: str) -> dict[str, torch.Tensor]:
+    """A file written by the test-only LoraRarTestDumpWeights node."""
+    from safetensors.torch import load_file
+
+    return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
+
+
+def model_key(layer: str) -> str:
+    """Canonical layer name → key in the dump file written by LoraRarTestDumpWeights."""
+    if layer.startswith("te1."):
+        return "clip.clip_l.transformer." + layer[4:] + ".weight"
+    if layer.startswith("te2."):
+        return "clip.clip_g.transformer." + layer[4:] + ".weight"
+    return "unet." + layer + ".weight"
+
+
+def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """What a kohya SDXL LoRA trains, at the tiny model's shapes: every Linear in the
+    transformer blocks plus the text encoders' attention/MLP layers."""
+    shapes = {}
+    for key, value in base.items():
+        if value.dim() != 2 or not key.endswith(".weight"):
+            continue
+        if key.startswith("unet.") and (".transformer_blocks." in key or key.endswith((".proj_in.weight", ".proj_out.weight"))):
+            if "norm" not in key:
+                shapes[key[5:-7]] = tuple(value.shape)
+        for prefix, te in (("clip.clip_l.transformer.", "te1."), ("clip.clip_g.transformer.", "te2.")):
+            if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
+                shapes[te + key[len(prefix):-7]] = tuple(value.shape)
+    return shapes

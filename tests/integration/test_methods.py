@@ -11,17 +11,17 @@ merged_lora output of a K-LoRA merge explains, by method name, why it is not one
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 from PIL import Image, ImageStat
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hypernet import merge as merge_lib
 from hypernet.lora import read_lora
 from hypernet.tooling.synthetic import random_factors, to_state_dict
+from tests.integration.comfy_support import dump, lora_shapes, model_key
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -36,33 +36,10 @@ RUNS = {  # name → KSampler settings
 BOUNDARY = 2e-3  # calls this close to a layer's switch point are not judged (interpolation rounding)
 
 
-def dump(server, name) -> dict[str, torch.Tensor]:
-    """A file written by the test-only LoraRarTestDumpWeights node."""
-    return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
 
 
-def model_key(layer: str) -> str:
-    """Canonical layer name → key in a LoraRarTestDumpWeights file."""
-    if layer.startswith("te1."):
-        return "clip.clip_l.transformer." + layer[4:] + ".weight"
-    if layer.startswith("te2."):
-        return "clip.clip_g.transformer." + layer[4:] + ".weight"
-    return "unet." + layer + ".weight"
 
 
-def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """What a kohya SDXL LoRA trains, at the tiny model's shapes: the transformer blocks'
-    Linears and the text encoders' attention/MLP layers."""
-    shapes = {}
-    for key, value in base.items():
-        if value.dim() != 2 or not key.endswith(".weight") or "norm" in key:
-            continue
-        if key.startswith("unet.") and (".transformer_blocks." in key or key.endswith((".proj_in.weight", ".proj_out.weight"))):
-            shapes[key[5:-7]] = tuple(value.shape)
-        for prefix, te in (("clip.clip_l.transformer.", "te1."), ("clip.clip_g.transformer.", "te2.")):
-            if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
-                shapes[te + key[len(prefix):-7]] = tuple(value.shape)
-    return shapes
 
 
 def read_record(server, name) -> list[tuple[float, dict[str, torch.Tensor]]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +27,10 @@ from tests.integration.comfy_support import (
     PACK_FOLDER,
     REPO,
     SCHEMA_SNAPSHOT,
+    dump,
     import_failures,
+    lora_shapes,
+    model_key,
     pack_node_ids_in_source,
     schema_snapshot,
     ui_to_api,
@@ -101,33 +103,10 @@ def test_merge_node_inputs_match_documented_api(object_info):
 # The merge prompt
 
 
-def dump(server, name: str) -> dict[str, torch.Tensor]:
-    return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
 
 
-def model_key(layer: str) -> str:
-    """Canonical layer name → key in the dump file written by LoraRarTestDumpWeights."""
-    if layer.startswith("te1."):
-        return "clip.clip_l.transformer." + layer[4:] + ".weight"
-    if layer.startswith("te2."):
-        return "clip.clip_g.transformer." + layer[4:] + ".weight"
-    return "unet." + layer + ".weight"
 
 
-def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """What a kohya SDXL LoRA trains, at the tiny model's shapes: every Linear in the
-    transformer blocks plus the text encoders' attention/MLP layers."""
-    shapes = {}
-    for key, value in base.items():
-        if value.dim() != 2 or not key.endswith(".weight"):
-            continue
-        if key.startswith("unet.") and (".transformer_blocks." in key or key.endswith((".proj_in.weight", ".proj_out.weight"))):
-            if "norm" not in key:
-                shapes[key[5:-7]] = tuple(value.shape)
-        for prefix, te in (("clip.clip_l.transformer.", "te1."), ("clip.clip_g.transformer.", "te2.")):
-            if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
-                shapes[te + key[len(prefix):-7]] = tuple(value.shape)
-    return shapes
 
 
 def merge_prompt(hypernet_file: str, content_file: str, style_file: str) -> dict:
