@@ -259,10 +259,11 @@ class MergedLora:
         self._require_single_lora("merged LoRA")
         folded = []
 
-        def fold_all() -> None:
-            if not folded:
+        def down_of(sides) -> torch.Tensor:
+            if not folded:  # first tensor made: fold every layer's columns in one batched pass
                 fold_columns(side for layer in self.layers.values() for _, side in layer.sides())
                 folded.append(True)
+            return torch.cat([side.folded_down().float() for _, side in sides], dim=0)
 
         entries = []
         for name, layer in self.layers.items():
@@ -278,8 +279,7 @@ class MergedLora:
             down_shape = (rank, *first.down.shape[1:])
             entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
                 [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
-            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: fold_all() or torch.cat(
-                [side.folded_down().float() for _, side in s], dim=0)))
+            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: down_of(s)))
             # alpha = rank: each side's scale and strength are already inside up.
             entries.append((f"{key}.alpha", torch.float32, (), lambda r=rank: torch.tensor(float(r))))
         return entries
