@@ -120,17 +120,24 @@ def _block_layout(draw: ImageDraw.ImageDraw, blocks: list[str], left: float, rig
     return xs, groups
 
 
+def _titled_canvas(size: tuple[int, int], title: str, subtitle: str):
+    """The frame every plot here shares: background, title, optional subtitle; returns the image,
+    its drawing context and the body and small fonts."""
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font, small = _font(14), _font(12)
+    draw.text((16, 10), title, fill=INK, font=_font(20))
+    if subtitle:
+        draw.text((16, 38), subtitle, fill=INK, font=small)
+    return image, draw, font, small
+
+
 def coefficient_plot(means: list[BlockMeans], title: str, subtitle: str = "",
                      size: tuple[int, int] = (1024, 512)) -> Image.Image:
     """Line chart of mean m_c (blue) and m_s (orange) per transformer block, grouped and labelled
     by Transformer2D block. With no blocks (method "sum") the picture says so instead."""
     width, height = size
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    title_font, font, small = _font(20), _font(14), _font(12)
-    draw.text((16, 10), title, fill=INK, font=title_font)
-    if subtitle:
-        draw.text((16, 38), subtitle, fill=INK, font=small)
+    image, draw, font, small = _titled_canvas(size, title, subtitle)
     if not means:
         message = "No hypernetwork coefficients: every layer is content × strength + style × strength."
         draw.text((16, height // 2), message, fill=INK, font=font)
@@ -203,12 +210,7 @@ def projection_plot(values: list[BlockValue], title: str, subtitle: str = "",
                     size: tuple[int, int] = (1024, 512)) -> Image.Image:
     """NP-LoRA: the mean share of the content update the projection removed, per transformer block."""
     width, height = size
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    title_font, font, small = _font(20), _font(14), _font(12)
-    draw.text((16, 10), title, fill=INK, font=title_font)
-    if subtitle:
-        draw.text((16, 38), subtitle, fill=INK, font=small)
+    image, draw, font, small = _titled_canvas(size, title, subtitle)
     if not values:
         draw.text((16, height // 2), "No UNet transformer layer is in both LoRAs: nothing was projected.",
                   fill=INK, font=font)
@@ -266,12 +268,7 @@ def switch_plot(switches: list[LayerSwitch], title: str, subtitle: str = "",
     """K-LoRA: one bar per attention projection, sampling progress from top (p = 0) to bottom
     (p = 1): content-coloured until the layer's switch point, style-coloured after it."""
     width, height = size
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    title_font, font, small = _font(20), _font(14), _font(12)
-    draw.text((16, 10), title, fill=INK, font=title_font)
-    if subtitle:
-        draw.text((16, 38), subtitle, fill=INK, font=small)
+    image, draw, font, small = _titled_canvas(size, title, subtitle)
     if not switches:
         draw.text((16, height // 2), "No attention projection is in both LoRAs: every layer is summed.",
                   fill=INK, font=font)
