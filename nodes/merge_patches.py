@@ -16,6 +16,7 @@ None and the node uses the per-side plan for everything.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -33,7 +34,9 @@ def _adapter_base():
     return WeightAdapterBase
 
 
-def _patch_class():
+@functools.cache
+def patch_class():
+    """The weight-adapter class (built once: it subclasses ComfyUI's base), or None without one."""
     base = _adapter_base()
     if base is None:
         return None
@@ -67,15 +70,6 @@ def _patch_class():
             return weight
 
     return MergedLayerPatch
-
-
-_PATCH_CLASS: list = []
-
-
-def patch_class():
-    if not _PATCH_CLASS:
-        _PATCH_CLASS.append(_patch_class())
-    return _PATCH_CLASS[0]
 
 
 def patch_models(model, clip, merged, side_plan):
