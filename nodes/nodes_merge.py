@@ -6,9 +6,9 @@ draws what the method did per UNet transformer block. Logic lives in `hypernet.n
 
 K-LoRA's model changes patches during sampling (`KLoraSwitcher`): every layer that switches inside
 sampling is patched with its content side like any LoRA, and when sampling reaches the layer's
-switch point its patch is exchanged for the style side and that one weight is updated on its
-device (content side out, style side in, with ComfyUI's patch maths); after sampling the kept
-content-state tensors are put back. Each layer switches at most once per image, so the added
+switch point its patch is exchanged for the style side and that one weight is updated (see
+`KLoraSwitcher` for how, on the CPU and on a GPU); after sampling the kept content-state tensors
+are put back. Each layer switches at most once per image, so the added
 work per image is about one LoRA patch of the switching layers, and per step one comparison of
 the noise level. Alternatives: ComfyUI's hook keyframes re-patch *every* hooked weight at each
 keyframe change and are attached to conditioning, not to a MODEL; bypass-style forward hooks add
