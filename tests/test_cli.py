@@ -100,6 +100,11 @@ def test_bench_command_reports_the_figures(capsys):
     assert figures["matrices"] == 280
     assert figures["max_coefficient_diff"] < 1e-4
     assert figures["dense_over_factored"] > 0 and figures["write_s"] > 0
+    # the arithmetic of the factored pass, counted by hand: SDXL has 40 of these layers at width
+    # 640 and 240 at 1280 (all square); ranks 2 + 2; H's hidden size 128
+    flops = sum(n * (2 * 128 * w * 4 + 2 * 128 * 4 * w + 4 * 128 * w) for n, w in ((40, 640), (240, 1280)))
+    assert figures["factored_GFLOP"] == pytest.approx(flops / 1e9)
+    assert figures["matmul_GFLOPs"] > 0 and 0 < figures["share_of_matmul_rate"] <= figures["share_of_matmul_rate_best"]
 
 
 def test_help_lists_every_command(capsys):

@@ -35,18 +35,21 @@ def test_a_device_this_machine_lacks_is_one_clear_error(pair):
         merge(content, style, hypernet, method="lorarar", params={"device": "no-such-device"})
 
 
-def test_one_batch_per_group_equals_the_cpu_batches(pair, monkeypatch):
-    """What an accelerator runs (each group of equal shapes in one call, coefficients moved back
-    at the end) gives the CPU's coefficients."""
+def test_one_call_per_group_equals_the_cpu_pass(pair):
+    """What an accelerator runs (each group of equal shapes in one batched call of H) gives the
+    coefficients of the CPU's buffered pass."""
     content, style, hypernet = pair
-    small, _ = lorarar.compute_coefficients(content, style, hypernet, device="cpu")
-    monkeypatch.setattr(lorarar, "_BATCH", lorarar._BATCH_ACCELERATOR)
-    whole, _ = lorarar.compute_coefficients(content, style, hypernet, device="cpu")
-    assert set(small) == set(whole) == {n for n in SHAPES}
-    for name in small:
-        for i in (0, 1):
-            torch.testing.assert_close(whole[name][i], small[name][i], rtol=1e-5, atol=1e-6)
-            assert whole[name][i].device.type == "cpu"
+    on_cpu, _ = lorarar.compute_coefficients(content, style, hypernet, device="cpu")
+    assert set(on_cpu) == set(SHAPES)
+    for width in (640, 1280):
+        names = [n for n in SHAPES if SHAPES[n][0] == width]
+        with torch.no_grad():
+            m_c, m_s = lorarar.accelerator_group_coefficients(
+                hypernet, [content.layers[n] for n in names], [style.layers[n] for n in names], torch.device("cpu"))
+        for i, name in enumerate(names):
+            torch.testing.assert_close(m_c[i], on_cpu[name][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m_s[i], on_cpu[name][1], rtol=1e-5, atol=1e-6)
+            assert on_cpu[name][0].device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

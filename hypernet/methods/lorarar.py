@@ -23,16 +23,10 @@ from ..errors import HypernetError, LoraRarError
 from ..lora import LoraFile, LoraLayer
 from ..merged import Coefficients, MergedLora, assemble, check_same_shape
 from ..model import HyperNetwork
+from .lorarar_cpu import group_coefficients
 
 Progress = Callable[[int, int], None]
 WIDTH_POLICIES = ("error", "sum")
-
-# Layers per batched hypernetwork call. Small batches keep the (batch, hidden, in) activations
-# in cache: on the idle 2-core CPU, batches of 2–16 took 0.20–0.22 s for SDXL's 280 rank-64
-# matrices, batches of 48 took 0.28–0.36 s. On an accelerator, kernel launches are the cost, so
-# each group of equal shapes goes in one call (SDXL: 2 groups).
-_BATCH = 4
-_BATCH_ACCELERATOR = 1 << 30
 
 
 def is_hypernet_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -52,6 +46,12 @@ def _stacked_factors(layers: list[LoraLayer], device: torch.device) -> tuple[tor
     ups = torch.stack([layer.up.reshape(layer.up.shape[0], -1).to(device, non_blocking=True) for layer in layers])
     downs = torch.stack([layer.down.reshape(layer.down.shape[0], -1).to(device, non_blocking=True) for layer in layers])
     return ups.float() * scales, downs.float()
+
+
+def accelerator_group_coefficients(hypernet: HyperNetwork, contents: list[LoraLayer], styles: list[LoraLayer],
+                                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m_c, m_s) of layers of one shape and pair of ranks in one batched call of H on `device`."""
+    return hypernet.coefficients_factored(*_stacked_factors(contents, device), *_stacked_factors(styles, device))
 
 
 def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
@@ -79,8 +79,8 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
             "model, or allow the sum for those layers")
     coefficients: Coefficients = {}
     fallback = sum(content.layers[n].shape[0] in unsupported for n in names)
-    # Layers of equal shapes and ranks go through H together: one batched product per group
-    # instead of a few small ones per layer (280 layers fall into 2 groups for SDXL).
+    # Layers of equal shapes and ranks go through H together (280 layers fall into 2 groups for
+    # SDXL): on the CPU in reused buffers a chunk at a time (lorarar_cpu), elsewhere in one call.
     groups: dict[tuple, list[str]] = {}
     dense: list[str] = []
     for name in names:
@@ -95,27 +95,30 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
     total, done = len(names) - fallback, 0
     on_cpu = where.type == "cpu"
     net = hypernet if on_cpu else copy.deepcopy(hypernet).to(where)  # the caller's H stays where it is
-    batch = _BATCH if on_cpu else _BATCH_ACCELERATOR
     results: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress:
+            progress(done, total)
+
     with torch.no_grad(), full_float32_matmuls(where):
         for group in groups.values():
-            for start in range(0, len(group), batch):
-                chunk = group[start:start + batch]
-                m_c, m_s = net.coefficients_factored(
-                    *_stacked_factors([content.layers[n] for n in chunk], where),
-                    *_stacked_factors([style.layers[n] for n in chunk], where))
-                results.append((chunk, m_c, m_s))
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+            if on_cpu:
+                m = group_coefficients(net, [content.layers[n] for n in group], [style.layers[n] for n in group],
+                                       progress=advance)
+                results.append((group, m[:, 0], m[:, 1]))
+            else:  # on an accelerator kernel launches are the cost: each group in one call (SDXL: 2)
+                results.append((group, *accelerator_group_coefficients(
+                    net, [content.layers[n] for n in group], [style.layers[n] for n in group], where)))
+                advance(len(group))
         for name in dense:
             c, s = content.layers[name], style.layers[name]
             m_c, m_s = net.coefficients_dense(c.delta().flatten(1).to(where), s.delta().flatten(1).to(where))
             results.append(([name], m_c[None], m_s[None]))
-            done += 1
-            if progress:
-                progress(done, total)
-    for chunk, m_c, m_s in results:  # back to the CPU only now: one wait for the device, not one per batch
+            advance(1)
+    for chunk, m_c, m_s in results:  # back to the CPU only now: one wait for the device, not one per group
         m_c, m_s = m_c.cpu(), m_s.cpu()
         coefficients.update((n, (m_c[i], m_s[i])) for i, n in enumerate(chunk))
     return coefficients, fallback

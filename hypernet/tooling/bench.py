@@ -42,6 +42,27 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def coefficient_flops(content, style, hypernet, names) -> float:
+    """Floating-point operations of the factored pass over `names`: W1·up for both sides, the
+    (hidden × r_c+r_s)·(r_c+r_s × in) product and the head (the arithmetic floor of the method)."""
+    hidden, total = hypernet.config.hidden, 0
+    for name in names:
+        c, s = content.layers[name], style.layers[name]
+        out_width, in_width, rank = c.up.shape[0], c.down.reshape(c.rank, -1).shape[1], c.rank + s.rank
+        total += 2 * hidden * out_width * rank + 2 * hidden * rank * in_width + 4 * hidden * in_width
+    return float(total)
+
+
+_RATE_SIZE = 2048
+
+
+def matmul_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """GFLOP/s of one float32 product a @ b (this machine's reference rate, on its threads)."""
+    start = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start) / 1e9
+
+
 def dense_coefficients(content, style, hypernet, names):
     """The dense formulation: form ΔW_c and ΔW_s (out×in) and feed every column through H."""
     with torch.no_grad():
@@ -85,14 +106,26 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
         content, style = read_lora(paths[0]), read_lora(paths[1])
         results["read_s"] = time.perf_counter() - start
 
-        times = []
+        # The machine's matmul rate is measured right before and after every repeat, so that a
+        # slower moment of a shared machine slows both sides of the ratio alike.
+        a, b = torch.randn(_RATE_SIZE, _RATE_SIZE), torch.randn(_RATE_SIZE, _RATE_SIZE)
+        matmul_rate(a, b)
+        times, shares, rates = [], [], []
         for _ in range(repeat):
+            before = matmul_rate(a, b)
             start = time.perf_counter()
             coefficients, _ = compute_coefficients(content, style, hypernet)
             times.append(time.perf_counter() - start)
+            rates.append(max(before, matmul_rate(a, b)))
+            shares.append(coefficient_flops(content, style, hypernet, coefficients) / 1e9 / times[-1] / rates[-1])
+        del a, b
         results["factored_s"] = statistics.median(times)
         results["factored_min_s"] = min(times)
         results["matrices"] = len(coefficients)
+        results["factored_GFLOP"] = coefficient_flops(content, style, hypernet, coefficients) / 1e9
+        results["matmul_GFLOPs"] = statistics.median(rates)
+        results["share_of_matmul_rate"] = statistics.median(shares)
+        results["share_of_matmul_rate_best"] = max(shares)
         if device and device != "cpu":
             device_times, on_device = _timed_on(device, content, style, hypernet, max(repeat, 5))
             results["device"] = device
@@ -130,6 +163,10 @@ def format_results(r: dict[str, float]) -> str:
              f"read both files            {r['read_s']:8.3f} s",
              f"hypernetwork merge         {r['factored_s']:8.3f} s  (median; best {r['factored_min_s']:.3f} s; "
              f"{r['matrices']:.0f} matrices, factored)",
+             f"  = {r['factored_GFLOP'] / r['factored_s']:.0f} GFLOP/s ({r['factored_GFLOP']:.1f} GFLOP) = "
+             f"{r['share_of_matmul_rate']:.0%} of this machine's fp32 matmul rate (median; best "
+             f"{r['share_of_matmul_rate_best']:.0%}; {r['matmul_GFLOPs']:.0f} GFLOP/s on {_RATE_SIZE}² "
+             "products timed around each repeat)",
              f"assemble merged LoRA       {r['assemble_s']:8.3f} s"]
     if "device" in r:
         lines += [f"hypernetwork merge on {r['device']:<5}{r['device_factored_s'] * 1000:8.1f} ms  (median; best "
