@@ -104,7 +104,7 @@ def test_bench_command_reports_the_figures(capsys):
     # 640 and 240 at 1280 (all square); ranks 2 + 2; H's hidden size 128
     flops = sum(n * (2 * 128 * w * 4 + 2 * 128 * 4 * w + 4 * 128 * w) for n, w in ((40, 640), (240, 1280)))
     assert figures["factored_GFLOP"] == pytest.approx(flops / 1e9)
-    assert figures["matmul_GFLOPs"] > 0 and 0 < figures["share_of_matmul_rate"] <= figures["share_of_matmul_rate_best"]
+    assert figures["stacked_s"] > 0 and figures["matmul_GFLOPs"] > 0 and 0 < figures["share_of_matmul_rate"] <= figures["share_of_matmul_rate_best"]
 
 
 def test_help_lists_every_command(capsys):

@@ -161,6 +161,22 @@ def test_nan_or_inf_weights(tmp_path, bad):
         read_lora(write_lora(tmp_path / "nan.safetensors", sd))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+def test_the_finite_check_finds_every_non_finite_value_and_only_those(dtype):
+    """all_finite sums instead of masking; a sum that overflows must not count as a bad value."""
+    clean = torch.randn(300, 7).to(dtype)
+    assert lora_mod.all_finite(clean) and lora_mod.all_finite(torch.empty(0, 4, dtype=dtype))
+    for values in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        bad = clean.clone()
+        bad.view(-1)[[17 * (i + 1) for i in range(len(values))]] = torch.tensor(values, dtype=dtype)
+        assert not lora_mod.all_finite(bad), (dtype, values)
+    # finite values whose float32 sum overflows (and, for fp64, values beyond float32's range)
+    big = torch.finfo(dtype).max if dtype != torch.float64 else 1e300
+    assert lora_mod.all_finite(torch.full((64,), big, dtype=dtype))
+    assert lora_mod.all_finite(torch.tensor([big, -big, big], dtype=dtype))
+
+
 def test_sd15_lora_is_named_as_such():
     lora = lora_mod.lora_from_state_dict(sd15_lora(), source="sd15.safetensors")
     with pytest.raises(LoraFormatError, match=r"style LoRA sd15\.safetensors looks like SD1\.5 \(320/640-wide attention, 768-wide text context\); expected SDXL"):
