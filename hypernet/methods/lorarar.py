@@ -6,7 +6,8 @@ Per target layer (`to_q`, `to_out.0` of attn1/attn2 by default) with updates ΔW
 files define them (alpha/rank applied), never the strengths (DESIGN §10).
 
 H's first layer is linear, so its pre-activation for all columns is computed from the factors
-(`HyperNetwork.coefficients_factored`) — no out×in matrix for low-rank inputs (DESIGN §5).
+(`HyperNetwork.coefficients_factored`; on the CPU the same products in reused buffers,
+`lorarar_cpu.group_coefficients`) — no out×in matrix for low-rank inputs (DESIGN §5).
 """
 
 from __future__ import annotations
