@@ -55,6 +55,21 @@ def accelerator_group_coefficients(hypernet: HyperNetwork, contents: list[LoraLa
     return hypernet.coefficients_factored(*_stacked_factors(contents, device), *_stacked_factors(styles, device))
 
 
+def shape_groups(content: LoraFile, style: LoraFile, names: list[str]) -> tuple[dict[tuple, list[str]], list[str]]:
+    """`names` as groups that go through H together — factored layers of equal shapes, ranks and
+    dtypes (SDXL's 280 fall into 2): on the CPU in reused buffers a chunk at a time (lorarar_cpu),
+    elsewhere in one call — and the layers H has to see as dense ΔW."""
+    groups: dict[tuple, list[str]] = {}
+    dense: list[str] = []
+    for name in names:
+        c, s = content.layers[name], style.layers[name]
+        if _factored(c) and _factored(s):
+            groups.setdefault((c.up.shape[0], c.down.shape[1], c.rank, s.rank, c.dtype, s.dtype), []).append(name)
+        else:
+            dense.append(name)
+    return groups, dense
+
+
 def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
                          unsupported_width: str = "error", progress: Progress | None = None,
                          device: str | None = None) -> tuple[Coefficients, int]:
@@ -80,19 +95,7 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
             "model, or allow the sum for those layers")
     coefficients: Coefficients = {}
     fallback = sum(content.layers[n].shape[0] in unsupported for n in names)
-    # Layers of equal shapes and ranks go through H together (280 layers fall into 2 groups for
-    # SDXL): on the CPU in reused buffers a chunk at a time (lorarar_cpu), elsewhere in one call.
-    groups: dict[tuple, list[str]] = {}
-    dense: list[str] = []
-    for name in names:
-        c, s = content.layers[name], style.layers[name]
-        if c.shape[0] in unsupported:
-            continue
-        if _factored(c) and _factored(s):
-            key = (c.up.shape[0], c.down.shape[1], c.rank, s.rank, c.dtype, s.dtype)
-            groups.setdefault(key, []).append(name)
-        else:
-            dense.append(name)
+    groups, dense = shape_groups(content, style, [n for n in names if content.layers[n].shape[0] not in unsupported])
     total, done = len(names) - fallback, 0
     on_cpu = where.type == "cpu"
     net = hypernet if on_cpu else copy.deepcopy(hypernet).to(where)  # the caller's H stays where it is

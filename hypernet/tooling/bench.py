@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..lora import read_lora
 from ..merged import assemble
-from ..methods.lorarar import accelerator_group_coefficients, compute_coefficients
+from ..methods.lorarar import accelerator_group_coefficients, compute_coefficients, shape_groups
 from ..model import HypernetConfig, HyperNetwork, load_hypernet
 from ..writer import save_merged
 from . import synthetic
@@ -66,12 +66,8 @@ def matmul_rate(a: torch.Tensor, b: torch.Tensor) -> float:
 def stacked_pass(content, style, hypernet, names) -> None:
     """The pass as accelerators run it — each group of equal shapes stacked, widened and scaled
     into fresh tensors, one batched call of H — on the CPU: the buffered CPU pass's comparison."""
-    groups: dict[tuple, list[str]] = {}
-    for name in names:
-        c, s = content.layers[name], style.layers[name]
-        groups.setdefault((c.up.shape, c.down.shape, s.up.shape, s.down.shape, c.dtype, s.dtype), []).append(name)
     with torch.no_grad():
-        for group in groups.values():
+        for group in shape_groups(content, style, names)[0].values():
             accelerator_group_coefficients(hypernet, [content.layers[n] for n in group],
                                            [style.layers[n] for n in group], torch.device("cpu"))
 
@@ -128,8 +124,10 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
             results["peak_over_files"] = results["peak_read_merge_MiB"] / files_mib
 
         # Peak memory above covers reading and one merge; the comparison pass below stacks whole
-        # groups, which the merge never does. The machine's matmul rate is measured right before and after every repeat, so that a
-        # slower moment of a shared machine slows both sides of the ratio alike.
+        # groups, which the merge never does. The machine's matmul rate is measured right before
+        # and after every repeat, so that a slower moment of a shared machine slows both sides of
+        # the ratio alike.
+        flops = coefficient_flops(content, style, hypernet, coefficients)
         a, b = torch.randn(_RATE_SIZE, _RATE_SIZE), torch.randn(_RATE_SIZE, _RATE_SIZE)
         matmul_rate(a, b)
         times, shares, rates, stacked = [], [], [], []
@@ -139,7 +137,7 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
             coefficients, _ = compute_coefficients(content, style, hypernet)
             times.append(time.perf_counter() - start)
             rates.append(max(before, matmul_rate(a, b)))
-            shares.append(coefficient_flops(content, style, hypernet, coefficients) / 1e9 / times[-1] / rates[-1])
+            shares.append(flops / 1e9 / times[-1] / rates[-1])
             start = time.perf_counter()
             stacked_pass(content, style, hypernet, list(coefficients))
             stacked.append(time.perf_counter() - start)
@@ -149,7 +147,7 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
         results["factored_s"] = statistics.median(times)
         results["factored_min_s"] = min(times)
         results["matrices"] = len(coefficients)
-        results["factored_GFLOP"] = coefficient_flops(content, style, hypernet, coefficients) / 1e9
+        results["factored_GFLOP"] = flops / 1e9
         results["matmul_GFLOPs"] = statistics.median(rates)
         results["share_of_matmul_rate"] = statistics.median(shares)
         results["share_of_matmul_rate_best"] = max(shares)
