@@ -12,8 +12,8 @@ What differs is the memory traffic around it (issue 12; figures in docs/performa
   one reused block, so the ReLU and the head read them while they are still near the cores;
 - the head writes each layer's two coefficient rows into one result tensor for the group.
 
-On the idle 2-core CPU this took SDXL's 280 rank-64 matrices from 0.34 s to 0.25 s (medians,
-side by side; `python -m hypernet bench --skip-dense`).
+On the idle 2-core CPU this took SDXL's 280 rank-64 matrices from 0.33–0.37 s to 0.25–0.27 s
+(medians, side by side: `python benchmarks/bench_coefficient_pass.py`).
 """
 
 from __future__ import annotations
