@@ -36,7 +36,7 @@ from hypernet.lora import lora_from_state_dict  # noqa: E402
 from hypernet.methods import lorarar, lorarar_cpu  # noqa: E402
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet  # noqa: E402
 from hypernet.tooling import synthetic  # noqa: E402
-from hypernet.tooling.bench import coefficient_flops, matmul_rate  # noqa: E402
+from hypernet.tooling.bench import coefficient_flops, matmul_rate, stacked_pass  # noqa: E402
 
 
 def _before(content, style, hypernet, names):
@@ -47,13 +47,6 @@ def _before(content, style, hypernet, names):
                 chunk = group[start:start + 4]
                 lorarar.accelerator_group_coefficients(hypernet, [content.layers[n] for n in chunk],
                                                        [style.layers[n] for n in chunk], torch.device("cpu"))
-
-
-def _stacked_per_group(content, style, hypernet, names):
-    with torch.no_grad():
-        for group in lorarar.shape_groups(content, style, names)[0].values():
-            lorarar.accelerator_group_coefficients(hypernet, [content.layers[n] for n in group],
-                                                   [style.layers[n] for n in group], torch.device("cpu"))
 
 
 def _buffered(chunk: int, block: int):
@@ -89,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     style = lora_from_state_dict(synthetic.sdxl_lora(rank=64, seed=2, alpha=32, dtype=torch.float16, te_layers=0))
     names = list(lorarar.compute_coefficients(content, style, hypernet)[0])
     flops = coefficient_flops(content, style, hypernet, names)
-    arrangements = {"before (batches of 4, stacked)": _before, "stacked per group": _stacked_per_group}
+    arrangements = {"before (batches of 4, stacked)": _before, "stacked per group": stacked_pass}
     arrangements.update({f"buffered {c}/{b}" + (" (shipped)" if (c, b) == (default_chunk, default_block) else ""):
                          _buffered(c, b) for c, b in pairs})
 
