@@ -41,12 +41,7 @@ from hypernet.tooling.bench import coefficient_flops, matmul_rate, stacked_pass 
 
 def _before(content, style, hypernet, names):
     """The pre-2026-12-02 CPU arrangement: batches of 4 layers, stacked per batch."""
-    with torch.no_grad():
-        for group in lorarar.shape_groups(content, style, names)[0].values():
-            for start in range(0, len(group), 4):
-                chunk = group[start:start + 4]
-                lorarar.accelerator_group_coefficients(hypernet, [content.layers[n] for n in chunk],
-                                                       [style.layers[n] for n in chunk], torch.device("cpu"))
+    stacked_pass(content, style, hypernet, names, batch=4)
 
 
 def _buffered(chunk: int, block: int):

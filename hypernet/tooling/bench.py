@@ -63,13 +63,17 @@ def matmul_rate(a: torch.Tensor, b: torch.Tensor) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start) / 1e9
 
 
-def stacked_pass(content, style, hypernet, names) -> None:
+def stacked_pass(content, style, hypernet, names, batch: int | None = None) -> None:
     """The pass as accelerators run it — each group of equal shapes stacked, widened and scaled
-    into fresh tensors, one batched call of H — on the CPU: the buffered CPU pass's comparison."""
+    into fresh tensors, one batched call of H — on the CPU: the buffered CPU pass's comparison.
+    `batch` layers per call instead of a whole group is what the CPU ran before 2026-12-02 (4)."""
     with torch.no_grad():
         for group in shape_groups(content, style, names)[0].values():
-            accelerator_group_coefficients(hypernet, [content.layers[n] for n in group],
-                                           [style.layers[n] for n in group], torch.device("cpu"))
+            step = batch or len(group)
+            for start in range(0, len(group), step):
+                chunk = group[start:start + step]
+                accelerator_group_coefficients(hypernet, [content.layers[n] for n in chunk],
+                                               [style.layers[n] for n in chunk], torch.device("cpu"))
 
 
 def dense_coefficients(content, style, hypernet, names):
