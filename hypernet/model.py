@@ -27,6 +27,13 @@ from .safetensors_io import atomic_write, load_safetensors, read_header
 
 log = logging.getLogger(__name__)
 
+# How H reads its input columns (metadata `extra.input_normalisation`): "none" — the raw ΔW
+# columns, as the paper's H; "layer_rms" — each side's columns divided by the RMS of that side's
+# ΔW in that layer, so their entries are O(1) whatever the LoRA's magnitude (DESIGN §12: at real
+# magnitudes the official H's first layer sees |W1·x| ≪ |b1| and its output barely depends on the
+# pair). Applied wherever H is evaluated (training and merging), never to the merged update itself.
+INPUT_NORMALISATIONS = ("none", "layer_rms")
+
 FORMAT_NAME = "lorarar-hypernet"
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("to_q", "to_out.0")
@@ -146,12 +153,22 @@ class HyperNetwork(nn.Module):
                 f"this hypernetwork has input layers for widths {'/'.join(map(str, self.widths))}, "
                 f"not {width}") from None
 
+    @property
+    def input_normalisation(self) -> str:
+        value = self.config.extra.get("input_normalisation", "none")
+        if value not in INPUT_NORMALISATIONS:
+            raise HypernetError(f"this hypernetwork asks for input normalisation {value!r}; this package knows "
+                                f"{', '.join(INPUT_NORMALISATIONS)} (update the node pack)")
+        return value
+
     def forward(self, columns: torch.Tensor) -> torch.Tensor:
         """columns (..., 2·width) → coefficients (..., 2) = (m_c, m_s)."""
         return self.output(self.input_layer(columns.shape[-1] // 2)(columns))
 
     def coefficients_dense(self, delta_c: torch.Tensor, delta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference formulation: feed every column of [ΔW_c; ΔW_s] (out×in each) through H."""
+        if self.input_normalisation == "layer_rms":
+            delta_c, delta_s = delta_c / _rms(delta_c), delta_s / _rms(delta_s)
         m = self(torch.cat([delta_c, delta_s], dim=0).T)
         return m[:, 0], m[:, 1]
 
@@ -165,6 +182,8 @@ class HyperNetwork(nn.Module):
         (several layers of the same shapes at once); the result then does too.
         """
         width = up_c.shape[-2]
+        if self.input_normalisation == "layer_rms":
+            up_c, up_s = up_c / factored_rms(up_c, down_c), up_s / factored_rms(up_s, down_s)
         first = self.input_layer(width)
         w_c, w_s = first.weight[:, :width], first.weight[:, width:]
         # One product with the inner dimension r_c + r_s instead of two plus a sum: a single pass
@@ -175,6 +194,18 @@ class HyperNetwork(nn.Module):
         head = self.output[1]
         m = head.weight @ torch.relu_(pre) + head.bias[:, None]
         return m[..., 0, :], m[..., 1, :]
+
+
+def _rms(delta: torch.Tensor) -> torch.Tensor:
+    return delta.pow(2).mean().sqrt().clamp(min=1e-12)
+
+
+def factored_rms(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """RMS of the entries of up @ down without forming it: ‖B·A‖²_F = Σ (BᵀB) ∘ (A·Aᵀ), r × r
+    matrices. Batched factors give one value per layer, shaped to broadcast against `up`."""
+    gram = (up.transpose(-1, -2) @ up) * (down @ down.transpose(-1, -2))
+    size = up.shape[-2] * down.shape[-1]
+    return (gram.sum(dim=(-2, -1), keepdim=True) / size).clamp(min=1e-24).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,23 @@ def run(args) -> int:
     result = run_demo(Path(args.output), Path(args.bundle) if args.bundle else None, args.images, args.steps,
                       args.seed, args.force)
     subject, style = result["pair"]
-    print(f'prompt: "{result["prompt"]}"  (content LoRA {subject}, style LoRA {style})')
+    print(f'prompt: "{result["prompt"]}"  (content LoRA {subject}, style LoRA {style}; '
+          f'{result.get("regime") or "?"} style regime)')
+    if result.get("picked_by"):
+        print(f"pair: {result['picked_by']}")
     print(f"hypernetwork merge: {result['merge_seconds'] * 1000:.0f} ms")
-    print(f"{'row':28s} content  style  joint   (judges: subject / style classifiers)")
+    print(f"{'row':34s} content  style  joint   each image: subject verdict / style verdict")
     for name, v in result["verdicts"].items():
-        print(f"{name:28s} {v['content']:6.0%} {v['style']:6.0%} {v['joint']:6.0%}")
+        outcomes = "  ".join(f"{_short(i['subject'], subject)}/{_short(i['style'], style)}" for i in v["images"])
+        print(f"{name:34s} {v['content']:6.0%} {v['style']:6.0%} {v['joint']:6.0%}   {outcomes}")
+    print("  (✓ = the pair's subject / style; ? = not recognisable; other names: what the judges saw instead)")
     out = Path(args.output)
     print(f"wrote {out / 'demo.png'}, {out / 'coefficients.png'}, {out / 'merged_lorarar.safetensors'}, "
           f"{out / 'verdicts.json'} in {result['seconds']:.1f} s")
     return 0
+
+
+def _short(said: str, wanted: str) -> str:
+    if said == wanted:
+        return "✓"
+    return "?" if said == "not recognisable" else said

@@ -97,7 +97,8 @@ def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetw
     fallback = sum(content.layers[n].shape[0] in unsupported for n in names)
     groups, dense = shape_groups(content, style, [n for n in names if content.layers[n].shape[0] not in unsupported])
     total, done = len(names) - fallback, 0
-    on_cpu = where.type == "cpu"
+    # the buffered CPU pass reads raw factors; an H with normalised inputs goes through its own method
+    on_cpu = where.type == "cpu" and hypernet.input_normalisation == "none"
     net = hypernet if on_cpu else copy.deepcopy(hypernet).to(where)  # the caller's H stays where it is
     results: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
 

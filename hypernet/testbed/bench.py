@@ -1,14 +1,17 @@
 """The testbed benchmark: every merge method on the held-out pairs, judged against ground truth.
 
-For each of the test pairs (subjects and styles both unseen by the testbed hypernetwork) and
-each row — content LoRA only, style LoRA only, sum, lorarar (testbed H), ziplora (per pair,
-100 steps), every other method in `hypernet.merge.METHODS`, and the oracle (ground-truth
-renders) — N images are sampled from the same noise (seeds fixed per pair and image, shared by
-all methods) with the pair prompt "a sksN <class> in styM style", and judged: content correct
-when the subject classifier names the pair's subject, style correct when the style classifier
-names its style, joint when both (the paper's measure). Intervals are 95% bootstrap intervals
-over pairs (images of one pair are not independent). The ZipLoRA objective's two terms are
-measured on fixed noise draws, the same for every method. Merge wall time is per pair.
+For each of the test pairs (subjects and styles both unseen by the testbed hypernetwork; half the
+styles of each regime, `world.REGIMES`) and each row — content LoRA only, style LoRA only, sum,
+lorarar (testbed H; one row per hypernetwork given), ziplora (per pair, 100 steps), every other
+method in `hypernet.merge.METHODS`, the per-pair reference (a LoRA trained on ground-truth renders
+of that pair) and the oracle (ground-truth renders) — N images are sampled from the same noise
+(seeds fixed per pair and image, shared by all rows) with the pair prompt "a sksN <class> in styM
+style", and judged (`judges.py`): content right when the subject verdict is the pair's subject,
+style right when the style verdict is its style, joint when both (the paper's measure). Intervals
+are 95% bootstrap intervals over pairs (images of one pair are not independent), overall and per
+style regime. The ZipLoRA objective's two terms are measured on fixed noise draws, the same for
+every row; merge wall time is per pair. For every hypernetwork row, how much H's output depends on
+its input (`diagnostics.py`: |W1·x| / |b1|, coefficient spread, distance from H(0)).
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from . import world as W
 from .base import TestbedBase, WeightPatch, to_latent, uint8_to_image
 from .build import BuiltWorld, load_png
 from .figures import percent
-from .judges import Judges
 
 log = logging.getLogger(__name__)
 
 FIXED_BEFORE = ("content only", "style only", "sum", "lorarar", "ziplora")
+FIXED_AFTER = ("reference", "oracle")
 # rows that run a library method with other settings than its defaults: row → (method, params).
 # NP-LoRA's paper is ambiguous about the side it projects (issue 10): both are measured.
 VARIANTS = {"np-lora output side": ("np-lora", {"side": "output"})}
@@ -44,22 +47,26 @@ class BenchSettings:
     sampling_steps: int = 20
     ziplora_steps: int = 100
     objective_draws: int = 8     # fixed (t, noise) draws for the objective terms
-    grid_pairs: int = 5
+    grid_pairs: int = 3          # pairs per regime shown in samples.png
     bootstrap: int = 2000
     seed: int = 0
     methods: tuple[str, ...] = ()   # empty: all
+    guidance: float | None = None   # None: the base's default
 
 
-def method_rows() -> list[str]:
-    """Rows of the table: the fixed ones, every other library method, the oracle."""
+def method_rows(hypernet_rows: tuple[str, ...] = ("lorarar",)) -> list[str]:
+    """Rows of the table: the fixed ones (one lorarar row per hypernetwork), every other library
+    method, the reference and the oracle."""
     from .. import merge as merge_module
 
-    rows = list(FIXED_BEFORE)
+    rows = []
+    for r in FIXED_BEFORE:
+        rows += list(hypernet_rows) if r == "lorarar" else [r]
     for m in merge_module.METHODS:
-        if m not in rows:
+        if m not in FIXED_BEFORE:
             rows.append(m)
             rows += [variant for variant, (method, _) in VARIANTS.items() if method == m]
-    return rows + ["oracle"]
+    return rows + list(FIXED_AFTER)
 
 
 def lora_deltas(lora: LoraFile, strength: float = 1.0) -> dict[str, torch.Tensor]:
@@ -144,25 +151,44 @@ class ObjectiveProbe:
         return float(F.mse_loss(subj, self.target_subject)), float(F.mse_loss(sty, self.target_style))
 
 
-def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernet_path: Path | None = None,
-              progress=None) -> dict:
+def _ziplora(model, world, built, content, style_lora, subject, style, steps, seed):
+    from ..training.ziplora import ZipLoraSettings, ziplora_merge
+
+    style_cls = world.style_object(style)[0].cls
+    examples_s = [(to_latent(uint8_to_image(load_png(p)[None])), model.encode_prompt(world.subject_prompt(subject)))
+                  for p in built.subject_images(subject)]
+    examples_t = [(to_latent(uint8_to_image(load_png(built.style_image(style))[None])),
+                   model.encode_prompt(world.style_prompt(style, style_cls)))]
+    return ziplora_merge(model.unet, model.denoise, model.schedule, content, style_lora, examples_s, examples_t,
+                         ZipLoraSettings(steps=steps, seed=seed), device="cpu").merged
+
+
+def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: dict[str, Path] | None = None,
+              pairs: list[tuple[str, str]] | None = None, progress=None) -> dict:
+    """The table for `pairs` (default: the world's held-out test pairs). `hypernets`: row name →
+    hypernetwork file (default: {"lorarar": the world's testbed H})."""
     from ..merge import merge
     from ..model import load_hypernet
-    from ..training.ziplora import ZipLoraSettings, ziplora_merge
+    from .diagnostics import input_dependence
 
     say = progress or (lambda stage, done, total: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = built.world
     model = built.base()
-    judges = Judges.load(built.judges_path)
-    hypernet = load_hypernet(hypernet_path or built.hypernet_path)
-    rows = [r for r in method_rows() if not settings.methods or r in settings.methods]
-    pairs = world.test_pairs
+    if settings.guidance is not None:
+        model.guidance = settings.guidance
+    judges = built.judges()
+    hypernet_files = hypernets or {"lorarar": built.hypernet_path}
+    loaded = {row: load_hypernet(path) for row, path in hypernet_files.items()}
+    rows = [r for r in method_rows(tuple(loaded)) if not settings.methods or r in settings.methods]
+    pairs = list(pairs or world.test_pairs)
+    regimes = [world.regime(style) for _, style in pairs]
     n = settings.images
     results: dict[str, dict] = {r: {"content": [], "style": [], "joint": [], "merge_seconds": [], "objective": [],
-                                    "errors": []} for r in rows}
+                                    "errors": [], "pairs": [], "diagnostics": []} for r in rows}
     samples: dict[tuple[str, int], np.ndarray] = {}
+    verdicts: dict[str, dict] = {r: {} for r in rows}
     start = time.perf_counter()
     for pi, (subject, style) in enumerate(pairs):
         content, style_lora = read_lora(built.lora_path(subject)), read_lora(built.lora_path(style))
@@ -179,104 +205,142 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernet_pa
         for row in rows:
             record = results[row]
             try:
-                deltas = None
+                t0 = time.perf_counter()
                 if row == "oracle":
                     rng = np.random.default_rng(W._seed("oracle", world.seed, settings.seed, pi))
                     images = W.render_batch([(world.subject(subject), world.style(style), W.Pose.random(rng))
                                              for _ in range(n)])
                     record["merge_seconds"].append(0.0)
                 else:
-                    if row == "content only":
-                        t0 = time.perf_counter()
-                        deltas = c_deltas
-                        patches = static_patches(deltas)
-                    elif row == "style only":
-                        t0 = time.perf_counter()
-                        deltas = s_deltas
+                    if row in ("content only", "style only", "reference"):
+                        if row == "reference":
+                            deltas = lora_deltas(read_lora(built.reference_path(subject, style)))
+                        else:
+                            deltas = c_deltas if row == "content only" else s_deltas
                         patches = static_patches(deltas)
                     else:
-                        t0 = time.perf_counter()
                         if row == "ziplora":
-                            examples_s = [(to_latent(uint8_to_image(im[None])), model.encode_prompt(
-                                world.subject_prompt(subject))) for im in subject_images]
-                            examples_t = [(to_latent(uint8_to_image(style_image[None])), model.encode_prompt(
-                                world.style_prompt(style, style_cls)))]
-                            merged = ziplora_merge(model.unet, model.denoise, model.schedule, content, style_lora,
-                                                   examples_s, examples_t,
-                                                   ZipLoraSettings(steps=settings.ziplora_steps, seed=settings.seed + pi),
-                                                   device="cpu").merged
+                            merged = _ziplora(model, world, built, content, style_lora, subject, style,
+                                              settings.ziplora_steps, settings.seed + pi)
+                        elif row in loaded:
+                            merged = merge(content, style_lora, loaded[row], method="lorarar")
+                            record["diagnostics"].append(input_dependence(loaded[row], content, style_lora))
                         else:
                             method, params = VARIANTS.get(row, (row, None))
-                            merged = merge(content, style_lora, hypernet if row == "lorarar" else None,
-                                           method=method, params=params)
+                            merged = merge(content, style_lora, None, method=method, params=params)
                         patches, deltas = merged_patches(merged)
                     record["merge_seconds"].append(time.perf_counter() - t0)
                     images = model.sample([prompt] * n, noise, settings.sampling_steps, patches)
                     record["objective"].append(probe.terms(deltas))
-                subj_pred, style_pred = judges.classify(images)
-                c_ok = np.array([p == subject for p in subj_pred])
-                s_ok = np.array([p == style for p in style_pred])
+                judged = judges.judge(images, world)
+                c_ok = np.array([v.subject == subject for v in judged])
+                s_ok = np.array([v.style == style for v in judged])
                 record["content"].append(c_ok.tolist())
                 record["style"].append(s_ok.tolist())
                 record["joint"].append((c_ok & s_ok).tolist())
+                record["pairs"].append(pi)
+                verdicts[row][pair_key(subject, style)] = [v.to_json() for v in judged]
                 samples[(row, pi)] = images
             except Exception as exc:  # a method that fails must not sink the benchmark: record it
                 log.exception("method %s failed on %s × %s", row, subject, style)
                 record["errors"].append(f"{subject}__{style}: {type(exc).__name__}: {exc}")
         say("pairs", pi + 1, len(pairs))
     seconds = time.perf_counter() - start
-    table = summarise(results, rows, settings)
-    report = {"settings": asdict(settings), "world_seed": world.seed, "pairs": pairs, "rows": table,
-              "judges_accuracy": judges.accuracy, "hypernet": str(hypernet_path or built.hypernet_path),
-              "hypernet_train_pairs": len(json.loads(hypernet.config.extra.get("train_pairs", "[]"))),
-              "wall_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+    table = summarise(results, rows, regimes, settings)
+    report = {"settings": asdict(settings), "world_seed": world.seed, "pairs": pairs, "regimes": regimes,
+              "rows": table, "judges_thresholds": judges.thresholds,
+              "hypernets": {row: str(path) for row, path in hypernet_files.items()},
+              "hypernet_train_pairs": {row: len(json.loads(h.config.extra.get("train_pairs", "[]")))
+                                       for row, h in loaded.items()},
+              "guidance": model.guidance, "wall_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "world_folder": str(built.folder)}
     lr = next((r for r in table if r["method"] == "lorarar"), None)
     zl = next((r for r in table if r["method"] == "ziplora"), None)
     if lr and zl and lr["merge_seconds"]:
         report["ziplora_over_lorarar_time"] = zl["merge_seconds"] / lr["merge_seconds"]
     (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "verdicts.json").write_text(json.dumps(verdicts))
     (out / "bench.md").write_text(markdown_table(report))
-    from .figures import sample_grid, table_image
+    from .figures import grid_indices, sample_grid, table_image
 
     table_image(report).save(out / "table.png")
-    sample_grid(samples, rows, pairs[: settings.grid_pairs], n_show=2).save(out / "samples.png")
+    shown = grid_indices(regimes, settings.grid_pairs)
+    sample_grid(samples, rows, [pairs[i] for i in shown], 2, shown, [regimes[i] for i in shown]).save(out / "samples.png")
     save_generated(out / "generated", samples, rows, pairs)
     return report
 
 
-def summarise(results: dict, rows: list[str], settings: BenchSettings) -> list[dict]:
+def pair_key(subject: str, style: str) -> str:
+    return f"{subject}__{style}"
+
+
+def _aggregate(r: dict, mask: np.ndarray, settings: BenchSettings) -> dict:
+    entry = {}
+    for aspect in ("content", "style", "joint"):
+        per_pair = np.array([np.mean(v) for v, keep in zip(r[aspect], mask) if keep])
+        entry[aspect] = float(per_pair.mean()) if len(per_pair) else None
+        entry[f"{aspect}_ci"] = bootstrap_interval(per_pair, settings.bootstrap, settings.seed) if len(per_pair) else None
+        entry[f"{aspect}_per_pair"] = per_pair.tolist()
+    entry["pairs"] = int(mask.sum())
+    return entry
+
+
+def summarise(results: dict, rows: list[str], regimes: list[str], settings: BenchSettings) -> list[dict]:
     table = []
     for row in rows:
         r = results[row]
-        entry = {"method": row, "errors": r["errors"]}
-        for aspect in ("content", "style", "joint"):
-            per_pair = np.array([np.mean(v) for v in r[aspect]]) if r[aspect] else np.array([])
-            entry[aspect] = float(per_pair.mean()) if len(per_pair) else None
-            entry[f"{aspect}_ci"] = bootstrap_interval(per_pair, settings.bootstrap, settings.seed) if len(per_pair) else None
-            entry[f"{aspect}_per_pair"] = per_pair.tolist()
+        pair_regimes = np.array([regimes[i] for i in r["pairs"]])
+        entry = {"method": row, "errors": r["errors"],
+                 **_aggregate(r, np.ones(len(pair_regimes), bool), settings),
+                 "by_regime": {g: _aggregate(r, pair_regimes == g, settings) for g in W.REGIMES if (pair_regimes == g).any()}}
         entry["images"] = sum(len(v) for v in r["joint"])
         objective = np.array(r["objective"]) if r["objective"] else None
         entry["objective_content"] = float(objective[:, 0].mean()) if objective is not None else None
         entry["objective_style"] = float(objective[:, 1].mean()) if objective is not None else None
         entry["merge_seconds"] = float(np.mean(r["merge_seconds"])) if r["merge_seconds"] else None
+        if r["diagnostics"]:
+            from .diagnostics import average
+
+            entry["diagnostics"] = average(r["diagnostics"])
         table.append(entry)
     return table
 
 
-
-
 def markdown_table(report: dict) -> str:
-    lines = ["| method | content % [95% CI] | style % [95% CI] | joint % [95% CI] | objective: content MSE | objective: style MSE | merge s/pair |",
-             "|---|---|---|---|---|---|---|"]
+    """The verdict as markdown: one table per style regime (joint = the paper's measure), then the
+    objective and merge time, then H's input dependence."""
+    lines = []
+    regimes = [g for g in W.REGIMES if g in set(report["regimes"])]
+    for regime in regimes:
+        count = sum(r == regime for r in report["regimes"])
+        lines += [f"**{regime} styles** ({count} held-out pairs × {report['settings']['images']} images)", "",
+                  "| method | content % [95% CI] | style % [95% CI] | joint % [95% CI] |", "|---|---|---|---|"]
+        for r in report["rows"]:
+            g = r["by_regime"].get(regime)
+            if g is None:
+                continue
+            err = f" ({len(r['errors'])} errors)" if r["errors"] else ""
+            lines.append(f"| {r['method']}{err} | {percent(g['content'], g['content_ci'])} | "
+                         f"{percent(g['style'], g['style_ci'])} | {percent(g['joint'], g['joint_ci'])} |")
+        lines.append("")
+    lines += ["**all pairs**", "", "| method | joint % [95% CI] | objective: content MSE | objective: style MSE | merge s/pair |",
+              "|---|---|---|---|---|"]
     for r in report["rows"]:
         obj_c = "–" if r["objective_content"] is None else f"{r['objective_content']:.4f}"
         obj_s = "–" if r["objective_style"] is None else f"{r['objective_style']:.4f}"
         sec = "–" if r["merge_seconds"] is None or r["method"] == "oracle" else (
             f"{r['merge_seconds']:.3f}" if r["merge_seconds"] < 10 else f"{r['merge_seconds']:.1f}")
-        err = f" ({len(r['errors'])} errors)" if r["errors"] else ""
-        lines.append(f"| {r['method']}{err} | {percent(r['content'], r['content_ci'])} | {percent(r['style'], r['style_ci'])} | "
-                     f"{percent(r['joint'], r['joint_ci'])} | {obj_c} | {obj_s} | {sec} |")
+        lines.append(f"| {r['method']} | {percent(r['joint'], r['joint_ci'])} | {obj_c} | {obj_s} | {sec} |")
+    diag = [(r["method"], r["diagnostics"]) for r in report["rows"] if r.get("diagnostics")]
+    if diag:
+        lines += ["", "**H's input dependence** (mean over pairs; per attention width)", "",
+                  "| row | width | ‖W1·x‖/‖b1‖ | H(0) = (m_c, m_s) | m_c mean ± std | m_s mean ± std | mean abs(m − H(0)) | m_c < 0 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method, d in diag:
+            for width, x in d.items():
+                lines.append(f"| {method} | {width} | {x['input_over_bias']:.3f} | ({x['h0_c']:+.2f}, {x['h0_s']:+.2f}) | "
+                             f"{x['m_c_mean']:+.2f} ± {x['m_c_std']:.2f} | {x['m_s_mean']:+.2f} ± {x['m_s_std']:.2f} | "
+                             f"{x['distance_from_h0']:.3f} | {100 * x['negative_m_c']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,16 +1,17 @@
-"""Build the testbed world: base model, LoRAs, judges and the testbed hypernetwork.
+"""Build the testbed world: base model, judges, LoRAs, per-pair references, the testbed hypernetwork.
 
-Everything is cached under `<user cache>/testbed/` (`$LORARAR_CACHE`): the base model (it does
-not depend on the world seed: it only knows class words and generic style words) in `base/`,
-and each world in `worlds/seed<N>-<key>/`:
+Everything is cached under `<user cache>/testbed/` (`$LORARAR_CACHE`). The base model and the
+judges do not depend on the world seed (they know the attribute space, not a world's subjects and
+styles): `base/` and `judges/`. Each world lives in `worlds/seed<N>-<sizes>-<key>/`:
 
-    world.json                     subjects, styles, held-out names (the ground truth)
-    images/subjects/<sksN>/k.png   the subject LoRAs' training renders (DreamBooth "photos")
-    images/styles/<styN>.png       the style LoRAs' single training image
-    loras-<key>/<name>.safetensors kohya LoRAs (subjects: "a sksN <class>", styles: "a <class> in styN style")
-    judges-<key>.safetensors       subject/style classifiers (held-out accuracy in the metadata)
-    hypernet-<key>/                the trainer's run folder: manifest.json (training subjects × styles only),
-                                   hypernet.safetensors (the result), build.json (settings, times)
+    world.json                        subjects, styles (with their regime), held-out names
+    images/subjects/<sksN>/k.png      the subject LoRAs' training renders (DreamBooth "photos")
+    images/styles/<styN>.png          the style LoRAs' single training image
+    images/pairs/<sksN>__<styM>/k.png ground-truth renders of a pair (the reference LoRAs' images)
+    loras-<key>/<name>.safetensors    kohya LoRAs (subjects: "a sksN <class>", styles: "a <class> in styN style",
+                                      references <sksN>__<styM>: the pair prompt, trained on that pair's renders)
+    hypernet-<key>/                   the trainer's run folder: manifest.json (training subjects × styles only),
+                                      hypernet.safetensors (the result), build.json (settings, times)
 
 An artefact that is already there is reused, so an interrupted build resumes.
 """
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +30,29 @@ import torch
 from PIL import Image
 
 from ..model import HypernetConfig, HyperNetwork
-from ..training.lora_trainer import LoraTrainSettings, save_kohya, train_lora
+from ..training.lora_trainer import save_kohya
 from . import cache
 from . import world as W
-from .base import FAMILY, BaseConfig, TestbedBase, pretrain, to_latent, uint8_to_image
+from .base import FAMILY, BaseConfig, TestbedBase, measure_throughput, pretrain
+from .judges import JudgeSettings
+from .loras import LoraJob, StackSettings, train_stacked
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BaseSettings:
-    steps: int = 1200
-    batch: int = 32
+    """Pretraining, sized in samples seen (DESIGN §15: small diffusion models learned a synthetic
+    compositional world after 0.5–6 M samples; round 2's base saw 0.04 M)."""
+    samples: int = 600_000
+    batch: int = 64
     lr: float = 2e-3
+    ema: float = 0.999
     seed: int = 0
-    # a second one-cycle stage from the first one's weights (0: none); the first stage is cached
-    # on its own, so a longer schedule reuses it
-    more_steps: int = 0
-    more_lr: float = 1e-3
 
-    def first_stage(self) -> "BaseSettings":
-        return BaseSettings(self.steps, self.batch, self.lr, self.seed)
+    @property
+    def steps(self) -> int:
+        return max(1, self.samples // self.batch)
 
 
 @dataclass
@@ -61,40 +64,34 @@ class HypernetSettings:
     pairs_per_step: int = 2
     seed: int = 0
     dev_subjects: int = 3        # held out of H's training pairs, inside the training split: the
-    dev_styles: int = 3          # validation split (both sides unseen), so test pairs are never looked at
+    dev_styles: int = 4          # validation split (both sides unseen; styles half per regime)
     weight_decay: float = 1e-4
     # "default": PyTorch's initialisation (coefficients ≈ 0 at step 0: the merged layers start
     # with neither LoRA); "sum": output weights 0 and bias 1, so H starts as the plain sum
     init: str = "default"
+    # "none": H reads the raw ΔW columns (the paper's H); "layer_rms": each side's columns divided
+    # by the RMS of that layer's ΔW (DESIGN §12: raw columns are small and H may collapse to its
+    # biases). Stored in the hypernetwork's metadata; the merge applies it.
+    normalise: str = "none"
     validate_every: int = 50     # 0: validate once, at the end
     validation_draws: int = 2    # (timestep, noise) draws per validation pair
-    # keep the checkpoint with the lowest validation objective: on world 0 the validation
-    # objective is lowest near step 150 and rises after (H overfits its 96 training pairs)
-    early_stop: bool = True
+    early_stop: bool = True      # keep the checkpoint with the lowest validation objective
     train_subjects: int = 0      # use only this many of the training subjects / styles (0: all);
     train_styles: int = 0        # for the "number of training LoRAs" sweep
-
-
-_FIRST_HYPERNET_FIELDS = ("steps", "hidden", "lr", "lam", "pairs_per_step", "seed", "dev_subjects", "dev_styles")
 
 
 @dataclass
 class WorldSettings:
     seed: int = 0
     subjects: int = 20
-    styles: int = 16
+    styles: int = 24
     test_subjects: int = 5
-    test_styles: int = 5
+    test_styles: int = 10        # half per style regime: 25 held-out pairs per regime
     subject_images: int = 4
-    lora: LoraTrainSettings = field(default_factory=lambda: LoraTrainSettings(rank=4, steps=100, batch=8, lr=1e-2))
-    # subject LoRAs' own settings (None: `lora`, as the style LoRAs). Longer DreamBooth training is
-    # what makes the subject recognisable in content-only samples (docs/testbed.md, round 2)
-    subject_lora: LoraTrainSettings | None = field(
-        default_factory=lambda: LoraTrainSettings(rank=4, steps=300, batch=8, lr=1e-2))
-    judge_steps: int = 1600
-    judge_batch: int = 64
-    judge_eval: int = 3000       # held-out renders for the reported accuracy
-    judge_blur: float = 0.5      # share of judge training images blurred (the generator is blurry)
+    reference_images: int = 4    # ground-truth renders a per-pair reference LoRA is trained on
+    gate_pairs: int = 12         # training-side pairs per regime that gate 4 measures headroom on
+    lora: StackSettings = field(default_factory=StackSettings)
+    judges: JudgeSettings = field(default_factory=JudgeSettings)
     hypernet: HypernetSettings = field(default_factory=HypernetSettings)
     base: BaseSettings = field(default_factory=BaseSettings)
     base_config: BaseConfig = field(default_factory=BaseConfig)
@@ -102,38 +99,35 @@ class WorldSettings:
     @classmethod
     def tiny(cls, seed: int = 0) -> "WorldSettings":
         """A test-sized world: seconds on a CPU; checks the pipeline, not the quality figures."""
-        return cls(seed=seed, subjects=4, styles=4, test_subjects=2, test_styles=2, subject_images=3,
-                   lora=LoraTrainSettings(rank=2, steps=4, batch=4, lr=5e-3), subject_lora=None, judge_steps=20, judge_batch=32, judge_eval=100,
-                   hypernet=HypernetSettings(steps=3, hidden=16, pairs_per_step=1, dev_subjects=1, dev_styles=1),
-                   base=BaseSettings(steps=4, batch=8), base_config=BaseConfig.tiny())
+        return cls(seed=seed, subjects=6, styles=6, test_subjects=2, test_styles=2, subject_images=2,
+                   reference_images=2, gate_pairs=1, lora=StackSettings(rank=2, steps=3, per_lora_batch=2),
+                   judges=JudgeSettings(steps=8, batch=16, width=8, calibration_images=24),
+                   hypernet=HypernetSettings(steps=2, hidden=8, pairs_per_step=1, dev_subjects=1, dev_styles=2,
+                                             validation_draws=1),
+                   base=BaseSettings(samples=64, batch=16), base_config=BaseConfig.tiny())
 
     def world_key(self) -> str:
         """What the world's subjects, styles, split and training images depend on."""
-        return cache.key(self.seed, self.subjects, self.styles, self.test_subjects, self.test_styles,
-                         self.subject_images)
+        return cache.key("round3", self.seed, self.subjects, self.styles, self.test_subjects, self.test_styles,
+                         self.subject_images, self.reference_images, self.gate_pairs)
 
     def base_key(self) -> str:
         return cache.key(asdict(self.base_config), asdict(self.base))
 
-    def lora_key(self) -> str:
+    def loras_key(self) -> str:
         return cache.key(self.base_key(), asdict(self.lora))
 
-    def subject_lora_key(self) -> str:
-        return self.lora_key() if self.subject_lora is None else cache.key(self.base_key(), asdict(self.subject_lora))
-
-    def loras_key(self) -> str:
-        """Both kinds of LoRA (what H's training data depends on)."""
-        return self.lora_key() if self.subject_lora is None else cache.key(self.lora_key(), self.subject_lora_key())
-
     def judges_key(self) -> str:
-        return cache.key(self.judge_steps, self.judge_batch, self.judge_blur)
+        return cache.key(asdict(self.judges))
 
-    def hypernet_key(self) -> str:
-        # settings added after the first worlds were built enter the key only when changed, so
-        # an H built before they existed is still found
-        default = asdict(HypernetSettings())
-        h = {k: v for k, v in asdict(self.hypernet).items() if k in _FIRST_HYPERNET_FIELDS or v != default[k]}
-        return cache.key(self.loras_key(), h)
+    def hypernet_key(self, settings: HypernetSettings | None = None) -> str:
+        return cache.key(self.loras_key(), asdict(settings or self.hypernet))
+
+    def hypernet_variants(self) -> dict[str, HypernetSettings]:
+        """The testbed hypernetworks a world trains, by bench row: H as the paper has it, and the
+        same H reading normalised columns (DESIGN §12; issue 18's question)."""
+        return {"lorarar": self.hypernet,
+                "lorarar normalised": replace(self.hypernet, normalise="layer_rms")}
 
 
 @dataclass
@@ -142,28 +136,28 @@ class BuiltWorld:
     world: W.World
     settings: WorldSettings
     base_path: Path
+    judges_path: Path
     info: dict
 
     @property
     def lora_dir(self) -> Path:
-        """The style LoRAs (and the subject LoRAs when they share the style LoRAs' settings)."""
-        return self.folder / f"loras-{self.settings.lora_key()}"
-
-    @property
-    def subject_lora_dir(self) -> Path:
-        return self.folder / f"loras-{self.settings.subject_lora_key()}"
+        return self.folder / f"loras-{self.settings.loras_key()}"
 
     def lora_path(self, name: str) -> Path:
-        subject = any(s.name == name for s in self.world.subjects)
-        return (self.subject_lora_dir if subject else self.lora_dir) / f"{name}.safetensors"
+        return self.lora_dir / f"{name}.safetensors"
 
-    @property
-    def judges_path(self) -> Path:
-        return self.folder / f"judges-{self.settings.judges_key()}.safetensors"
+    def reference_path(self, subject: str, style: str) -> Path:
+        return self.lora_path(pair_name(subject, style))
 
     @property
     def hypernet_path(self) -> Path:
-        return self.folder / f"hypernet-{self.settings.hypernet_key()}" / "hypernet.safetensors"
+        return self.hypernet_paths["lorarar"]
+
+    @property
+    def hypernet_paths(self) -> dict[str, Path]:
+        """Bench row → file of every testbed hypernetwork of the world (`hypernet_variants`)."""
+        return {row: self.folder / f"hypernet-{self.settings.hypernet_key(h)}" / "hypernet.safetensors"
+                for row, h in self.settings.hypernet_variants().items()}
 
     def subject_images(self, name: str) -> list[Path]:
         return sorted((self.folder / "images" / "subjects" / name).glob("*.png"))
@@ -171,16 +165,39 @@ class BuiltWorld:
     def style_image(self, name: str) -> Path:
         return self.folder / "images" / "styles" / f"{name}.png"
 
+    def pair_images(self, subject: str, style: str) -> list[Path]:
+        return sorted((self.folder / "images" / "pairs" / pair_name(subject, style)).glob("*.png"))
+
+    @property
+    def gate_pairs(self) -> list[tuple[str, str]]:
+        return gate_pairs(self.world, self.settings.gate_pairs)
+
     def base(self) -> TestbedBase:
         return TestbedBase.load(self.base_path)
 
+    def judges(self):
+        from .judges import Judges
+
+        return Judges.load(self.judges_path)
+
+
+def pair_name(subject: str, style: str) -> str:
+    return f"{subject}__{style}"
+
+
+def gate_pairs(world: W.World, per_regime: int) -> list[tuple[str, str]]:
+    """Pairs of training subjects and training styles, `per_regime` of each style regime, drawn once
+    per world: where gate 4 looks for headroom without looking at the held-out test pairs."""
+    rng = np.random.default_rng(W._seed("gate-pairs", world.seed))
+    out = []
+    for regime in W.REGIMES:
+        pool = [(a, b) for a in world.train_subjects for b in world.train_styles if world.regime(b) == regime]
+        out += [pool[i] for i in sorted(rng.choice(len(pool), min(per_regime, len(pool)), replace=False))]
+    return out
+
 
 def _base_path(root: Path, config: BaseConfig, settings: BaseSettings) -> Path:
-    first = {k: v for k, v in asdict(settings).items() if k in ("steps", "batch", "lr", "seed")}
-    parts = [asdict(config), first]
-    if settings.more_steps:
-        parts.append(asdict(settings))
-    return Path(root) / "base" / f"base-{cache.key(*parts)}.safetensors"
+    return Path(root) / "base" / f"base-{cache.key(asdict(config), asdict(settings))}.safetensors"
 
 
 def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=None) -> tuple[TestbedBase, Path, float]:
@@ -189,19 +206,21 @@ def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=
     if path.is_file():
         return TestbedBase.load(path), path, 0.0
     start = time.perf_counter()
-    if settings.more_steps:
-        model, _, first = build_base(root, config, settings.first_stage(), progress)
-        previous = float(model.metadata.get("seconds", "nan")) if not first else first
-        losses = pretrain(model, settings.more_steps, settings.batch, settings.more_lr, settings.seed + 1, progress)
-        seconds = time.perf_counter() - start - first + previous
-    else:
-        model = TestbedBase(config, seed=settings.seed)
-        losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, progress)
-        seconds = time.perf_counter() - start
-    model.save(path, extra={"steps": str(settings.steps + settings.more_steps),
-                            "final_loss": f"{np.mean(losses[-50:]):.4f}",
-                            "seconds": f"{seconds:.1f}", "threads": str(torch.get_num_threads())})
-    return model, path, time.perf_counter() - start
+    rate = float("nan")
+    if settings.steps >= 100:  # a real build: measure first, and say how long it will take
+        rate = measure_throughput(config, settings.batch)
+        log.info("base: %.0f samples/s on this machine; %d samples (%d steps × %d) will take ≈ %.0f min",
+                 rate, settings.steps * settings.batch, settings.steps, settings.batch,
+                 settings.steps * settings.batch / rate / 60)
+    model = TestbedBase(config, seed=settings.seed)
+    losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, settings.ema, progress)
+    seconds = time.perf_counter() - start
+    model.save(path, extra={"steps": str(settings.steps), "samples": str(settings.steps * settings.batch),
+                            "final_loss": f"{np.mean(losses[-50:]):.4f}", "measured_samples_per_s": f"{rate:.1f}",
+                            "seconds": f"{seconds:.1f}", "threads": str(torch.get_num_threads()),
+                            "loss_curve": json.dumps([round(float(np.mean(losses[i:i + 100])), 5)
+                                                      for i in range(0, len(losses), 100)])})
+    return model, path, seconds
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -214,7 +233,8 @@ def load_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def write_images(folder: Path, world: W.World, per_subject: int) -> None:
+def write_images(folder: Path, world: W.World, per_subject: int, per_pair: int,
+                 pairs: list[tuple[str, str]]) -> None:
     for subject in world.subjects:
         d = folder / "images" / "subjects" / subject.name
         if len(list(d.glob("*.png"))) >= per_subject:
@@ -227,15 +247,64 @@ def write_images(folder: Path, world: W.World, per_subject: int) -> None:
         if not path.is_file():
             obj, pose = world.style_object(style.name)
             _save_png(W.render(obj, style, pose), path)
+    for subject, style in pairs:
+        d = folder / "images" / "pairs" / pair_name(subject, style)
+        if len(list(d.glob("*.png"))) >= per_pair:
+            continue
+        rng = np.random.default_rng(W._seed("pair-renders", world.seed, subject, style))
+        for k in range(per_pair):
+            _save_png(W.render(world.subject(subject), world.style(style), W.Pose.random(rng)), d / f"{k}.png")
 
 
-def lora_examples(model: TestbedBase, images: list[np.ndarray], prompt: str) -> list[tuple[torch.Tensor, dict]]:
-    cond = model.encode_prompt(prompt)
-    return [(to_latent(uint8_to_image(im[None])), cond) for im in images]
+def lora_jobs(built: "BuiltWorld") -> list[tuple[LoraJob, str]]:
+    """Every LoRA of the world, in a fixed order: (job, kind) with kind subject / style / reference."""
+    w = built.world
+    jobs = []
+    for s in w.subjects:
+        jobs.append((LoraJob(s.name, tuple(load_png(p) for p in built.subject_images(s.name)), w.subject_prompt(s.name),
+                             W._seed("lora", w.seed, s.name) % 2 ** 31), "subject"))
+    for s in w.styles:
+        jobs.append((LoraJob(s.name, (load_png(built.style_image(s.name)),),
+                             w.style_prompt(s.name, w.style_object(s.name)[0].cls),
+                             W._seed("lora", w.seed, s.name) % 2 ** 31), "style"))
+    for subject, style in w.test_pairs + built.gate_pairs:
+        name = pair_name(subject, style)
+        jobs.append((LoraJob(name, tuple(load_png(p) for p in built.pair_images(subject, style)),
+                             w.pair_prompt(subject, style), W._seed("lora", w.seed, name) % 2 ** 31), "reference"))
+    return jobs
 
 
-def build_world(settings: WorldSettings, root: Path | None = None, progress=None) -> BuiltWorld:
-    """Build (or load from the cache) the world for `settings`. `progress(stage, done, total)`."""
+def build_loras(built: "BuiltWorld", model: TestbedBase, say) -> None:
+    """Train (in stacked groups) every LoRA whose file is missing."""
+    jobs = lora_jobs(built)
+    group = built.settings.lora.group
+    for start in range(0, len(jobs), group):
+        chunk = jobs[start:start + group]
+        if all(built.lora_path(job.name).is_file() for job, _ in chunk):
+            continue
+        results = train_stacked(model, [job for job, _ in chunk], built.settings.lora)
+        for (job, kind), (factors, loss) in zip(chunk, results):
+            save_kohya(factors, built.lora_path(job.name), {
+                "lorarar_testbed.kind": kind, "lorarar_testbed.prompt": job.prompt,
+                "lorarar_testbed.world_seed": str(built.world.seed), "lorarar_testbed.final_loss": f"{loss:.4f}",
+                "lorarar_testbed.note": "LoRA for the LoRA.rar testbed base model, not SDXL"})
+        say("loras", min(start + group, len(jobs)), len(jobs))
+
+
+def build_judges(root: Path, settings: JudgeSettings, say) -> tuple[Path, float]:
+    from .judges import train_judges
+
+    path = Path(root) / "judges" / f"judges-{cache.key(asdict(settings))}.safetensors"
+    if path.is_file():
+        return path, 0.0
+    start = time.perf_counter()
+    train_judges(settings, progress=lambda d, n, loss: say("judges", d, n)).save(path)
+    return path, time.perf_counter() - start
+
+
+def build_world(settings: WorldSettings, root: Path | None = None, progress=None, hypernet: bool = True) -> BuiltWorld:
+    """Build (or load from the cache) the world for `settings`. `progress(stage, done, total)`.
+    `hypernet=False` stops before the testbed hypernetwork (what gates 1–4 need)."""
     root = cache.testbed_dir(root)
     say = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
@@ -248,58 +317,25 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     model, base_path, seconds = build_base(root, settings.base_config, settings.base,
                                            lambda d, n, loss: say("base", d, n))
     timings["base"] = round(seconds, 1)
-    write_images(folder, world, settings.subject_images)
-    built = BuiltWorld(folder, world, settings, base_path, {})
-
-    # LoRAs
+    judges_path, seconds = build_judges(root, settings.judges, say)
+    timings["judges"] = round(seconds, 1)
+    built = BuiltWorld(folder, world, settings, base_path, judges_path, {})
+    write_images(folder, world, settings.subject_images, settings.reference_images, world.test_pairs + built.gate_pairs)
     t0 = time.perf_counter()
-    jobs = [(s.name, [load_png(p) for p in built.subject_images(s.name)], world.subject_prompt(s.name), "subject")
-            for s in world.subjects]
-    jobs += [(s.name, [load_png(built.style_image(s.name))], world.style_prompt(s.name, world.style_object(s.name)[0].cls),
-              "style") for s in world.styles]
-    for index, (name, images, prompt, kind) in enumerate(jobs):
-        path = built.lora_path(name)
-        if not path.is_file():
-            kind_settings = settings.subject_lora if kind == "subject" and settings.subject_lora else settings.lora
-            lora_settings = LoraTrainSettings(**{**asdict(kind_settings), "seed": kind_settings.seed + index,
-                                                 "target": settings.base_config.lora_target})
-            factors, losses = train_lora(model.unet, model.denoise, model.schedule,
-                                         lora_examples(model, images, prompt), lora_settings)
-            save_kohya(factors, path, {"lorarar_testbed.kind": kind, "lorarar_testbed.prompt": prompt,
-                                       "lorarar_testbed.world_seed": str(world.seed),
-                                       "lorarar_testbed.final_loss": f"{np.mean(losses[-10:]):.4f}",
-                                       "lorarar_testbed.note": "LoRA for the LoRA.rar testbed base model, not SDXL"})
-        say("loras", index + 1, len(jobs))
+    build_loras(built, model, say)
     timings["loras"] = round(time.perf_counter() - t0, 1)
-
-    # judges
     t0 = time.perf_counter()
-    if not built.judges_path.is_file():
-        from .judges import train_judges
-
-        judges = train_judges(world, settings.judge_steps, settings.judge_batch, seed=settings.seed,
-                              eval_images=settings.judge_eval, blur_fraction=settings.judge_blur,
-                              progress=lambda d, n, loss: say("judges", d, n))
-        judges.save(built.judges_path)
-    timings["judges"] = round(time.perf_counter() - t0, 1)
-
-    # hypernetwork
-    t0 = time.perf_counter()
-    if not built.hypernet_path.is_file():
-        train_hypernet(built, model, lambda d, n: say("hypernet", d, n))
+    for row, h in settings.hypernet_variants().items() if hypernet else ():
+        if not built.hypernet_paths[row].is_file():
+            train_hypernet(built, model, lambda d, n: say("hypernet", d, n), h, built.hypernet_paths[row])
     timings["hypernet"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
-
-    from .judges import Judges
-
-    info_path = built.hypernet_path.parent / "build.json"
+    info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path), "judges": str(judges_path),
+            "timings_this_run_s": timings, "threads": torch.get_num_threads(),
+            "base_pretraining_once_s": float(TestbedBase.load(base_path).metadata.get("seconds", "nan"))}
+    info_path = folder / "build.json"
     previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    timings["base_pretraining_once"] = float(TestbedBase.load(base_path).metadata.get("seconds", "nan"))
-    info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path),
-            "judges_accuracy": Judges.load(built.judges_path).accuracy,
-            "timings_this_run_s": timings,
-            "timings_first_build_s": previous.get("timings_first_build_s") or timings,
-            "threads": torch.get_num_threads()}
+    info["timings_first_build_s"] = previous.get("timings_first_build_s") or timings
     info_path.write_text(json.dumps(info, indent=1, default=str))
     built.info = info
     return built
@@ -313,12 +349,16 @@ def _index(name: str) -> int:
 def dev_split(world: W.World, settings: HypernetSettings) -> tuple[list[str], list[str]]:
     """H's validation subjects and styles: drawn from the training side of the world (never the
     test pairs), both sides unseen in H's training, the way the test split is built."""
-    train_subjects, train_styles = world.train_subjects, world.train_styles
+    train_subjects = world.train_subjects
     rng = np.random.default_rng(W._seed("dev-split", world.seed))
     dev_subjects = sorted(rng.choice(train_subjects, min(settings.dev_subjects, len(train_subjects) - 1),
-                                     replace=False).tolist())
-    dev_styles = sorted(rng.choice(train_styles, min(settings.dev_styles, len(train_styles) - 1), replace=False).tolist())
-    return dev_subjects, dev_styles
+                                     replace=False).tolist(), key=_index)
+    dev_styles = []
+    for i, regime in enumerate(W.REGIMES):  # as many of each regime as the split allows
+        pool = [n for n in world.train_styles if world.regime(n) == regime]
+        want = settings.dev_styles // 2 + (settings.dev_styles % 2 if i == 0 else 0)
+        dev_styles += rng.choice(pool, min(want, len(pool) - 1), replace=False).tolist() if len(pool) > 1 else []
+    return dev_subjects, sorted(dev_styles, key=_index)
 
 
 def write_manifest(built: BuiltWorld, settings: HypernetSettings | None = None, folder: Path | None = None) -> Path:
@@ -376,9 +416,10 @@ def train_hypernet(built: BuiltWorld, model: TestbedBase, progress=None, setting
     ts = TrainSettings(steps=s.steps, lr=s.lr, lam=s.lam, seed=s.seed, pairs_per_step=s.pairs_per_step,
                        weight_decay=s.weight_decay, checkpoint_every=s.validate_every if s.early_stop else 0,
                        validate_every=s.validate_every, validation_draws=s.validation_draws, hidden=s.hidden,
-                       amp="off", name=f"lorarar-testbed-seed{built.world.seed}", license="same as this package")
+                       amp="off", name=f"lorarar-testbed-seed{built.world.seed}", license="same as this package",
+                       input_normalisation=s.normalise)
     if s.init not in ("default", "sum"):
-        raise ValueError(f"hypernetwork init must be 'default' or 'sum', not {s.init!r}")
+        raise W.TestbedError(f"hypernetwork init must be 'default' or 'sum', not {s.init!r}")
     init = None
     if s.init == "sum":
         widths = attention_widths(linear_layer_shapes(model.unet), tuple(ts.targets))

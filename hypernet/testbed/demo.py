@@ -2,8 +2,15 @@
 
 `weights/testbed/` holds only what it needs (written by `python -m hypernet testbed bundle`):
 the base model (float16), one subject LoRA and one style LoRA of a held-out pair (neither was
-seen when H was trained), the testbed hypernetwork, the judges and `demo.json` (world seed,
-pair, prompts). Everything else is rebuilt deterministically by `python -m hypernet testbed build`.
+seen when H was trained), that pair's reference LoRA (trained on its ground-truth renders), the
+testbed hypernetwork, the judges and `demo.json` (world seed and sizes, pair, prompt, and the rule
+the pair was picked by). Everything else is rebuilt deterministically by `python -m hypernet
+testbed build`.
+
+Which held-out pair is bundled is not picked by hand: `pick_pair` takes the verdict benchmark's
+per-pair joint accuracies and returns the pair at the median of (lorarar − sum), ties broken by
+the sum's joint accuracy nearest its median, then by pair order — a typical pair, neither the
+hypernetwork's best case nor its worst.
 """
 
 from __future__ import annotations
@@ -26,22 +33,47 @@ def bundle_dir() -> Path:
     return PACK_WEIGHTS_DIR / "testbed"
 
 
-def bundle(built, pair: tuple[str, str], dest: Path | None = None) -> Path:
+PICK_RULE = ("the held-out pair at the median of lorarar − sum (joint accuracy per pair, verdict benchmark), "
+             "ties broken by the sum's joint accuracy nearest its median, then by pair order")
+
+
+def pick_pair(report: dict) -> tuple[str, str]:
+    """The demo pair of a bench report (`PICK_RULE`)."""
+    rows = {r["method"]: r for r in report["rows"]}
+    pairs = [tuple(p) for p in report["pairs"]]
+    lorarar, summed = (np.array(rows[m]["joint_per_pair"]) for m in ("lorarar", "sum"))
+    diff = lorarar - summed
+    median_diff, median_sum = np.median(diff), np.median(summed)
+    order = sorted(range(len(pairs)), key=lambda i: (abs(diff[i] - median_diff), abs(summed[i] - median_sum), i))
+    return pairs[order[0]]
+
+
+def bundle(built, pair: tuple[str, str], dest: Path | None = None, rule: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    from ..safetensors_io import load_safetensors
     from .base import TestbedBase
 
     dest = Path(dest or bundle_dir())
     dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.safetensors"):
+        old.unlink()
     subject, style = pair
     TestbedBase.load(built.base_path).save(dest / "base.safetensors", dtype=torch.float16,
                                            extra={"source": built.base_path.name})
     shutil.copy(built.lora_path(subject), dest / f"{subject}.safetensors")
     shutil.copy(built.lora_path(style), dest / f"{style}.safetensors")
+    shutil.copy(built.reference_path(subject, style), dest / "reference.safetensors")
     shutil.copy(built.hypernet_path, dest / "hypernet.safetensors")
-    shutil.copy(built.judges_path, dest / "judges.safetensors")
+    tensors, meta = load_safetensors(built.judges_path)  # float16 halves the largest file of the bundle
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+              str(dest / "judges.safetensors"), meta)
     w = built.world
     info = {"world_seed": w.seed, "subjects": len(w.subjects), "styles": len(w.styles),
-            "subject": subject, "style": style, "class": w.subject(subject).cls,
+            "test_subjects": len(w.test_subjects), "test_styles": len(w.test_styles),
+            "subject": subject, "style": style, "class": w.subject(subject).cls, "regime": w.regime(style),
             "prompt": w.pair_prompt(subject, style), "held_out_pair": list(pair) in [list(p) for p in w.test_pairs],
+            "picked_by": rule or "given by hand (--pair)",
             "note": "LoRA.rar testbed files (a 32x32 toy world), not SDXL; rebuilt by `python -m hypernet testbed build`"}
     (dest / "demo.json").write_text(json.dumps(info, indent=1))
     return dest
@@ -89,19 +121,23 @@ def run_demo(out: Path, bundle: Path | None = None, images: int = 4, steps: int 
         "sum": merged_patches(summed)[0],
         "lorarar (testbed H)": merged_patches(merged)[0],
     }
+    if (src / "reference.safetensors").is_file():
+        rows["reference (trained on the pair)"] = static_patches(lora_deltas(read_lora(src / "reference.safetensors")))
     samples = {name: model.sample(prompts, noise, steps, patches) for name, patches in rows.items()}
-    world = W.World.create(info["world_seed"], info["subjects"], info["styles"])
+    world = W.World.create(info["world_seed"], info["subjects"], info["styles"], info["test_subjects"],
+                           info["test_styles"])
     rng = np.random.default_rng(W._seed("demo-truth", seed))
     truth = W.render_batch([(world.subject(subject), world.style(style), W.Pose.random(rng)) for _ in range(images)])
     all_rows = {"ground truth (renderer)": truth, **samples}
     verdicts = {}
     for name, imgs in all_rows.items():
-        subj, sty = judges.classify(imgs)
-        verdicts[name] = {"content": sum(s == subject for s in subj) / images,
-                          "style": sum(s == style for s in sty) / images,
-                          "joint": sum(a == subject and b == style for a, b in zip(subj, sty)) / images,
-                          "subject_says": subj, "style_says": sty}
-    labels = [f"{n}  (judges: content {v['content']:.0%}, style {v['style']:.0%})" for n, v in verdicts.items()]
+        judged = judges.judge(imgs, world)
+        verdicts[name] = {"content": sum(v.subject == subject for v in judged) / images,
+                          "style": sum(v.style == style for v in judged) / images,
+                          "joint": sum(v.subject == subject and v.style == style for v in judged) / images,
+                          "images": [v.to_json() for v in judged]}
+    labels = [f"{n}  (judges: content {v['content']:.0%}, style {v['style']:.0%}, joint {v['joint']:.0%})"
+              for n, v in verdicts.items()]
     grid = labelled_grid(list(all_rows.values()), labels, [f"seed {seed}:{k}" for k in range(images)], scale=4,
                          title=f'"{info["prompt"]}"  (testbed world {info["world_seed"]}; 32x32 toy images, not SDXL)')
     grid.save(out / "demo.png")
@@ -115,7 +151,8 @@ def run_demo(out: Path, bundle: Path | None = None, images: int = 4, steps: int 
     metadata["ss_base_model_version"] = "lorarar_testbed"
     metadata["modelspec.architecture"] = "lorarar-testbed/lora"
     save_merged(merged, out / "merged_lorarar.safetensors", metadata, force=force)
-    result = {"pair": [subject, style], "prompt": info["prompt"], "verdicts": verdicts,
+    result = {"pair": [subject, style], "prompt": info["prompt"], "regime": info.get("regime"),
+              "picked_by": info.get("picked_by"), "verdicts": verdicts,
               "merge_seconds": merge_seconds, "seconds": time.perf_counter() - start,
               "files": [str(p) for p in targets]}
     tmp = out / "verdicts.json.tmp"

@@ -34,21 +34,24 @@ def _text_w(draw, text, f) -> int:
 
 
 def table_image(report: dict) -> Image.Image:
-
-    headers = ["method", "content %", "style %", "joint %", "obj. content", "obj. style", "merge s/pair"]
+    """The benchmark's table per style regime (content / style / joint with intervals) and merge time."""
+    regimes = [g for g in ("overlap", "disjoint") if g in set(report["regimes"])]
+    headers = ["method"] + [f"{g}: {a}" for g in regimes for a in ("content %", "style %", "joint %")] + ["merge s/pair"]
     body = []
     for r in report["rows"]:
         sec = r["merge_seconds"]
-        body.append([r["method"] + (" (errors)" if r["errors"] else ""), percent(r["content"], r["content_ci"]),
-                     percent(r["style"], r["style_ci"]), percent(r["joint"], r["joint_ci"]),
-                     "–" if r["objective_content"] is None else f"{r['objective_content']:.4f}",
-                     "–" if r["objective_style"] is None else f"{r['objective_style']:.4f}",
-                     "–" if sec is None or r["method"] == "oracle" else f"{sec:.3f}"])
+        cells = [r["method"] + (" (errors)" if r["errors"] else "")]
+        for g in regimes:
+            x = r["by_regime"].get(g)
+            cells += [percent(x[a], x[f"{a}_ci"]) if x else "-" for a in ("content", "style", "joint")]
+        cells.append("–" if sec is None or r["method"] == "oracle" else f"{sec:.3f}")
+        body.append(cells)
     f, fb = font(15), font(17)
     probe = ImageDraw.Draw(Image.new("RGB", (10, 10)))
     widths = [max(_text_w(probe, ascii_text(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
     row_h = 26
-    title = (f"LoRA.rar testbed: {len(report['pairs'])} held-out pairs x {report['settings']['images']} images "
+    counts = ", ".join(f"{sum(x == g for x in report['regimes'])} {g}" for g in regimes)
+    title = (f"LoRA.rar testbed: held-out pairs ({counts}) x {report['settings']['images']} images "
              f"(world seed {report['world_seed']}); 95% bootstrap intervals over pairs")
     width = max(sum(widths) + 20, _text_w(probe, title, fb) + 20)
     image = Image.new("RGB", (width, 50 + row_h * (len(body) + 1) + 10), BG)
@@ -91,20 +94,29 @@ def labelled_grid(cells: list[list[np.ndarray]], row_labels: list[str], col_labe
     return image
 
 
-def sample_grid(samples: dict, rows: list[str], pairs: list[tuple[str, str]], n_show: int = 2) -> Image.Image:
-    """Rows: methods; columns: the first pairs, n_show images each."""
+def sample_grid(samples: dict, rows: list[str], pairs: list[tuple[str, str]], n_show: int = 2,
+                indices: list[int] | None = None, regimes: list[str] | None = None) -> Image.Image:
+    """Rows: methods; columns: `pairs` (their indices into `samples`' keys: `indices`, default
+    0, 1, …), n_show images each."""
+    indices = list(range(len(pairs))) if indices is None else indices
     blank = np.full((32, 32, 3), 255, np.uint8)
-    cells, labels = [], []
+    cells = []
     for row in rows:
         line = []
-        for pi in range(len(pairs)):
+        for pi in indices:
             images = samples.get((row, pi))
             for k in range(n_show):
                 line.append(images[k] if images is not None and k < len(images) else blank)
         cells.append(line)
-        labels.append(row)
-    cols = [f"{s} x {t}" if k == 0 else "" for s, t in pairs for k in range(n_show)]
-    return labelled_grid(cells, labels, cols, scale=3, title="samples (same noise in every row)")
+    tags = [f" ({g})" for g in regimes] if regimes else [""] * len(pairs)
+    cols = [f"{s} x {t}{tag}" if k == 0 else "" for (s, t), tag in zip(pairs, tags) for k in range(n_show)]
+    return labelled_grid(cells, list(rows), cols, scale=3, title="samples (same noise in every row)")
+
+
+def grid_indices(regimes: list[str], per_regime: int) -> list[int]:
+    """The pairs samples.png shows: the first `per_regime` of each style regime, in regime order."""
+    order = list(dict.fromkeys(sorted(regimes, key=lambda g: (g != "overlap", g))))
+    return [i for g in order for i in [j for j, r in enumerate(regimes) if r == g][:per_regime]]
 
 
 def redraw(bench_dir, n_show: int = 2) -> None:
@@ -116,11 +128,14 @@ def redraw(bench_dir, n_show: int = 2) -> None:
     report = json.loads((bench_dir / "bench.json").read_text())
     table_image(report).save(bench_dir / "table.png")
     rows = [r["method"] for r in report["rows"]]
-    pairs = [tuple(p) for p in report["pairs"]][: report["settings"]["grid_pairs"]]
+    pairs = [tuple(p) for p in report["pairs"]]
+    shown = grid_indices(report["regimes"], report["settings"]["grid_pairs"])
     samples = {}
     for row in rows:
-        for pi, (s, t) in enumerate(pairs):
+        for pi in shown:
+            s, t = pairs[pi]
             files = sorted((bench_dir / "generated" / row.replace(" ", "_") / f"{s}__{t}").glob("*.png"))
             if files:
                 samples[(row, pi)] = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:n_show]])
-    sample_grid(samples, rows, pairs, n_show).save(bench_dir / "samples.png")
+    sample_grid(samples, rows, [pairs[i] for i in shown], n_show, shown,
+                [report["regimes"][i] for i in shown]).save(bench_dir / "samples.png")

@@ -17,12 +17,12 @@ from .judge_server import ClassifierJudgeServer
 from .judges import Judges
 
 
-def direct_accuracies(judges: Judges, generated: Path) -> dict[str, dict[str, float]]:
+def direct_accuracies(judges: Judges, generated: Path, world) -> dict[str, dict[str, float]]:
     counts: dict[str, list[int]] = {}
     for method, pair_dir in discover_pairs(generated):
         subject, style = split_pair(pair_dir)
         files = sorted(pair_dir.glob("*.png"))
-        subjects, styles = judges.classify(np.stack([load_png(f) for f in files]))
+        subjects, styles = judges.classify(np.stack([load_png(f) for f in files]), world)
         c = counts.setdefault(method, [0, 0, 0, 0])
         for a, b in zip(subjects, styles):
             c[0] += a == subject
@@ -38,8 +38,8 @@ def judge_check(built: BuiltWorld, bench_dir: Path, out: Path | None = None) -> 
     out = Path(out or Path(bench_dir) / "judge")
     pairs = sorted({split_pair(p) for _, p in discover_pairs(generated)})
     references = write_references(built, out / "references", pairs)
-    judges = Judges.load(built.judges_path)
-    with ClassifierJudgeServer(judges) as server:
+    judges = built.judges()
+    with ClassifierJudgeServer(judges, built.world) as server:
         proc = subprocess.run(
             [sys.executable, "-m", "hypernet", "judge", "--generated", str(generated), "--references",
              str(references), "--out", str(out / "report"), "--url", server.url, "--model", "testbed-classifiers",
@@ -50,7 +50,7 @@ def judge_check(built: BuiltWorld, bench_dir: Path, out: Path | None = None) -> 
     via_judge = {row["method"]: {"content": row["content_accuracy"], "style": row["style_accuracy"],
                                  "joint": row["joint_accuracy"], "images": row["images"]}
                  for row in json.loads(proc.stdout)["by_method"]}
-    direct = direct_accuracies(judges, generated)
+    direct = direct_accuracies(judges, generated, built.world)
     agree = set(via_judge) == set(direct) and all(
         abs(via_judge[m][k] - direct[m][k]) < 1e-9 for m in direct for k in ("content", "style", "joint"))
     result = {"agree": agree, "via_judge": via_judge, "direct": direct, "requests": server.requests}

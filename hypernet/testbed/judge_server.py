@@ -3,7 +3,9 @@
 It answers POST /v1/chat/completions the way a multimodal LLM would answer the judge's
 questions (hypernet/judge/protocol.py): the request carries the reference image first and the
 generated image second; a content question ("… the same subject …") is answered Yes when the
-subject head gives both images the same label, a style question when the style head does. So
+judges name the same world subject in both images, a style question when they name the same world
+style (an image they cannot recognise, or that shows no world subject / style, is never "the
+same"). So
 `python -m hypernet judge --url <this server>/v1` exercises the whole judge code (layout, HTTP,
 parsing, voting, reports) against a real, if small, vision model, and must reproduce the
 accuracies of classifying the generated images directly. It binds 127.0.0.1 only.
@@ -20,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
+from . import world as W
 from .judges import Judges
 
 
@@ -47,8 +50,11 @@ def _prompt(body: dict) -> str:
 class ClassifierJudgeServer:
     """Context manager; `.url` is the base URL to give the judge (`…/v1`)."""
 
-    def __init__(self, judges: Judges, port: int = 0):
+    def __init__(self, judges: Judges, world: W.World, port: int = 0):
         self.judges = judges
+        self.world = world
+        self.subjects = {x.name for x in world.subjects}
+        self.styles = {x.name for x in world.styles}
         self.requests = 0
         self.lock = threading.Lock()
         server = self
@@ -86,11 +92,11 @@ class ClassifierJudgeServer:
         images = _images(body)
         if len(images) != 2:
             raise ValueError(f"expected 2 images (reference, generated), got {len(images)}")
-        with self.lock:  # the classifier is not thread-safe enough to share (BatchNorm in eval is, torch threads are not)
+        with self.lock:  # one judge at a time: torch's threads are shared by the whole process
             self.requests += 1
-            subjects, styles = self.judges.classify(np.stack(images))
-        labels = subjects if "same subject" in prompt else styles
-        return "Yes" if labels[0] == labels[1] else "No"
+            subjects, styles = self.judges.classify(np.stack(images), self.world)
+        labels, known = (subjects, self.subjects) if "same subject" in prompt else (styles, self.styles)
+        return "Yes" if labels[0] == labels[1] and labels[0] in known else "No"
 
     @property
     def url(self) -> str:

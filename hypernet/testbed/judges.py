@@ -1,12 +1,28 @@
-"""The testbed's judges: a subject classifier and a style classifier, trained on ground truth.
+"""The testbed's judges: per-attribute verdicts with a "not recognisable" outcome (round 3).
 
-One small CNN trunk with two heads: the **subject head** names the world subject (or `other`,
-objects whose class × marking no world subject has) across every style; the **style head**
-names the world style (or `plain`) across every subject. Training images are ground-truth
-renders of the whole world (every subject in every style, plus `other` objects and the plain
-style) at random poses with a little pixel noise; accuracy is reported on renders at poses
-never used in training. A generated image is judged correct on the content side when the
-subject head names its subject, on the style side when the style head names its style.
+Round 2's judges were one classifier per side trained on clean renders; on anything else they
+extrapolated (a disc in a subject's body colour was "the subject" 30% of the time). Here:
+
+1. **Attribute heads.** One CNN reads a 32×32 image and gives, each with its probability, the
+   object's class, marking, body colour and mark colour (the colours *before* the style's palette:
+   the palettes are invertible tints and a negative), the six style features (palette, texture,
+   effect, background, outline, scheme colour) and the object's pose. It is trained on renders of
+   the whole attribute space (any class × marking × colour in any style), not on a world's
+   subjects, so it is shared by every world (cached like the base model) and names attributes
+   rather than memorising identities.
+2. **Analysis by synthesis.** The attributes and pose it reads are rendered again by the world's
+   own renderer (the pose refined by a small search) and compared with the image: mean absolute
+   difference after a light blur, over the object (subject residual) and over the whole picture.
+   An image whose best explanation does not reproduce it — a blob, a blend of two subjects, noise,
+   a heavy blur, a marking that is not one of the world's — is **not recognisable**: its subject
+   verdict is refused, whatever the heads say. The thresholds are what held-out renders reach
+   under the small perturbations a faithful generator makes (blur up to σ = 1 px, pixel noise,
+   slight colour shifts): a quantile of their residuals, stored in the judges' file.
+
+A world then names what was recognised: the subject whose (class, marking, body, mark) these are
+(or `other`), the style whose six features these are (`plain` when none is set, or `other`).
+Per-attribute verdicts are kept for reports. The bench counts an image's content right when its
+subject verdict is the pair's subject, its style right when its style verdict is the pair's style.
 """
 
 from __future__ import annotations
@@ -14,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,55 +42,200 @@ from . import world as W
 
 log = logging.getLogger(__name__)
 
-OTHER, PLAIN = "other", W.PLAIN.name
+OTHER, PLAIN, UNRECOGNISED = "other", W.PLAIN.name, "not recognisable"
+SUBJECT_HEADS = {"class": W.CLASSES, "marking": W.MARKINGS, "body": tuple(W.HUES), "mark": tuple(W.MARK_COLOURS)}
+STYLE_HEADS = {f: W.CHOICES[f] for f in W.FEATURES}
+HEADS = {**SUBJECT_HEADS, **STYLE_HEADS}
+POSE = 4   # dx, dy, scale, rotation
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, n_subjects: int, n_styles: int, width: int = 24):
+    def __init__(self, width: int = 32):
         super().__init__()
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
-        self.trunk = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                   nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
-                                   block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.subject_head = nn.Linear(4 * width, n_subjects)
-        self.style_head = nn.Linear(4 * width, n_styles)
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                    nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        self.trunk = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+                                   *block(2 * width, 4 * width), nn.MaxPool2d(2), nn.Flatten(),
+                                   nn.Linear(4 * width * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in HEADS.items()})
+        self.pose = nn.Linear(256, POSE)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         h = self.trunk(x)
-        return self.subject_head(h), self.style_head(h)
+        return {name: head(h) for name, head in self.heads.items()}, self.pose(h)
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
+def to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image (B, C, H, W) with its own sigma (B,) in pixels (0: unchanged)."""
+    r = torch.arange(-4, 5, dtype=torch.float32)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    b, c, h, w = x.shape
+    y = x.reshape(1, b * c, h, w)
+    kh = k.repeat_interleave(c, 0)[:, None, None, :]
+    kv = k.repeat_interleave(c, 0)[:, None, :, None]
+    y = F.conv2d(F.pad(y, (4, 4, 0, 0), mode="replicate"), kh, groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, 4, 4), mode="replicate"), kv, groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def perturb(images: np.ndarray, rng: np.random.Generator, max_blur: float = 1.0, max_noise: float = 0.05,
+            max_shift: float = 0.04) -> np.ndarray:
+    """What a faithful generator may do to a render: blur (σ ≤ `max_blur` px, half the images), pixel
+    noise (σ ≤ `max_noise`), a slight colour shift per channel (≤ `max_shift`)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    n = len(x)
+    sigma = torch.from_numpy(rng.uniform(0, max_blur, n) * (rng.random(n) < 0.5)).float()
+    x = torch.where(sigma[:, None, None, None] > 0.05, blur(x, sigma), x)
+    x = x + torch.from_numpy(rng.normal(0, 1, x.shape) * rng.uniform(0, max_noise, (n, 1, 1, 1))).float()
+    x = x + torch.from_numpy(rng.uniform(-max_shift, max_shift, (n, 3, 1, 1))).float()
+    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts
+
+@dataclass
+class Verdict:
+    """What the judges say about one image."""
+
+    attributes: dict[str, str | None]          # head → value, None when not confident
+    confidence: dict[str, float]
+    pose: W.Pose
+    subject_residual: float
+    image_residual: float
+    recognisable: bool                          # the subject's best explanation reproduces the image
+    subject: str = UNRECOGNISED                 # a world subject, OTHER or UNRECOGNISED
+    style: str = UNRECOGNISED                   # a world style, PLAIN, OTHER or UNRECOGNISED
+
+    def subject_attributes(self) -> tuple | None:
+        values = tuple(self.attributes[h] for h in SUBJECT_HEADS)
+        return None if any(v is None for v in values) else values
+
+    def style_signature(self) -> tuple | None:
+        values = tuple(self.attributes[h] for h in STYLE_HEADS)
+        return None if any(v is None for v in values) else values
+
+    def to_json(self) -> dict:
+        return {"subject": self.subject, "style": self.style, "recognisable": self.recognisable,
+                "attributes": self.attributes, "subject_residual": round(self.subject_residual, 4),
+                "image_residual": round(self.image_residual, 4)}
+
+
+def _style_of(attributes: dict[str, str | None]) -> W.Style:
+    """The style the heads read (an unread feature counts as its default: for rendering only)."""
+    values = {f: attributes[f] or W.CHOICES[f][0] for f in W.FEATURES}
+    if not W.shows_scheme(values["texture"], values["background"], values["outline"]):
+        values["scheme"] = "none"
+    elif values["scheme"] == "none":
+        values["scheme"] = "red"   # shown but unread: any colour (the residual will say it is wrong)
+    return W.Style("read", **values)
+
+
+_COMPARE_BLUR = 0.8   # px: both images are compared after this blur (grain and edges do not count)
+
+
+def _residuals(image: torch.Tensor, candidates: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(subject residual, image residual) of each candidate render against `image`; `body` (K, 32, 32)
+    the candidates' object masks (dilated by one pixel: the object's edge is part of it)."""
+    c = blur(to_input(candidates) * 0.5 + 0.5, torch.full((len(candidates),), _COMPARE_BLUR))
+    diff = (c - image[None]).abs().mean(1).numpy()                        # (K, 32, 32)
+    m = body.astype(np.float32)
+    subject = (diff * m).sum((1, 2)) / np.maximum(m.sum((1, 2)), 1.0)
+    return subject, diff.mean((1, 2))
+
+
+def _object_mask(cls: str, pose: W.Pose) -> np.ndarray:
+    body, _ = W.masks(cls, "dot", pose)
+    return W._down(W._dilate(body, 2).astype(np.float32)) > 0.25
 
 
 @dataclass
 class Judges:
     net: JudgeNet
-    subject_labels: list[str]
-    style_labels: list[str]
-    accuracy: dict
+    thresholds: dict = field(default_factory=dict)   # residual and confidence thresholds
+    accuracy: dict = field(default_factory=dict)
+    min_confidence: float = 0.5
+
+    # -- reading -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def classify(self, images: np.ndarray, batch: int = 512) -> tuple[list[str], list[str]]:
-        """uint8 (B, 32, 32, 3) → (subject names, style names)."""
+    def read(self, images: np.ndarray, batch: int = 256) -> list[tuple[dict, dict, W.Pose]]:
+        """The heads' readings: (attributes or None, confidences, pose) per image."""
         self.net.eval()
-        subjects, styles = [], []
+        out = []
         for s in range(0, len(images), batch):
-            a, b = self.net(_to_input(images[s:s + batch]))
-            subjects += [self.subject_labels[i] for i in a.argmax(1).tolist()]
-            styles += [self.style_labels[i] for i in b.argmax(1).tolist()]
-        return subjects, styles
+            logits, pose = self.net(to_input(images[s:s + batch]))
+            probs = {h: F.softmax(v, 1) for h, v in logits.items()}
+            for i in range(len(pose)):
+                attrs, conf = {}, {}
+                for h, values in HEADS.items():
+                    p, j = probs[h][i].max(0)
+                    conf[h] = float(p)
+                    attrs[h] = values[int(j)] if float(p) >= self.min_confidence else None
+                dx, dy, scale, rot = pose[i].tolist()
+                out.append((attrs, conf, W.Pose(dx, dy, float(np.clip(scale, 0.7, 1.3)), rot, 0)))
+        return out
+
+    def explain(self, image: np.ndarray, attrs: dict, pose: W.Pose, rounds: int = 2) -> tuple[float, float, W.Pose]:
+        """Analysis by synthesis: render what the heads read, refine the pose by a small coordinate
+        search on the subject residual, return (subject residual, image residual, pose)."""
+        cls_, marking = attrs["class"] or W.CLASSES[0], attrs["marking"] or W.MARKINGS[0]
+        body = W.HUES[attrs["body"] or "red"]
+        mark = W.MARK_COLOURS[attrs["mark"] or "white"]
+        style = _style_of(attrs)
+        target = blur(to_input(image[None]) * 0.5 + 0.5, torch.full((1,), _COMPARE_BLUR))[0]
+
+        def score(poses):
+            renders = np.stack([W.render_parts(cls_, marking, body, mark, style, p) for p in poses])
+            masks = np.stack([_object_mask(cls_, p) for p in poses])
+            return _residuals(target, renders, masks)
+        best = pose
+        sub, img = score([best])
+        best_sub, best_img = float(sub[0]), float(img[0])
+        steps = {"dx": 0.04, "dy": 0.04, "rotation": 0.1, "scale": 0.05}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                poses = [W.Pose(**{**best.__dict__, name: getattr(best, name) + d}) for d in (-step, step)]
+                sub, img = score(poses)
+                j = int(np.argmin(sub))
+                if sub[j] < best_sub:
+                    best, best_sub, best_img = poses[j], float(sub[j]), float(img[j])
+            steps = {k: v / 2 for k, v in steps.items()}
+        return best_sub, best_img, best
+
+    def judge(self, images: np.ndarray, world: W.World | None = None) -> list[Verdict]:
+        """Per-image verdicts; with a world, also its subject and style names."""
+        out = []
+        for image, (attrs, conf, pose) in zip(images, self.read(images)):
+            sub, img, pose = self.explain(image, attrs, pose)
+            ok = (sub <= self.thresholds.get("subject_residual", np.inf)
+                  and all(attrs[h] is not None for h in SUBJECT_HEADS))
+            v = Verdict(attrs, conf, pose, sub, img, ok)
+            if world is not None:
+                v.subject, v.style = name_subject(world, v), name_style(world, v)
+            out.append(v)
+        return out
+
+    def classify(self, images: np.ndarray, world: W.World) -> tuple[list[str], list[str]]:
+        """(subject names, style names) of each image in `world` (OTHER / UNRECOGNISED included)."""
+        verdicts = self.judge(images, world)
+        return [v.subject for v in verdicts], [v.style for v in verdicts]
+
+    # -- files -----------------------------------------------------------------------------------
 
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 
-        meta = {"format": "lorarar-testbed-judges", "subjects": json.dumps(self.subject_labels),
-                "styles": json.dumps(self.style_labels), "accuracy": json.dumps(self.accuracy),
-                "width": str(self.net.subject_head.in_features // 4)}
+        meta = {"format": "lorarar-testbed-judges-v3", "heads": json.dumps(HEADS),
+                "thresholds": json.dumps(self.thresholds), "accuracy": json.dumps(self.accuracy),
+                "min_confidence": str(self.min_confidence), "width": str(self.net.trunk[0].out_channels)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -87,92 +248,88 @@ class Judges:
         from ..safetensors_io import load_safetensors
 
         tensors, meta = load_safetensors(Path(path))
-        if meta.get("format") != "lorarar-testbed-judges":
-            raise ValueError(f"{path}: not testbed judges")
-        subjects, styles = json.loads(meta["subjects"]), json.loads(meta["styles"])
-        net = JudgeNet(len(subjects), len(styles), int(meta["width"]))
+        if meta.get("format") != "lorarar-testbed-judges-v3":
+            raise W.TestbedError(f"{path}: not round-3 testbed judges (format {meta.get('format')!r})")
+        if json.loads(meta["heads"]) != {k: list(v) for k, v in HEADS.items()}:
+            raise W.TestbedError(f"{path}: judges for another attribute space than this world's")
+        net = JudgeNet(int(meta["width"]))
         net.load_state_dict(tensors)
         net.eval()
-        return cls(net, subjects, styles, json.loads(meta["accuracy"]))
+        return cls(net, json.loads(meta["thresholds"]), json.loads(meta["accuracy"]), float(meta["min_confidence"]))
 
 
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur of each image (B, 3, H, W) with its own sigma (B,) in pixels (0: unchanged)."""
-    r = torch.arange(-3, 4, dtype=torch.float32)
-    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)
-    b, c, h, w = x.shape
-    y = x.reshape(1, b * c, h, w)
-    kh = k.repeat_interleave(c, 0)[:, None, None, :]
-    kv = k.repeat_interleave(c, 0)[:, None, :, None]
-    y = F.conv2d(F.pad(y, (3, 3, 0, 0), mode="replicate"), kh, groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), kv, groups=b * c)
-    return y.reshape(b, c, h, w)
+def name_subject(world: W.World, v: Verdict) -> str:
+    if not v.recognisable:
+        return UNRECOGNISED
+    return world.subject_by_attributes(v.subject_attributes()) or OTHER
 
 
-def _draw(world: W.World, rng: np.random.Generator, n: int, subject_labels: list[str],
-          style_labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    items, ys, yt = [], [], []
-    free = world.free_combos
-    for _ in range(n):
-        si = int(rng.integers(len(subject_labels)))
-        ti = int(rng.integers(len(style_labels)))
-        if subject_labels[si] == OTHER:
-            subject = W.generic_subject(rng, free)
-        else:
-            subject = world.subject(subject_labels[si])
-        items.append((subject, world.style(style_labels[ti]), W.Pose.random(rng)))
-        ys.append(si)
-        yt.append(ti)
-    return W.render_batch(items), np.array(ys), np.array(yt)
+def name_style(world: W.World, v: Verdict) -> str:
+    signature = v.style_signature()
+    if signature is None:
+        return UNRECOGNISED
+    if not W.shows_scheme(signature[1], signature[3], signature[4]):
+        signature = (*signature[:5], "none")   # an invisible scheme colour is no part of the style
+    return world.style_by_signature(signature) or OTHER
 
 
-def train_judges(world: W.World, steps: int = 1500, batch: int = 96, lr: float = 3e-3, seed: int = 0,
-                 eval_images: int = 3000, width: int = 24, blur_fraction: float = 0.5, progress=None) -> Judges:
-    subject_labels = [s.name for s in world.subjects] + ([OTHER] if world.free_combos else [])
-    style_labels = [s.name for s in world.styles] + [PLAIN]
-    rng = np.random.default_rng(W._seed("judges", world.seed, seed))
+# ---------------------------------------------------------------------------------------------
+# Training and calibration (world-independent)
+
+def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Renders of the whole attribute space with their labels and poses."""
+    items = [(W.generic_subject(rng), W.generic_style(rng, plain=0.2), W.Pose.random(rng)) for _ in range(n)]
+    labels = {h: np.array([values.index(s.attributes[i]) for s, _, _ in items])
+              for i, (h, values) in enumerate(SUBJECT_HEADS.items())}
+    labels.update({f: np.array([W.CHOICES[f].index(getattr(t, f)) for _, t, _ in items]) for f in W.FEATURES})
+    poses = np.stack([p.as_array() for _, _, p in items])
+    return W.render_batch(items), labels, poses
+
+
+@dataclass
+class JudgeSettings:
+    steps: int = 3000
+    batch: int = 128
+    lr: float = 3e-3
+    width: int = 32
+    seed: int = 0
+    calibration_images: int = 2000
+    quantile: float = 0.99       # of held-out perturbed renders' subject residuals: the reject threshold
+
+
+def train_judges(settings: JudgeSettings, progress=None) -> Judges:
+    s = settings
+    rng = np.random.default_rng(W._seed("judges3", s.seed))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = JudgeNet(len(subject_labels), len(style_labels), width)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(s.seed)
+        net = JudgeNet(s.width)
+    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
     start = time.perf_counter()
     net.train()
-    for step in range(steps):
-        images, ys, yt = _draw(world, rng, batch, subject_labels, style_labels)
-        x = _to_input(images)
-        # The generator's samples are blurrier than the renders: half of every batch is blurred
-        # (σ up to 1.5 px) so that the judges look at what survives blur and not at pixel detail.
-        sigma = torch.rand(len(x), generator=gen) * 1.5 * (torch.rand(len(x), generator=gen) < blur_fraction)
-        x = torch.where(sigma[:, None, None, None] > 0.05, blur(x, sigma), x)
-        x = x + torch.randn(x.shape, generator=gen) * 0.06 * torch.rand(len(x), 1, 1, 1, generator=gen)
-        a, b = net(x)
-        loss = F.cross_entropy(a, torch.from_numpy(ys)) + F.cross_entropy(b, torch.from_numpy(yt))
+    for step in range(s.steps):
+        images, labels, poses = _draw(rng, s.batch)
+        logits, pose = net(to_input(perturb(images, rng, max_blur=1.2, max_noise=0.06, max_shift=0.05)))
+        loss = sum(F.cross_entropy(logits[h], torch.from_numpy(labels[h])) for h in HEADS)
+        loss = loss + 10 * F.mse_loss(pose, torch.from_numpy(poses))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress and (step + 1) % 100 == 0:
-            progress(step + 1, steps, float(loss.detach()))
+            progress(step + 1, s.steps, float(loss.detach()))
     net.eval()
-    judges = Judges(net, subject_labels, style_labels, {})
-    # held out: poses from a different random stream
-    test_rng = np.random.default_rng(W._seed("judges-heldout", world.seed, seed))
-    images, ys, yt = _draw(world, test_rng, eval_images, subject_labels, style_labels)
-    ps, pt = judges.classify(images)
-    subject_ok = np.array([p == subject_labels[i] for p, i in zip(ps, ys)])
-    style_ok = np.array([p == style_labels[i] for p, i in zip(pt, yt)])
-    with torch.no_grad():
-        blurred = blur(_to_input(images), torch.full((len(images),), 1.0))
-        a, b = net(blurred)
-    subject_blur = (a.argmax(1).numpy() == ys).mean()
-    style_blur = (b.argmax(1).numpy() == yt).mean()
-    judges.accuracy = {"subject": float(subject_ok.mean()), "style": float(style_ok.mean()),
-                       "subject_blurred_1px": float(subject_blur), "style_blurred_1px": float(style_blur),
-                       "held_out_images": eval_images, "train_steps": steps, "batch": batch,
-                       "blur_fraction": blur_fraction, "seconds": round(time.perf_counter() - start, 1)}
-    log.info("judges: held-out accuracy subject %.4f, style %.4f (blurred 1 px: %.4f, %.4f; %d renders)",
-             judges.accuracy["subject"], judges.accuracy["style"], subject_blur, style_blur, eval_images)
+    judges = Judges(net)
+    # the reject threshold: held-out renders (another random stream) under the generator's perturbations
+    cal = np.random.default_rng(W._seed("judges3-calibration", s.seed))
+    images, labels, _ = _draw(cal, s.calibration_images)
+    verdicts = judges.judge(perturb(images, cal))
+    residuals = np.array([v.subject_residual for v in verdicts])
+    judges.thresholds = {"subject_residual": float(np.quantile(residuals, s.quantile)),
+                         "quantile": s.quantile, "calibration_images": s.calibration_images,
+                         "perturbation": {"max_blur_px": 1.0, "max_noise": 0.05, "max_colour_shift": 0.04}}
+    judges.accuracy = {"train_steps": s.steps, "batch": s.batch, "seconds": round(time.perf_counter() - start, 1)}
+    log.info("judges: %d steps in %.0f s; subject residual threshold %.4f (%.0f%% quantile of %d perturbed renders)",
+             s.steps, time.perf_counter() - start, judges.thresholds["subject_residual"], 100 * s.quantile,
+             s.calibration_images)
     return judges

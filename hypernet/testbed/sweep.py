@@ -29,7 +29,6 @@ from . import world as W
 from .base import to_latent, uint8_to_image
 from .bench import ObjectiveProbe, lora_deltas, merged_patches, static_patches
 from .build import BuiltWorld, HypernetSettings, WorldSettings, build_world, dev_split, load_png, train_hypernet
-from .judges import Judges
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class PairEvaluator:
         self.built, self.pairs = built, list(pairs)
         self.settings = s = settings or EvalSettings()
         self.model = built.base()
-        self.judges = Judges.load(built.judges_path)
+        self.judges = built.judges()
         w = built.world
         self.items = []
         for pi, (subject, style) in enumerate(self.pairs):
@@ -94,7 +93,7 @@ class PairEvaluator:
                 text = prompt(item) if prompt else item["prompt"]
                 images = self.model.sample([text] * self.settings.images, item["noise"], self.settings.sampling_steps,
                                            patches, guidance=self.settings.guidance)
-                subj, sty = self.judges.classify(images)
+                subj, sty = self.judges.classify(images, self.built.world)
                 c_ok = np.array([p == item["subject"] for p in subj])
                 s_ok = np.array([p == item["style"] for p in sty])
                 per["content"].append(float(c_ok.mean()))
@@ -278,19 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=20)
-    p.add_argument("--styles", type=int, default=16)
+    p.add_argument("--styles", type=int, default=24)
     p.add_argument("--only", nargs="*", default=None, help="hypernet: only these configurations (names)")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--cache", default=None)
-    p.add_argument("--settings", default=None, help="JSON of WorldSettings overrides (the world variant)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     settings = WorldSettings(seed=args.world_seed, subjects=args.subjects, styles=args.styles)
-    if args.settings:
-        from .build import apply_overrides
-
-        settings = apply_overrides(settings, json.loads(args.settings))
     built = build_world(settings, Path(args.cache) if args.cache else None)
     evaluation = EvalSettings(images=args.images)
     out = Path(args.out)

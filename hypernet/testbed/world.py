@@ -1,22 +1,28 @@
-"""Procedural subjects and styles, and a renderer for any subject in any style.
+"""Procedural subjects and styles, and a renderer for any subject in any style (round 3).
 
-A **subject** is a composite object: a shape class (`ball`, `box`, `kite`, `cross`), a body
-colour, a marking (stripe, dot, ring, …) in a contrasting colour and proportions. Within a world
-no two subjects share (class, marking), so identity survives styles that recolour everything.
-A **style** is a rendering: a palette map applied to the whole picture (hue rotation, negative,
-grey, duotone, posterise, channel swap — these *conflict* with the subject's identifying
-colours), a background treatment, an outline, a texture on the object and an image effect
-(pixelation, blur, contrast). Styles in a world differ from each other, and from `plain`, in at
-least two of these five features.
+Everything in this world is a combination of a few **primitives the base model learns to draw
+from words** (DESIGN §15: a DreamBooth LoRA can only bind concepts the base can already draw):
+
+- a **subject** is a shape class (`ball`, `box`, `kite`, `cross`), a bold marking (stripe, dot,
+  ring, …), a body colour out of eight named hues and a mark colour (white or black). Within a
+  world no two subjects share (class, marking), so identity survives styles that recolour.
+- a **style** is a rendering with six features: a palette (`negative`, `warm`, `cool` tint), a
+  texture on the object (grain, hatching, dots), an effect (pixelation), a background (solid,
+  gradient, checker, stripes), an outline and one named scheme colour (hatching, dots,
+  backgrounds, coloured outline). Styles come in two **regimes** (the knob of issue 18, DESIGN §15): *overlap* styles
+  touch the subject's pixels (palette, texture, effect; white background, no outline), *disjoint*
+  styles touch only the pixels around it (background, outline, scheme colour). Styles differ
+  from each other, and from `plain`, in at least two features.
 
 `render(subject, style, pose)` is the ground truth for "subject X in style Y": 64×64 masks are
-composited and box-filtered to 32×32, then the style's effect is applied. Everything is numpy
-and deterministic; a `World` is a pure function of (seed, number of subjects, number of styles).
+composited and box-filtered to 32×32, then palette and effect are applied. Everything is numpy
+and deterministic; a `World` is a pure function of (seed, sizes). The identifying signals are
+made large on purpose (the object spans ~60% of the frame, markings cover 20–50% of it):
+concepts are learned in order of the pixel change they cause.
 """
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import itertools
 import json
@@ -24,27 +30,46 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..errors import LoraRarError
+
+
+class TestbedError(LoraRarError, ValueError):
+    """A testbed setting or file that cannot be used (a world size, a decoy kind, a foreign file)."""
+
+
 SIZE = 32            # output resolution
 _SS = 2              # supersampling for the masks
 CLASSES = ("ball", "box", "kite", "cross")
-MARKINGS = ("plain", "hstripe", "vstripe", "dot", "ring", "diagonal", "tophalf", "twodots")
-PALETTES = ("identity", "hueshift", "negative", "grey", "duotone", "posterise", "swap")
-BACKGROUNDS = ("white", "solid", "gradient", "checker", "stripes")
-OUTLINES = ("none", "dark", "light", "colour")
-TEXTURES = ("none", "grain", "hatch", "dots")
-EFFECTS = ("none", "pixelate", "blur", "contrast")
-FEATURES = ("palette", "background", "outline", "texture", "effect")
-CHOICES = dict(zip(FEATURES, (PALETTES, BACKGROUNDS, OUTLINES, TEXTURES, EFFECTS)))
+MARKINGS = ("hstripe", "vstripe", "dot", "ring", "diagonal", "tophalf", "twodots")
+HUES = {"red": (0.86, 0.13, 0.13), "orange": (0.96, 0.55, 0.08), "yellow": (0.95, 0.86, 0.12),
+        "green": (0.16, 0.66, 0.22), "cyan": (0.1, 0.76, 0.82), "blue": (0.13, 0.27, 0.86),
+        "purple": (0.55, 0.16, 0.74), "pink": (0.97, 0.45, 0.72)}
+MARK_COLOURS = {"white": (0.97, 0.97, 0.97), "black": (0.07, 0.07, 0.07)}
+# the style's scheme colour has its own words, so that "a red ball … in navy style" never asks the
+# token encoder to tell a body colour from a background colour by position alone
+SCHEME_WORDS = dict(zip(HUES, ("ruby", "amber", "gold", "jade", "teal", "navy", "violet", "rose")))
 
-# Words the base model learns for each style feature (pretraining prompts describe the style).
+PALETTES = ("identity", "negative", "warm", "cool")
+TEXTURES = ("none", "grain", "hatch", "dots")
+EFFECTS = ("none", "pixelate")
+BACKGROUNDS = ("white", "solid", "gradient", "checker", "stripes")
+OUTLINES = ("none", "dark", "colour")
+SCHEMES = ("none", *HUES)
+FEATURES = ("palette", "texture", "effect", "background", "outline", "scheme")
+CHOICES = dict(zip(FEATURES, (PALETTES, TEXTURES, EFFECTS, BACKGROUNDS, OUTLINES, SCHEMES)))
+OVERLAP_FEATURES = ("palette", "texture", "effect")      # change the subject's own pixels
+DISJOINT_FEATURES = ("background", "outline", "scheme")  # change only the pixels around it
+REGIMES = ("overlap", "disjoint")
+
 STYLE_WORDS = {
-    "palette": {"identity": "", "hueshift": "hue", "negative": "negative", "grey": "grey", "duotone": "duotone",
-                "posterise": "poster", "swap": "swapped"},
-    "background": {"white": "", "solid": "solid", "gradient": "gradient", "checker": "checker", "stripes": "striped"},
-    "outline": {"none": "", "dark": "inked", "light": "glowing", "colour": "lined"},
+    "palette": {"identity": "", "negative": "negative", "warm": "warm", "cool": "cool"},
     "texture": {"none": "", "grain": "grainy", "hatch": "hatched", "dots": "dotted"},
-    "effect": {"none": "", "pixelate": "pixel", "blur": "blurry", "contrast": "vivid"},
+    "effect": {"none": "", "pixelate": "pixel"},
+    "background": {"white": "", "solid": "solid", "gradient": "gradient", "checker": "checker", "stripes": "striped"},
+    "outline": {"none": "", "dark": "inked", "colour": "lined"},
+    "scheme": {"none": "", **SCHEME_WORDS},
 }
+_TINT = {"warm": (1.0, 0.8, 0.52), "cool": (0.52, 0.8, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -52,21 +77,23 @@ class Subject:
     name: str
     cls: str
     marking: str
-    body: tuple[float, float, float]
-    mark: tuple[float, float, float]
-    aspect: float                    # width/height of the object frame
+    body: str                        # a HUES name
+    mark: str                        # a MARK_COLOURS name
+
+    @property
+    def attributes(self) -> tuple[str, str, str, str]:
+        return (self.cls, self.marking, self.body, self.mark)
 
 
 @dataclass(frozen=True)
 class Style:
     name: str
     palette: str = "identity"
-    background: str = "white"
-    outline: str = "none"
     texture: str = "none"
     effect: str = "none"
-    colours: tuple[tuple[float, float, float], ...] = ((0.5, 0.5, 0.5), (0.2, 0.2, 0.2), (0.8, 0.8, 0.8))
-    amount: float = 0.5              # hue rotation (turns) / swap permutation choice
+    background: str = "white"
+    outline: str = "none"
+    scheme: str = "none"             # a HUES name, or "none" when nothing shows it
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -76,12 +103,23 @@ class Style:
         return [w for f in FEATURES if (w := STYLE_WORDS[f][getattr(self, f)])]
 
     @property
+    def regime(self) -> str:
+        """"overlap" when it changes the subject's pixels, "disjoint" when only those around it."""
+        return "overlap" if any(getattr(self, f) != CHOICES[f][0] for f in OVERLAP_FEATURES) else "disjoint"
+
+    @property
     def conflicts(self) -> bool:
         """Recolours the subject's identifying colours."""
         return self.palette != "identity"
 
 
 PLAIN = Style("plain")
+
+
+def shows_scheme(texture: str, background: str, outline: str) -> bool:
+    """Whether a style with these features shows its scheme colour at all (hatching and dots are
+    drawn in it, and every background but white and the coloured outline)."""
+    return texture in ("hatch", "dots") or background != "white" or outline == "colour"
 
 
 @dataclass(frozen=True)
@@ -94,37 +132,41 @@ class Pose:
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> "Pose":
-        return cls(float(rng.uniform(-0.14, 0.14)), float(rng.uniform(-0.14, 0.14)), float(rng.uniform(0.85, 1.1)),
-                   float(rng.uniform(-0.35, 0.35)), int(rng.integers(0, 2 ** 31)))
+        return cls(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1)), float(rng.uniform(0.9, 1.1)),
+                   float(rng.uniform(-0.3, 0.3)), int(rng.integers(0, 2 ** 31)))
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.dx, self.dy, self.scale, self.rotation], np.float32)
 
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little")
 
 
-def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    return tuple(round(c, 4) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
-
-
-def random_subject(rng: np.random.Generator, name: str, cls: str, marking: str, hue: float) -> Subject:
-    body = _hsv(hue, rng.uniform(0.6, 0.9), rng.uniform(0.6, 0.95))
-    if rng.random() < 0.5:   # light or dark marking, contrasting with the body
-        mark = _hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.0, 0.3), rng.uniform(0.9, 1.0))
-    else:
-        mark = _hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.5, 1.0), rng.uniform(0.1, 0.3))
-    return Subject(name, cls, marking, body, mark, round(float(rng.uniform(0.75, 1.3)), 3))
-
-
-def random_style(rng: np.random.Generator, name: str, signature: tuple[str, ...]) -> Style:
-    colours = []
-    for i in range(3):
-        v = (0.15, 0.55, 0.9)[i] + rng.uniform(-0.1, 0.1)
-        colours.append(_hsv(rng.random(), rng.uniform(0.3, 0.9), float(np.clip(v, 0.05, 1.0))))
-    return Style(name, *signature, colours=tuple(colours), amount=round(float(rng.uniform(0.25, 0.75)), 3))
-
-
 def _distance(a: tuple, b: tuple) -> int:
     return sum(x != y for x, y in zip(a, b))
+
+
+def held_out_compositions() -> set[tuple[str, str, str]]:
+    """(class, marking, body colour) triples the base never sees in pretraining (one in eight, fixed
+    for every world): gate 2 reports the base's samples for these separately. World subjects never
+    use them, so a subject LoRA only ever binds a composition the base has drawn."""
+    return {c for c in itertools.product(CLASSES, MARKINGS, HUES) if _seed("unseen", *c) % 8 == 0}
+
+
+def _style_signatures(regime: str) -> list[tuple[str, ...]]:
+    out = []
+    for sig in itertools.product(*(CHOICES[f] for f in FEATURES)):
+        st = Style("x", *sig)
+        visible = shows_scheme(st.texture, st.background, st.outline)
+        if (st.scheme != "none") != visible:
+            continue  # a scheme colour exactly when something shows it
+        if regime == "overlap" and (st.regime != "overlap" or st.background != "white" or st.outline != "none"):
+            continue
+        if regime == "disjoint" and st.regime != "disjoint":
+            continue
+        out.append(sig)
+    return out
 
 
 @dataclass
@@ -138,40 +180,56 @@ class World:
     test_styles: list[str]
 
     @classmethod
-    def create(cls, seed: int = 0, n_subjects: int = 20, n_styles: int = 16, test_subjects: int = 5,
-               test_styles: int = 5) -> "World":
-        combos = list(itertools.product(CLASSES, MARKINGS))
-        if n_subjects > len(combos):
-            raise ValueError(f"at most {len(combos)} subjects (class × marking) fit in a world, not {n_subjects}")
+    def create(cls, seed: int = 0, n_subjects: int = 20, n_styles: int = 24, test_subjects: int = 5,
+               test_styles: int = 10) -> "World":
+        """Half the styles (and half the held-out ones) of each regime."""
+        unseen = held_out_compositions()
+        if n_subjects > len(CLASSES) * len(MARKINGS):
+            raise TestbedError(f"at most {len(CLASSES) * len(MARKINGS)} subjects (class × marking) fit in a world, "
+                             f"not {n_subjects}")
         if not (0 < test_subjects < n_subjects and 0 < test_styles < n_styles):
-            raise ValueError("hold out at least one and fewer than all subjects and styles")
-        rng = np.random.default_rng(_seed("world", seed))
+            raise TestbedError("hold out at least one and fewer than all subjects and styles")
+        if n_styles % 2 or test_styles % 2:
+            raise TestbedError(f"styles and held-out styles come in equal halves per regime; {n_styles} and "
+                             f"{test_styles} must both be even")
+        rng = np.random.default_rng(_seed("world3", seed))
+        combos = list(itertools.product(CLASSES, MARKINGS))
         order = rng.permutation(len(combos))
-        hues = (np.arange(n_subjects) / n_subjects + rng.random()) % 1.0
-        hues = hues[rng.permutation(n_subjects)]
-        subjects = [random_subject(rng, f"sks{i}", *combos[order[i]], float(hues[i])) for i in range(n_subjects)]
-        all_signatures = list(itertools.product(*(CHOICES[f] for f in FEATURES)))
+        subjects = []
+        hues = [list(HUES)[j] for j in rng.permutation(len(HUES))]
+        for i in range(n_subjects):
+            cls_, marking = combos[order[i]]
+            # body colours cycle through the hues (each used equally often); a colour that would make
+            # a composition the base never saw moves on to the next hue
+            body = next(hues[(i + k) % len(hues)] for k in range(len(hues))
+                        if (cls_, marking, hues[(i + k) % len(hues)]) not in unseen)
+            mark = ("white", "black")[int(rng.integers(2))]
+            subjects.append(Subject(f"sks{i}", cls_, marking, body, mark))
+        styles: list[Style] = []
         chosen: list[tuple[str, ...]] = []
-        for index in rng.permutation(len(all_signatures)):
-            sig = all_signatures[index]
-            # at least two features away from plain and from every other style, and never more than
-            # one "destructive" effect (pixelation/blur) together with a colour-destroying palette
-            if _distance(sig, PLAIN.signature) < 2 or any(_distance(sig, c) < 2 for c in chosen):
-                continue
-            if sig[4] in ("pixelate", "blur") and sig[0] in ("grey", "duotone", "posterise"):
-                continue
-            if sig[3] != "none" and sig[4] in ("pixelate", "blur"):
-                continue  # a texture under a blur is invisible: the style would not be recognisable
-            chosen.append(sig)
-            if len(chosen) == n_styles:
-                break
-        if len(chosen) < n_styles:
-            raise ValueError(f"could not draw {n_styles} distinct styles")
-        styles = [random_style(rng, f"sty{i}", sig) for i, sig in enumerate(chosen)]
-        split = np.random.default_rng(_seed("split", seed))
+        for regime in REGIMES:
+            pool = _style_signatures(regime)
+            picked = 0
+            for index in rng.permutation(len(pool)):
+                sig = pool[index]
+                if _distance(sig, PLAIN.signature) < 2 or any(_distance(sig, c) < 2 for c in chosen):
+                    continue
+                chosen.append(sig)
+                picked += 1
+                if picked == n_styles // 2:
+                    break
+            if picked < n_styles // 2:
+                raise TestbedError(f"could not draw {n_styles // 2} distinct {regime} styles")
+        order_styles = rng.permutation(len(chosen))  # names do not give the regime away
+        styles = [Style(f"sty{i}", *chosen[j]) for i, j in enumerate(order_styles)]
+        split = np.random.default_rng(_seed("split3", seed))
         test_s = sorted(split.choice(n_subjects, test_subjects, replace=False).tolist())
-        test_t = sorted(split.choice(n_styles, test_styles, replace=False).tolist())
-        return cls(seed, subjects, styles, [subjects[i].name for i in test_s], [styles[i].name for i in test_t])
+        test_t = []
+        for regime in REGIMES:
+            members = [i for i, s in enumerate(styles) if s.regime == regime]
+            test_t += split.choice(members, test_styles // 2, replace=False).tolist()
+        return cls(seed, subjects, styles, [subjects[i].name for i in test_s],
+                   [styles[i].name for i in sorted(test_t)])
 
     # -- lookups ------------------------------------------------------------------------------------
 
@@ -195,11 +253,22 @@ class World:
     def test_pairs(self) -> list[tuple[str, str]]:
         return [(a, b) for a in self.test_subjects for b in self.test_styles]
 
+    def regime(self, style: str) -> str:
+        return self.style(style).regime
+
     @property
     def free_combos(self) -> list[tuple[str, str]]:
-        """(class, marking) combinations no subject of this world uses: the judges' "other" subjects."""
+        """(class, marking) combinations no subject of this world uses."""
         used = {(s.cls, s.marking) for s in self.subjects}
         return [c for c in itertools.product(CLASSES, MARKINGS) if c not in used]
+
+    def subject_by_attributes(self, attributes: tuple[str, str, str, str]) -> str | None:
+        return next((s.name for s in self.subjects if s.attributes == tuple(attributes)), None)
+
+    def style_by_signature(self, signature: tuple[str, ...]) -> str | None:
+        if tuple(signature) == PLAIN.signature:
+            return PLAIN.name
+        return next((s.name for s in self.styles if s.signature == tuple(signature)), None)
 
     def subject_prompt(self, name: str) -> str:
         return f"a {name} {self.subject(name).cls}"
@@ -212,37 +281,63 @@ class World:
 
     def to_json(self) -> dict:
         return {"seed": self.seed, "subjects": [asdict(s) for s in self.subjects],
-                "styles": [asdict(s) for s in self.styles], "test_subjects": self.test_subjects,
-                "test_styles": self.test_styles}
+                "styles": [{**asdict(s), "regime": s.regime} for s in self.styles],
+                "test_subjects": self.test_subjects, "test_styles": self.test_styles}
 
     def style_object(self, name: str) -> tuple[Subject, Pose]:
-        """The one object shown in a style LoRA's training image (not a world subject)."""
+        """The one object shown in a style LoRA's training image: never a world subject (its class
+        × marking is one no subject has when there is one), so a style LoRA cannot teach a subject."""
         rng = np.random.default_rng(_seed("style-object", self.seed, name))
-        cls, marking = CLASSES[int(rng.integers(len(CLASSES)))], MARKINGS[int(rng.integers(len(MARKINGS)))]
-        return random_subject(rng, "object", cls, marking, float(rng.random())), Pose.random(rng)
+        free = self.free_combos or list(itertools.product(CLASSES, MARKINGS))
+        cls_, marking = free[int(rng.integers(len(free)))]
+        return (Subject("object", cls_, marking, list(HUES)[int(rng.integers(len(HUES)))],
+                        ("white", "black")[int(rng.integers(2))]), Pose.random(rng))
 
 
-def generic_subject(rng: np.random.Generator, combos: list[tuple[str, str]] | None = None) -> Subject:
-    """A random object (for pretraining and the judges' "other" class)."""
-    if combos:
-        cls, marking = combos[int(rng.integers(len(combos)))]
-    else:
-        cls, marking = CLASSES[int(rng.integers(len(CLASSES)))], MARKINGS[int(rng.integers(len(MARKINGS)))]
-    return random_subject(rng, "object", cls, marking, float(rng.random()))
+def generic_subject(rng: np.random.Generator, avoid: set | None = None) -> Subject:
+    """A random object of the whole attribute space (pretraining, judges), never a composition in
+    `avoid` ((class, marking, body) triples)."""
+    while True:
+        s = Subject("object", CLASSES[int(rng.integers(len(CLASSES)))], MARKINGS[int(rng.integers(len(MARKINGS)))],
+                    list(HUES)[int(rng.integers(len(HUES)))], ("white", "black")[int(rng.integers(2))])
+        if not avoid or (s.cls, s.marking, s.body) not in avoid:
+            return s
 
 
-def generic_style(rng: np.random.Generator) -> Style:
-    """A random style of the whole style space (for pretraining); about a third are plain."""
-    if rng.random() < 0.3:
+def generic_style(rng: np.random.Generator, plain: float = 0.25) -> Style:
+    """A random style of the whole style space; `plain` of them are plain, the rest split between
+    the two regimes' kinds and mixtures."""
+    if rng.random() < plain:
         return PLAIN
-    sig = tuple(CHOICES[f][int(rng.integers(len(CHOICES[f])))] for f in FEATURES)
-    return random_style(rng, "generic", sig)
+    sig = [CHOICES[f][int(rng.integers(len(CHOICES[f])))] for f in FEATURES]
+    kind = rng.random()
+    if kind < 0.35:    # overlap only
+        sig[3], sig[4] = "white", "none"
+    elif kind < 0.7:   # disjoint only
+        sig[0], sig[1], sig[2] = "identity", "none", "none"
+    if shows_scheme(sig[1], sig[3], sig[4]):
+        if sig[5] == "none":
+            sig[5] = list(HUES)[int(rng.integers(len(HUES)))]
+    else:
+        sig[5] = "none"
+    return Style("generic", *sig)
 
 
-def describe_prompt(subject: Subject, style: Style) -> str:
-    """The pretraining prompt: class word and the style's feature words."""
-    words = style.words()
-    return f"a {subject.cls}" + (f" in {' '.join(words)} style" if words else "")
+def describe_prompt(subject: Subject, style: Style, keep: np.ndarray | None = None) -> str:
+    """The pretraining prompt: "a red ball with white ring in warm hatched style". `keep` (3 bools:
+    body colour, marking with its colour, style) drops word groups, so the base also learns what a
+    partial description means ("a ball", "a sks3 ball in sty2 style")."""
+    k = np.ones(3, bool) if keep is None else keep
+    words = ["a"]
+    if k[0]:
+        words.append(subject.body)
+    words.append(subject.cls)
+    if k[1]:
+        words += ["with", subject.mark, subject.marking]
+    style_words = style.words()
+    if k[2] and style_words:
+        words += ["in", *style_words, "style"]
+    return " ".join(words)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,45 +349,48 @@ def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _GRID = _grid(SIZE * _SS)
+R = 0.62   # the object's half-size in the unit frame
 
 
-def _masks(subject: Subject, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+def masks(cls: str, marking: str, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+    """Supersampled boolean masks (body, marking ⊂ body) of a class with a marking at a pose."""
     x, y = _GRID
     x, y = x - pose.dx, y - pose.dy
     c, s = np.cos(-pose.rotation), np.sin(-pose.rotation)
     u, v = (c * x - s * y) / pose.scale, (s * x + c * y) / pose.scale
-    a = subject.aspect ** 0.5
-    u, v = u / a, v * a
-    r = 0.55
-    if subject.cls == "ball":
+    r = R
+    if cls == "ball":
         body = u ** 2 + v ** 2 < r ** 2
-    elif subject.cls == "box":
+    elif cls == "box":
         body = np.maximum(abs(u), abs(v)) < r * 0.85
-    elif subject.cls == "kite":  # triangle, apex up
-        top, bottom = -r * 0.95, r * 0.75
-        half = (v - top) / (bottom - top) * r * 0.95
+    elif cls == "kite":  # triangle, apex up
+        top, bottom = -r * 1.0, r * 0.8
+        half = (v - top) / (bottom - top) * r * 1.05
         body = (v > top) & (v < bottom) & (abs(u) < half)
-    else:  # cross
-        arm = r * 0.38
+    elif cls == "cross":
+        arm = r * 0.45
         body = ((abs(u) < arm) & (abs(v) < r)) | ((abs(v) < arm) & (abs(u) < r))
-    m = subject.marking
-    if m == "plain":
-        mark = np.zeros_like(body)
-    elif m == "hstripe":
-        mark = abs(v) < r * 0.2
-    elif m == "vstripe":
-        mark = abs(u) < r * 0.2
-    elif m == "dot":
-        mark = u ** 2 + v ** 2 < (r * 0.32) ** 2
-    elif m == "ring":
-        rr = np.sqrt(u ** 2 + v ** 2)
-        mark = (rr > r * 0.3) & (rr < r * 0.52)
-    elif m == "diagonal":
-        mark = abs(u - v) < r * 0.25
-    elif m == "tophalf":
-        mark = v < -r * 0.05
-    else:  # twodots
-        mark = ((u - r * 0.42) ** 2 + v ** 2 < (r * 0.2) ** 2) | ((u + r * 0.42) ** 2 + v ** 2 < (r * 0.2) ** 2)
+    else:
+        raise TestbedError(f"unknown class {cls!r}")
+    if marking == "hstripe":
+        mark = abs(v - (0.2 * r if cls == "kite" else 0)) < r * 0.24
+    elif marking == "vstripe":
+        mark = abs(u) < r * 0.24
+    elif marking == "dot":
+        mark = u ** 2 + (v - (0.2 * r if cls == "kite" else 0)) ** 2 < (r * 0.36) ** 2
+    elif marking == "ring":
+        rr = np.sqrt(u ** 2 + (v - (0.25 * r if cls == "kite" else 0)) ** 2)
+        mark = (rr > r * 0.22) & (rr < r * 0.5)
+    elif marking == "diagonal":
+        mark = abs(u - v) < r * 0.28
+    elif marking == "tophalf":
+        mark = v < (0.1 * r if cls == "kite" else -r * 0.05)
+    elif marking == "twodots":
+        cy = 0.35 * r if cls == "kite" else 0
+        d = 0.45 * r if cls != "kite" else 0.4 * r
+        mark = ((u - d) ** 2 + (v - cy) ** 2 < (r * 0.24) ** 2) | ((u + d) ** 2 + (v - cy) ** 2 < (r * 0.24) ** 2)
+    else:
+        raise TestbedError(f"unknown marking {marking!r}")
     return body, mark & body
 
 
@@ -302,24 +400,33 @@ def _down(a: np.ndarray) -> np.ndarray:
     return a.reshape(n, _SS, n, _SS, *a.shape[2:]).mean(axis=(1, 3))
 
 
+def _pastel(c) -> np.ndarray:
+    return 0.5 + 0.5 * np.asarray(c, np.float32)
+
+
+def _deep(c) -> np.ndarray:
+    return 0.55 * np.asarray(c, np.float32)
+
+
 def _background(style: Style, n: int) -> np.ndarray:
-    c = np.array(style.colours, dtype=np.float32)
-    x, y = _grid(n)
     kind = style.background
     if kind == "white":
-        return np.full((n, n, 3), 0.95, np.float32)
+        return np.full((n, n, 3), 0.96, np.float32)
+    c = HUES[style.scheme]
+    light, deep = _pastel(c), _deep(c)
+    x, y = _grid(n)
     if kind == "solid":
-        return np.broadcast_to(c[1], (n, n, 3)).astype(np.float32)
+        return np.broadcast_to(light, (n, n, 3)).astype(np.float32)
     if kind == "gradient":
         t = ((y + 1) / 2)[..., None]
-        return (c[0] * (1 - t) + c[2] * t).astype(np.float32)
+        return (np.full(3, 0.96, np.float32) * (1 - t) + deep * t).astype(np.float32)
     if kind == "checker":
         period = 8 / SIZE * 2  # 8 output pixels
         on = ((np.floor((x + 1) / period) + np.floor((y + 1) / period)) % 2)[..., None]
-        return (c[1] * on + c[2] * (1 - on)).astype(np.float32)
-    period = 10 / SIZE * 2
+        return (light * on + 0.96 * (1 - on)).astype(np.float32)
+    period = 8 / SIZE * 2
     on = (np.floor((x + y + 2) / period) % 2)[..., None]
-    return (c[0] * on + c[2] * (1 - on)).astype(np.float32)
+    return (deep * on + light * (1 - on)).astype(np.float32)
 
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -334,65 +441,50 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def _palette(img: np.ndarray, style: Style) -> np.ndarray:
-    p = style.palette
-    if p == "identity":
+def apply_palette(img: np.ndarray, palette: str) -> np.ndarray:
+    if palette == "identity":
         return img
-    if p == "negative":
+    if palette == "negative":
         return 1.0 - img
-    lum = img @ np.array([0.299, 0.587, 0.114], np.float32)
-    if p == "grey":
-        return np.repeat(lum[..., None], 3, axis=-1)
-    if p == "duotone":
-        c = np.array(style.colours, np.float32)
-        return c[0] * (1 - lum[..., None]) + c[2] * lum[..., None]
-    if p == "posterise":
-        return np.round(img * 2) / 2
-    if p == "swap":
-        order = (1, 2, 0) if style.amount < 0.5 else (2, 0, 1)
-        return img[..., order]
-    # hueshift: rotation about the grey axis in YIQ
-    theta = 2 * np.pi * style.amount
-    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
-    rot = np.array([[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]], np.float32)
-    m = np.linalg.inv(yiq) @ rot @ yiq
-    return img @ m.T.astype(np.float32)
+    return img * np.array(_TINT[palette], np.float32)
 
 
 def render(subject: Subject, style: Style = PLAIN, pose: Pose = Pose()) -> np.ndarray:
     """uint8 (32, 32, 3): `subject` drawn in `style` at `pose`."""
-    n = SIZE * _SS
-    body, mark = _masks(subject, pose)
-    img = _background(style, n).copy()
-    obj = np.where(mark[..., None], np.array(subject.mark, np.float32), np.array(subject.body, np.float32))
+    return render_parts(subject.cls, subject.marking, HUES[subject.body], MARK_COLOURS[subject.mark], style, pose)
+
+
+def render_parts(cls: str, marking: str, body_rgb, mark_rgb, style: Style = PLAIN, pose: Pose = Pose(),
+                 body_mask: np.ndarray | None = None) -> np.ndarray:
+    """`render` from raw parts (any colours; `body_mask` replaces the class's silhouette, for decoys)."""
+    body, mark = masks(cls, marking, pose)
+    if body_mask is not None:
+        body, mark = body_mask, mark & body_mask
+    img = _background(style, SIZE * _SS).copy()
+    obj = np.where(mark[..., None], np.array(mark_rgb, np.float32), np.array(body_rgb, np.float32))
     if style.texture != "none":
         x, y = _GRID
         if style.texture == "grain":
             rng = np.random.default_rng(pose.seed)
-            noise = rng.normal(0, 0.12, (SIZE, SIZE)).repeat(_SS, 0).repeat(_SS, 1)
+            noise = rng.normal(0, 0.13, (SIZE, SIZE)).repeat(_SS, 0).repeat(_SS, 1)
             obj = obj + noise[..., None]
-        elif style.texture == "hatch":
+        elif style.texture == "hatch":  # lines in the deep scheme colour, every 6 px
             on = (np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0)[..., None]
-            obj = np.where(on, obj * 0.55, obj)
-        else:  # dots
-            period = 4 / SIZE * 2
+            obj = np.where(on, 0.35 * obj + 0.65 * _deep(HUES[style.scheme]), obj)
+        else:  # dots in the pale scheme colour, every 5 px
+            period = 5 / SIZE * 2
             fx, fy = ((x + 1) / period) % 1 - 0.5, ((y + 1) / period) % 1 - 0.5
-            on = (fx ** 2 + fy ** 2 < 0.07)[..., None]
-            obj = np.where(on, 1 - (1 - obj) * 0.3, obj)
+            on = (fx ** 2 + fy ** 2 < 0.08)[..., None]
+            obj = np.where(on, _pastel(HUES[style.scheme]) * 0.9 + 0.1, obj)
     img = np.where(body[..., None], obj, img)
     if style.outline != "none":
-        ring = _dilate(body, 2) & ~body
-        colour = {"dark": (0.05, 0.05, 0.05), "light": (1.0, 1.0, 1.0)}.get(style.outline, style.colours[0])
+        ring = _dilate(body, 3) & ~body
+        colour = (0.04, 0.04, 0.04) if style.outline == "dark" else _deep(HUES[style.scheme])
         img = np.where(ring[..., None], np.array(colour, np.float32), img)
     img = _down(np.clip(img, 0, 1).astype(np.float32))
-    img = np.clip(_palette(img, style), 0, 1)
+    img = np.clip(apply_palette(img, style.palette), 0, 1)
     if style.effect == "pixelate":
         img = img.reshape(SIZE // 2, 2, SIZE // 2, 2, 3).mean(axis=(1, 3)).repeat(2, 0).repeat(2, 1)
-    elif style.effect == "blur":
-        pad = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        img = sum(pad[i:i + SIZE, j:j + SIZE] for i in range(3) for j in range(3)) / 9
-    elif style.effect == "contrast":
-        img = np.clip((img - 0.5) * 1.7 + 0.5, 0, 1)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

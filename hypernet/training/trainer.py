@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
-from ..model import DEFAULT_TARGETS, HypernetConfig, HyperNetwork, save_hypernet
+from ..model import DEFAULT_TARGETS, INPUT_NORMALISATIONS, HypernetConfig, HyperNetwork, save_hypernet
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Example, LoraCache, TrainingBase, encode_examples, load_image
 from .ddp import World
@@ -59,6 +59,7 @@ class TrainSettings:
     lora_cache: int = 8
     name: str = ""
     license: str = ""
+    input_normalisation: str = "none"  # how H reads its columns (model.INPUT_NORMALISATIONS); kept in its metadata
 
 
 @dataclass
@@ -115,6 +116,10 @@ def build_hypernet(widths: tuple[int, ...], settings: TrainSettings, family: str
             if new:
                 log.info("new input layers for widths %s (initialised at random)", new)
     model.config.name, model.config.license = settings.name, settings.license
+    if settings.input_normalisation not in INPUT_NORMALISATIONS:
+        raise TrainingError(f"input_normalisation: expected one of {', '.join(INPUT_NORMALISATIONS)}, "
+                            f"got {settings.input_normalisation!r}")
+    model.config.extra["input_normalisation"] = settings.input_normalisation
     return model.float().train().requires_grad_(True)
 
 
