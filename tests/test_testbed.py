@@ -107,6 +107,32 @@ def test_prompts_name_every_attribute_and_drop_groups():
     assert len(words) <= MAX_TOKENS and set(words) <= vocabulary
 
 
+def test_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """The base's pretraining checkpoints its whole state; a run cut off after a checkpoint and
+    started again ends with the weights and losses of one uninterrupted run."""
+    import hypernet.testbed.base as B
+
+    torch.set_num_threads(1)
+    whole = B.TestbedBase(B.BaseConfig.tiny())
+    losses = B.pretrain(whole, 4, 2)
+    checkpoint, calls, real = tmp_path / "resume.pt", [], B.pretraining_batch
+
+    def cut_off(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(B, "pretraining_batch", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        B.pretrain(B.TestbedBase(B.BaseConfig.tiny()), 4, 2, checkpoint=checkpoint, checkpoint_every=2)
+    assert checkpoint.is_file()
+    monkeypatch.setattr(B, "pretraining_batch", real)
+    resumed = B.TestbedBase(B.BaseConfig.tiny())
+    assert np.allclose(B.pretrain(resumed, 4, 2, checkpoint=checkpoint, checkpoint_every=2), losses)
+    assert all(torch.equal(p, q) for p, q in zip(whole.unet.parameters(), resumed.unet.parameters()))
+    assert not checkpoint.exists()
+
+
 # -- the judges' analysis by synthesis and the decoys ---------------------------------------------
 
 def _reading(subject: W.Subject, style: W.Style) -> dict:

@@ -139,6 +139,7 @@ class TestbedBase:
         self.schedule = linear_schedule()
         self.metadata: dict[str, str] = {}
         self.guidance = GUIDANCE
+        self.pretrain_seconds = 0.0
 
     # -- TrainingBase protocol (training/data.py) ---------------------------------------------------
 
@@ -342,10 +343,14 @@ def measure_throughput(config: BaseConfig, batch: int = 64, steps: int = 6, seed
 
 
 def pretrain(model: TestbedBase, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0,
-             ema: float = 0.999, progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+             ema: float = 0.999, progress: Callable[[int, int, float], None] | None = None,
+             checkpoint: Path | None = None, checkpoint_every: int = 500) -> list[float]:
     """Pretrain UNet and token encoder together on `pretraining_batch`es; the model keeps the
     exponential moving average of the weights (decay `ema`), which samples far cleaner than the
-    last iterate of a small model. Compositions of `W.held_out_compositions()` are never shown."""
+    last iterate of a small model. Compositions of `W.held_out_compositions()` are never shown.
+    With `checkpoint`, the whole state (weights, average, optimiser, schedule, random streams) is
+    saved there every `checkpoint_every` steps and a run resumes from it: on a shared CPU the
+    pretraining takes tens of minutes and an interruption costs only the steps since the last one."""
     unet, enc = model.unet, model.encoder_net
     unet.train().requires_grad_(True)
     enc.train().requires_grad_(True)
@@ -357,9 +362,23 @@ def pretrain(model: TestbedBase, steps: int, batch: int = 64, lr: float = 2e-3, 
     gen = torch.Generator().manual_seed(seed)
     avoid = W.held_out_compositions()
     ac = model.schedule.alphas_cumprod.float()
-    losses = []
+    losses: list[float] = []
+    first, spent = 0, 0.0   # steps and seconds of earlier runs of this pretraining
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        enc.load_state_dict(state["encoder"])
+        with torch.no_grad():
+            for q, v in zip(averaged, state["averaged"]):
+                q.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        losses, first, spent = [float(x) for x in state["losses"]], int(state["step"]), float(state["seconds"])
+        log.info("pretraining resumes at step %d of %d (%s)", first, steps, checkpoint)
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(first, steps):
         images, prompts = pretraining_batch(rng, batch, avoid)
         x0 = to_latent(uint8_to_image(images))
         t = torch.randint(0, len(ac), (batch,), generator=gen)
@@ -379,12 +398,23 @@ def pretrain(model: TestbedBase, steps: int, batch: int = 64, lr: float = 2e-3, 
         losses.append(float(loss.detach()))
         if progress and (step + 1) % 50 == 0:
             progress(step + 1, steps, float(np.mean(losses[-50:])))
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            tmp = Path(checkpoint).with_suffix(".tmp")
+            torch.save({"unet": unet.state_dict(), "encoder": enc.state_dict(), "averaged": averaged,
+                        "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "generator": gen.get_state(),
+                        "numpy_rng": json.dumps(rng.bit_generator.state), "losses": torch.tensor(losses),
+                        "step": step + 1, "seconds": spent + time.perf_counter() - start}, tmp)
+            tmp.replace(checkpoint)
     with torch.no_grad():
         for p, q in zip(params, averaged):
             p.copy_(q)
     unet.eval().requires_grad_(False)
     enc.eval().requires_grad_(False)
     seconds = time.perf_counter() - start
-    log.info("pretrained the base: %d steps × %d = %d samples in %.0f s (%.0f samples/s), final loss %.4f",
-             steps, batch, steps * batch, seconds, steps * batch / seconds, float(np.mean(losses[-50:])))
+    log.info("pretrained the base: %d steps × %d = %d samples, %d of them in this run in %.0f s (%.0f samples/s), "
+             "final loss %.4f", steps, batch, steps * batch, (steps - first) * batch, seconds,
+             (steps - first) * batch / max(seconds, 1e-9), float(np.mean(losses[-50:])))
+    if checkpoint is not None and Path(checkpoint).is_file():
+        Path(checkpoint).unlink()
+    model.pretrain_seconds = spent + seconds   # all runs of it, for the build's report
     return losses

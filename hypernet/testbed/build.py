@@ -206,18 +206,22 @@ def build_base(root: Path, config: BaseConfig, settings: BaseSettings, progress=
     if path.is_file():
         return TestbedBase.load(path), path, 0.0
     start = time.perf_counter()
-    rate = float("nan")
+    rate, measuring = float("nan"), 0.0
     if settings.steps >= 100:  # a real build: measure first, and say how long it will take
         rate = measure_throughput(config, settings.batch)
+        measuring = time.perf_counter() - start
         log.info("base: %.0f samples/s on this machine; %d samples (%d steps × %d) will take ≈ %.0f min",
                  rate, settings.steps * settings.batch, settings.steps, settings.batch,
                  settings.steps * settings.batch / rate / 60)
     model = TestbedBase(config, seed=settings.seed)
-    losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, settings.ema, progress)
+    losses = pretrain(model, settings.steps, settings.batch, settings.lr, settings.seed, settings.ema, progress,
+                      checkpoint=path.with_suffix(".resume.pt"))
     seconds = time.perf_counter() - start
     model.save(path, extra={"steps": str(settings.steps), "samples": str(settings.steps * settings.batch),
                             "final_loss": f"{np.mean(losses[-50:]):.4f}", "measured_samples_per_s": f"{rate:.1f}",
-                            "seconds": f"{seconds:.1f}", "threads": str(torch.get_num_threads()),
+                            # pretraining over all its runs (a resumed one included), and the measurement
+                            "seconds": f"{model.pretrain_seconds + measuring:.1f}",
+                            "threads": str(torch.get_num_threads()),
                             "loss_curve": json.dumps([round(float(np.mean(losses[i:i + 100])), 5)
                                                       for i in range(0, len(losses), 100)])})
     return model, path, seconds

@@ -50,15 +50,18 @@ POSE = 4   # dx, dy, scale, rotation
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, width: int = 32):
+    """One conv at full resolution (markings are a few pixels wide), two at 16×16 and two at 8×8,
+    then a shared 256-wide layer that every head and the pose regression read."""
+
+    def __init__(self, width: int = 24):
         super().__init__()
 
-        def block(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                    nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.trunk = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-                                   *block(2 * width, 4 * width), nn.MaxPool2d(2), nn.Flatten(),
-                                   nn.Linear(4 * width * 16, 256), nn.ReLU())
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        self.trunk = nn.Sequential(*conv(3, width), nn.MaxPool2d(2),
+                                   *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
+                                   *conv(2 * width, 4 * width), *conv(4 * width, 4 * width), nn.MaxPool2d(2),
+                                   nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.ReLU())
         self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in HEADS.items()})
         self.pose = nn.Linear(256, POSE)
 
@@ -92,7 +95,9 @@ def perturb(images: np.ndarray, rng: np.random.Generator, max_blur: float = 1.0,
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     n = len(x)
     sigma = torch.from_numpy(rng.uniform(0, max_blur, n) * (rng.random(n) < 0.5)).float()
-    x = torch.where(sigma[:, None, None, None] > 0.05, blur(x, sigma), x)
+    blurred = sigma > 0.05
+    if blurred.any():
+        x[blurred] = blur(x[blurred], sigma[blurred])
     x = x + torch.from_numpy(rng.normal(0, 1, x.shape) * rng.uniform(0, max_noise, (n, 1, 1, 1))).float()
     x = x + torch.from_numpy(rng.uniform(-max_shift, max_shift, (n, 3, 1, 1))).float()
     return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
@@ -288,10 +293,10 @@ def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict[str, np.nd
 
 @dataclass
 class JudgeSettings:
-    steps: int = 3000
+    steps: int = 2500
     batch: int = 128
     lr: float = 3e-3
-    width: int = 32
+    width: int = 24
     seed: int = 0
     calibration_images: int = 2000
     quantile: float = 0.99       # of held-out perturbed renders' subject residuals: the reject threshold
