@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the base's, 2.0)")
     c.add_argument("--methods", nargs="*", default=[], help="only these rows (default: all)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--split", choices=("test", "train"), default="test",
+                   help="test: the held-out pairs (the verdict); train: 12 pairs per style regime drawn from the "
+                        "testbed H's own training pairs (does H fit what it was trained on?)")
     c.add_argument("--force", action="store_true", help="write into a non-empty --out")
     c.set_defaults(func=run_bench)
     j = sub.add_parser("judge-check", help="judge a benchmark's images through the loopback judge server")
@@ -183,8 +186,13 @@ def run_bench(args) -> int:
     settings = BenchSettings(images=args.images, sampling_steps=args.sampling_steps, guidance=args.guidance,
                              ziplora_steps=args.ziplora_steps, seed=args.seed, methods=tuple(args.methods))
     log = logging.getLogger("hypernet.testbed")
+    pairs = None
+    if args.split == "train":
+        from ..testbed.build import training_pairs_sample
+
+        pairs = training_pairs_sample(built, 12)
     report = bench(built, settings, out, {"lorarar": Path(args.hypernet)} if args.hypernet else built.hypernet_paths,
-                   progress=lambda stage, d, n: log.info("bench %s: %d/%d", stage, d, n))
+                   pairs=pairs, progress=lambda stage, d, n: log.info("bench %s: %d/%d", stage, d, n))
     print((out / "bench.md").read_text())
     print(json.dumps({k: report[k] for k in ("wall_seconds", "date", "threads") if k in report}))
     return 0

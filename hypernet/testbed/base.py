@@ -400,6 +400,7 @@ def pretrain(model: TestbedBase, steps: int, batch: int = 64, lr: float = 2e-3, 
             progress(step + 1, steps, float(np.mean(losses[-50:])))
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             tmp = Path(checkpoint).with_suffix(".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"unet": unet.state_dict(), "encoder": enc.state_dict(), "averaged": averaged,
                         "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "generator": gen.get_state(),
                         "numpy_rng": json.dumps(rng.bit_generator.state), "losses": torch.tensor(losses),

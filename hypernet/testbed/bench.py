@@ -184,6 +184,9 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
     rows = [r for r in method_rows(tuple(loaded)) if not settings.methods or r in settings.methods]
     pairs = list(pairs or world.test_pairs)
     regimes = [world.regime(style) for _, style in pairs]
+    if "reference" in rows and not all(built.reference_path(*p).is_file() for p in pairs):
+        rows.remove("reference")   # references are trained for the test and gate pairs only
+        log.info("no reference row: not every pair has a reference LoRA")
     n = settings.images
     results: dict[str, dict] = {r: {"content": [], "style": [], "joint": [], "merge_seconds": [], "objective": [],
                                     "errors": [], "pairs": [], "diagnostics": []} for r in rows}

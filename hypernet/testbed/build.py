@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 class BaseSettings:
     """Pretraining, sized in samples seen (DESIGN §15: small diffusion models learned a synthetic
     compositional world after 0.5–6 M samples; round 2's base saw 0.04 M)."""
+    version: int = 1             # of the renderer and the pretraining code: part of the cache key
     samples: int = 600_000
     batch: int = 64
     lr: float = 2e-3
@@ -296,13 +297,23 @@ def build_loras(built: "BuiltWorld", model: TestbedBase, say) -> None:
 
 
 def build_judges(root: Path, settings: JudgeSettings, say) -> tuple[Path, float]:
-    from .judges import train_judges
+    """The judges (from the cache when there): the CNN is cached on its own (`net-…`), so a change
+    of the calibration only recalibrates."""
+    from .judges import Judges, train_judges, train_net
 
     path = Path(root) / "judges" / f"judges-{cache.key(asdict(settings))}.safetensors"
     if path.is_file():
         return path, 0.0
     start = time.perf_counter()
-    train_judges(settings, progress=lambda d, n, loss: say("judges", d, n)).save(path)
+    net_path = Path(root) / "judges" / f"net-{cache.key(settings.net_key())}.safetensors"
+    if net_path.is_file():
+        net = Judges.load(net_path).net
+    else:
+        net = train_net(settings, progress=lambda d, n, loss: say("judges", d, n))
+        Judges(net, accuracy={"train_seconds": round(time.perf_counter() - start, 1)}).save(net_path)
+    judges = train_judges(settings, net=net)
+    judges.accuracy["train_seconds"] = Judges.load(net_path).accuracy.get("train_seconds")
+    judges.save(path)
     return path, time.perf_counter() - start
 
 
@@ -343,6 +354,20 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     info_path.write_text(json.dumps(info, indent=1, default=str))
     built.info = info
     return built
+
+
+def training_pairs_sample(built: BuiltWorld, per_regime: int) -> list[tuple[str, str]]:
+    """`per_regime` pairs of each style regime out of the testbed H's own training pairs (from its
+    metadata), drawn once per world: where the bench asks whether H fits what it was trained on."""
+    from ..model import load_hypernet
+
+    trained = [tuple(p) for p in json.loads(load_hypernet(built.hypernet_path).config.extra["train_pairs"])]
+    rng = np.random.default_rng(W._seed("train-pairs-sample", built.world.seed))
+    out = []
+    for regime in W.REGIMES:
+        pool = [p for p in trained if built.world.regime(p[1]) == regime]
+        out += [pool[i] for i in sorted(rng.choice(len(pool), min(per_regime, len(pool)), replace=False))]
+    return out
 
 
 def _index(name: str) -> int:

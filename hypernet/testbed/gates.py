@@ -80,8 +80,9 @@ def _per_attribute(x: dict) -> str:
 
 
 def print_gate_judges(r: dict) -> str:
+    thresholds = r["thresholds"].get("subject_residual", {})
     lines = [f"gate 1 — judges ({r['held_out_renders']} held-out renders of the world's subjects in its styles and plain; "
-             f"subject residual threshold {r['thresholds'].get('subject_residual', float('nan')):.4f})"]
+             "subject residual thresholds " + ", ".join(f"{g} {t:.3f}" for g, t in thresholds.items()) + ")"]
     for label in ("clean", "perturbed"):
         x = r[label]
         lines.append(f"  {label:9s}: subject {100 * x['subject']:.1f}%  style {100 * x['style']:.1f}%  both "

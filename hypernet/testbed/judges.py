@@ -11,13 +11,16 @@ extrapolated (a disc in a subject's body colour was "the subject" 30% of the tim
    subjects, so it is shared by every world (cached like the base model) and names attributes
    rather than memorising identities.
 2. **Analysis by synthesis.** The attributes and pose it reads are rendered again by the world's
-   own renderer (the pose refined by a small search) and compared with the image: mean absolute
-   difference after a light blur, over the object (subject residual) and over the whole picture.
-   An image whose best explanation does not reproduce it — a blob, a blend of two subjects, noise,
-   a heavy blur, a marking that is not one of the world's — is **not recognisable**: its subject
-   verdict is refused, whatever the heads say. The thresholds are what held-out renders reach
-   under the small perturbations a faithful generator makes (blur up to σ = 1 px, pixel noise,
-   slight colour shifts): a quantile of their residuals, stored in the judges' file.
+   own renderer (the pose refined by a small search) and compared with the image, after a light
+   blur: the mean absolute difference over the object (subject residual), the worst 5×5 window on
+   the object (local residual: a missing or smeared marking is a few pixels across), and the
+   image's edge detail on the object relative to the render's (a heavy blur keeps the colours but
+   not the edges). An image whose best explanation does not reproduce it — a blob, a blend of two
+   subjects, noise, a heavy blur, a marking that is not the one read — is **not recognisable**:
+   its subject verdict is refused, whatever the heads say. The thresholds are what held-out renders
+   reach under the small perturbations a faithful generator makes (blur up to σ = 1 px, pixel
+   noise, slight colour shifts): the 99% quantile of each statistic (1% for the detail) per
+   rendering group (texture × effect), stored in the judges' file.
 
 A world then names what was recognised: the subject whose (class, marking, body, mark) these are
 (or `other`), the style whose six features these are (`plain` when none is set, or `other`).
@@ -114,7 +117,9 @@ class Verdict:
     confidence: dict[str, float]
     pose: W.Pose
     subject_residual: float
+    local_residual: float
     image_residual: float
+    detail_ratio: float
     recognisable: bool                          # the subject's best explanation reproduces the image
     subject: str = UNRECOGNISED                 # a world subject, OTHER or UNRECOGNISED
     style: str = UNRECOGNISED                   # a world style, PLAIN, OTHER or UNRECOGNISED
@@ -130,13 +135,14 @@ class Verdict:
     def to_json(self) -> dict:
         return {"subject": self.subject, "style": self.style, "recognisable": self.recognisable,
                 "attributes": self.attributes, "subject_residual": round(self.subject_residual, 4),
-                "image_residual": round(self.image_residual, 4)}
+                "local_residual": round(self.local_residual, 4), "image_residual": round(self.image_residual, 4),
+                "detail_ratio": round(self.detail_ratio, 3)}
 
 
 def _style_of(attributes: dict[str, str | None]) -> W.Style:
     """The style the heads read (an unread feature counts as its default: for rendering only)."""
     values = {f: attributes[f] or W.CHOICES[f][0] for f in W.FEATURES}
-    if not W.shows_scheme(values["texture"], values["background"], values["outline"]):
+    if not W.shows_scheme(values["background"], values["outline"]):
         values["scheme"] = "none"
     elif values["scheme"] == "none":
         values["scheme"] = "red"   # shown but unread: any colour (the residual will say it is wrong)
@@ -146,14 +152,33 @@ def _style_of(attributes: dict[str, str | None]) -> W.Style:
 _COMPARE_BLUR = 0.8   # px: both images are compared after this blur (grain and edges do not count)
 
 
-def _residuals(image: torch.Tensor, candidates: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(subject residual, image residual) of each candidate render against `image`; `body` (K, 32, 32)
-    the candidates' object masks (dilated by one pixel: the object's edge is part of it)."""
+def residual_group(attrs: dict) -> str:
+    """Renders of one group reach similar residuals: texture × effect as the heads read them."""
+    return f"{attrs.get('texture') or 'none'}/{attrs.get('effect') or 'none'}"
+
+
+def _residuals(image: torch.Tensor, candidates: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """(K, 3): subject, local and image residual of each candidate render against `image` (already
+    blurred). `body` (K, 32, 32): the candidates' object masks, dilated (the edge is part of it).
+    Subject: mean absolute difference over the object. Local: the largest mean difference in a
+    5×5 window centred on the object — a marking that is missing, moved or smeared is a few
+    pixels across and barely moves the mean, but not the worst window. Image: over the picture."""
     c = blur(to_input(candidates) * 0.5 + 0.5, torch.full((len(candidates),), _COMPARE_BLUR))
-    diff = (c - image[None]).abs().mean(1).numpy()                        # (K, 32, 32)
+    diff = (c - image[None]).abs().mean(1, keepdim=True)                   # (K, 1, 32, 32)
+    window = F.avg_pool2d(diff, 5, stride=1, padding=2, count_include_pad=False)[:, 0].numpy()
+    diff = diff[:, 0].numpy()
     m = body.astype(np.float32)
     subject = (diff * m).sum((1, 2)) / np.maximum(m.sum((1, 2)), 1.0)
-    return subject, diff.mean((1, 2))
+    local = np.where(body, window, 0.0).max((1, 2))
+    return np.stack([subject, local, diff.mean((1, 2))], 1)
+
+
+def _detail(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring pixels over the object (its edges and markings)."""
+    x = image.astype(np.float32) / 255
+    gx, gy = np.abs(np.diff(x, axis=1)).mean(-1), np.abs(np.diff(x, axis=0)).mean(-1)
+    mx, my = mask[:, 1:], mask[1:, :]
+    return float((gx * mx).sum() / max(mx.sum(), 1) + (gy * my).sum() / max(my.sum(), 1))
 
 
 def _object_mask(cls: str, pose: W.Pose) -> np.ndarray:
@@ -188,13 +213,17 @@ class Judges:
                 out.append((attrs, conf, W.Pose(dx, dy, float(np.clip(scale, 0.7, 1.3)), rot, 0)))
         return out
 
-    def explain(self, image: np.ndarray, attrs: dict, pose: W.Pose, rounds: int = 2) -> tuple[float, float, W.Pose]:
+    def explain(self, image: np.ndarray, attrs: dict, pose: W.Pose, rounds: int = 2) -> tuple[np.ndarray, W.Pose]:
         """Analysis by synthesis: render what the heads read, refine the pose by a small coordinate
-        search on the subject residual, return (subject residual, image residual, pose)."""
+        search on the subject residual; returns the best render's residuals (subject, local, image:
+        `_residuals`) with the image's detail relative to it (`_detail` of the image over that of the
+        render: a heavy blur keeps the colours but loses the edges), and its pose."""
         cls_, marking = attrs["class"] or W.CLASSES[0], attrs["marking"] or W.MARKINGS[0]
         body = W.HUES[attrs["body"] or "red"]
         mark = W.MARK_COLOURS[attrs["mark"] or "white"]
         style = _style_of(attrs)
+        if style.texture == "grain":  # its noise cannot be matched: compare with the noise-free picture
+            style = W.Style("read", **{**{f: getattr(style, f) for f in W.FEATURES}, "texture": "none"})
         target = blur(to_input(image[None]) * 0.5 + 0.5, torch.full((1,), _COMPARE_BLUR))[0]
 
         def score(poses):
@@ -202,27 +231,40 @@ class Judges:
             masks = np.stack([_object_mask(cls_, p) for p in poses])
             return _residuals(target, renders, masks)
         best = pose
-        sub, img = score([best])
-        best_sub, best_img = float(sub[0]), float(img[0])
+        best_r = score([best])[0]
         steps = {"dx": 0.04, "dy": 0.04, "rotation": 0.1, "scale": 0.05}
         for _ in range(rounds):
             for name, step in steps.items():
                 poses = [W.Pose(**{**best.__dict__, name: getattr(best, name) + d}) for d in (-step, step)]
-                sub, img = score(poses)
-                j = int(np.argmin(sub))
-                if sub[j] < best_sub:
-                    best, best_sub, best_img = poses[j], float(sub[j]), float(img[j])
+                r = score(poses)
+                j = int(np.argmin(r[:, 0]))
+                if r[j, 0] < best_r[0]:
+                    best, best_r = poses[j], r[j]
             steps = {k: v / 2 for k, v in steps.items()}
-        return best_sub, best_img, best
+        mask = _object_mask(cls_, best)
+        render = W.render_parts(cls_, marking, body, mark, style, best)
+        detail = _detail(image, mask) / max(_detail(render, mask), 1e-6)
+        return np.append(best_r, detail), best
+
+    def thresholds_for(self, attrs: dict) -> tuple[float, float, float]:
+        """The largest subject and local residuals and the smallest detail ratio still accepted for
+        what the heads read: one set per rendering group (`residual_group`), as a grainy render can
+        never be matched pixel for pixel."""
+        out = []
+        for kind, default in (("subject_residual", np.inf), ("local_residual", np.inf), ("detail_ratio", 0.0)):
+            by_group = self.thresholds.get(kind, {})
+            out.append(by_group.get(residual_group(attrs), by_group.get("all", default)))
+        return out[0], out[1], out[2]
 
     def judge(self, images: np.ndarray, world: W.World | None = None) -> list[Verdict]:
         """Per-image verdicts; with a world, also its subject and style names."""
         out = []
         for image, (attrs, conf, pose) in zip(images, self.read(images)):
-            sub, img, pose = self.explain(image, attrs, pose)
-            ok = (sub <= self.thresholds.get("subject_residual", np.inf)
-                  and all(attrs[h] is not None for h in SUBJECT_HEADS))
-            v = Verdict(attrs, conf, pose, sub, img, ok)
+            r, pose = self.explain(image, attrs, pose)
+            max_subject, max_local, min_detail = self.thresholds_for(attrs)
+            ok = bool(r[0] <= max_subject and r[1] <= max_local and r[3] >= min_detail
+                      and all(attrs[h] is not None for h in SUBJECT_HEADS))
+            v = Verdict(attrs, conf, pose, float(r[0]), float(r[1]), float(r[2]), float(r[3]), ok)
             if world is not None:
                 v.subject, v.style = name_subject(world, v), name_style(world, v)
             out.append(v)
@@ -273,7 +315,7 @@ def name_style(world: W.World, v: Verdict) -> str:
     signature = v.style_signature()
     if signature is None:
         return UNRECOGNISED
-    if not W.shows_scheme(signature[1], signature[3], signature[4]):
+    if not W.shows_scheme(signature[3], signature[4]):
         signature = (*signature[:5], "none")   # an invisible scheme colour is no part of the style
     return world.style_by_signature(signature) or OTHER
 
@@ -293,16 +335,22 @@ def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict[str, np.nd
 
 @dataclass
 class JudgeSettings:
+    version: int = 2             # of this module's calibration code (analysis by synthesis): part of the cache key
     steps: int = 2500
     batch: int = 128
     lr: float = 3e-3
     width: int = 24
     seed: int = 0
     calibration_images: int = 2000
-    quantile: float = 0.99       # of held-out perturbed renders' subject residuals: the reject threshold
+    quantile: float = 0.99       # of held-out perturbed renders' residuals: the reject thresholds
+
+    def net_key(self) -> dict:
+        """What the CNN alone depends on (a new calibration reuses a trained CNN)."""
+        return {"render": W.RENDER_VERSION, **{k: getattr(self, k) for k in ("steps", "batch", "lr", "width", "seed")}}
 
 
-def train_judges(settings: JudgeSettings, progress=None) -> Judges:
+def train_net(settings: JudgeSettings, progress=None) -> JudgeNet:
+    """The attribute CNN, trained on renders of the whole attribute space (slightly perturbed)."""
     s = settings
     rng = np.random.default_rng(W._seed("judges3", s.seed))
     with torch.random.fork_rng(devices=[]):
@@ -310,7 +358,6 @@ def train_judges(settings: JudgeSettings, progress=None) -> Judges:
         net = JudgeNet(s.width)
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
-    start = time.perf_counter()
     net.train()
     for step in range(s.steps):
         images, labels, poses = _draw(rng, s.batch)
@@ -323,18 +370,36 @@ def train_judges(settings: JudgeSettings, progress=None) -> Judges:
         sched.step()
         if progress and (step + 1) % 100 == 0:
             progress(step + 1, s.steps, float(loss.detach()))
-    net.eval()
-    judges = Judges(net)
+    return net.eval()
+
+
+def train_judges(settings: JudgeSettings, progress=None, net: JudgeNet | None = None) -> Judges:
+    """Train the CNN (or take `net`, one trained with the same training settings) and calibrate
+    the analysis by synthesis's thresholds."""
+    s = settings
+    start = time.perf_counter()
+    if net is None:
+        net = train_net(s, progress)
+    judges = Judges(net.eval())
     # the reject threshold: held-out renders (another random stream) under the generator's perturbations
     cal = np.random.default_rng(W._seed("judges3-calibration", s.seed))
     images, labels, _ = _draw(cal, s.calibration_images)
     verdicts = judges.judge(perturb(images, cal))
-    residuals = np.array([v.subject_residual for v in verdicts])
-    judges.thresholds = {"subject_residual": float(np.quantile(residuals, s.quantile)),
-                         "quantile": s.quantile, "calibration_images": s.calibration_images,
-                         "perturbation": {"max_blur_px": 1.0, "max_noise": 0.05, "max_colour_shift": 0.04}}
-    judges.accuracy = {"train_steps": s.steps, "batch": s.batch, "seconds": round(time.perf_counter() - start, 1)}
-    log.info("judges: %d steps in %.0f s; subject residual threshold %.4f (%.0f%% quantile of %d perturbed renders)",
-             s.steps, time.perf_counter() - start, judges.thresholds["subject_residual"], 100 * s.quantile,
-             s.calibration_images)
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    for v in verdicts:
+        for g in (residual_group(v.attributes), "all"):
+            groups.setdefault(g, []).append((v.subject_residual, v.local_residual, v.detail_ratio))
+    kept = {g: np.array(r) for g, r in sorted(groups.items()) if len(r) >= 50}
+    judges.thresholds = {
+        "subject_residual": {g: float(np.quantile(r[:, 0], s.quantile)) for g, r in kept.items()},
+        "local_residual": {g: float(np.quantile(r[:, 1], s.quantile)) for g, r in kept.items()},
+        "detail_ratio": {g: float(np.quantile(r[:, 2], 1 - s.quantile)) for g, r in kept.items()},
+        "calibration_counts": {g: len(r) for g, r in sorted(groups.items())},
+        "quantile": s.quantile, "calibration_images": s.calibration_images,
+        "perturbation": {"max_blur_px": 1.0, "max_noise": 0.05, "max_colour_shift": 0.04}}
+    judges.accuracy = {"train_steps": s.steps, "batch": s.batch,
+                       "seconds": round(time.perf_counter() - start, 1)}   # this call: training (if any) and calibration
+    log.info("judges calibrated on %d perturbed renders (%.0f s): thresholds %s", s.calibration_images,
+             time.perf_counter() - start, {k: {g: round(t, 3) for g, t in judges.thresholds[k].items()}
+                                           for k in ("subject_residual", "local_residual", "detail_ratio")})
     return judges

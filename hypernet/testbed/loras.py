@@ -37,6 +37,7 @@ class LoraJob:
 
 @dataclass
 class StackSettings:
+    version: int = 1                 # of this module's training code: part of the LoRAs' cache key
     rank: int = 4
     steps: int = 300
     per_lora_batch: int = 4

@@ -8,11 +8,12 @@ from words** (DESIGN §15: a DreamBooth LoRA can only bind concepts the base can
   world no two subjects share (class, marking), so identity survives styles that recolour.
 - a **style** is a rendering with six features: a palette (`negative`, `warm`, `cool` tint), a
   texture on the object (grain, hatching, dots), an effect (pixelation), a background (solid,
-  gradient, checker, stripes), an outline and one named scheme colour (hatching, dots,
-  backgrounds, coloured outline). Styles come in two **regimes** (the knob of issue 18, DESIGN §15): *overlap* styles
+  gradient, checker, stripes), an outline and one named scheme colour (backgrounds, coloured
+  outline). Styles come in two **regimes** (the knob of issue 18, DESIGN §15): *overlap* styles
   touch the subject's pixels (palette, texture, effect; white background, no outline), *disjoint*
-  styles touch only the pixels around it (background, outline, scheme colour). Styles differ
-  from each other, and from `plain`, in at least two features.
+  styles touch only the pixels around it (background, outline, scheme colour). Every style differs
+  from `plain` in at least two features; disjoint styles differ from each other in at least two,
+  overlap styles in at least one (their three features allow no more than eight styles two apart).
 
 `render(subject, style, pose)` is the ground truth for "subject X in style Y": 64×64 masks are
 composited and box-filtered to 32×32, then palette and effect are applied. Everything is numpy
@@ -37,6 +38,9 @@ class TestbedError(LoraRarError, ValueError):
     """A testbed setting or file that cannot be used (a world size, a decoy kind, a foreign file)."""
 
 
+# bumped whenever `render` draws anything differently: cached models trained on renders (the judges'
+# CNN; the base through `BaseSettings.version`) must not outlive the pictures they learned
+RENDER_VERSION = 1
 SIZE = 32            # output resolution
 _SS = 2              # supersampling for the masks
 CLASSES = ("ball", "box", "kite", "cross")
@@ -116,10 +120,10 @@ class Style:
 PLAIN = Style("plain")
 
 
-def shows_scheme(texture: str, background: str, outline: str) -> bool:
-    """Whether a style with these features shows its scheme colour at all (hatching and dots are
-    drawn in it, and every background but white and the coloured outline)."""
-    return texture in ("hatch", "dots") or background != "white" or outline == "colour"
+def shows_scheme(background: str, outline: str) -> bool:
+    """Whether a style with these features shows its scheme colour at all (every background but
+    white, and the coloured outline)."""
+    return background != "white" or outline == "colour"
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def _style_signatures(regime: str) -> list[tuple[str, ...]]:
     out = []
     for sig in itertools.product(*(CHOICES[f] for f in FEATURES)):
         st = Style("x", *sig)
-        visible = shows_scheme(st.texture, st.background, st.outline)
+        visible = shows_scheme(st.background, st.outline)
         if (st.scheme != "none") != visible:
             continue  # a scheme colour exactly when something shows it
         if regime == "overlap" and (st.regime != "overlap" or st.background != "white" or st.outline != "none"):
@@ -209,10 +213,11 @@ class World:
         chosen: list[tuple[str, ...]] = []
         for regime in REGIMES:
             pool = _style_signatures(regime)
+            apart = 2 if regime == "disjoint" else 1
             picked = 0
             for index in rng.permutation(len(pool)):
                 sig = pool[index]
-                if _distance(sig, PLAIN.signature) < 2 or any(_distance(sig, c) < 2 for c in chosen):
+                if _distance(sig, PLAIN.signature) < 2 or any(_distance(sig, c) < apart for c in chosen):
                     continue
                 chosen.append(sig)
                 picked += 1
@@ -315,7 +320,7 @@ def generic_style(rng: np.random.Generator, plain: float = 0.25) -> Style:
         sig[3], sig[4] = "white", "none"
     elif kind < 0.7:   # disjoint only
         sig[0], sig[1], sig[2] = "identity", "none", "none"
-    if shows_scheme(sig[1], sig[3], sig[4]):
+    if shows_scheme(sig[3], sig[4]):
         if sig[5] == "none":
             sig[5] = list(HUES)[int(rng.integers(len(HUES)))]
     else:
@@ -468,14 +473,14 @@ def render_parts(cls: str, marking: str, body_rgb, mark_rgb, style: Style = PLAI
             rng = np.random.default_rng(pose.seed)
             noise = rng.normal(0, 0.13, (SIZE, SIZE)).repeat(_SS, 0).repeat(_SS, 1)
             obj = obj + noise[..., None]
-        elif style.texture == "hatch":  # lines in the deep scheme colour, every 6 px
+        elif style.texture == "hatch":  # dark diagonal lines, 3 px of every 6
             on = (np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0)[..., None]
-            obj = np.where(on, 0.35 * obj + 0.65 * _deep(HUES[style.scheme]), obj)
-        else:  # dots in the pale scheme colour, every 5 px
-            period = 5 / SIZE * 2
+            obj = np.where(on, obj * 0.5, obj)
+        else:  # light dots, 4 px across, every 6 px
+            period = 6 / SIZE * 2
             fx, fy = ((x + 1) / period) % 1 - 0.5, ((y + 1) / period) % 1 - 0.5
-            on = (fx ** 2 + fy ** 2 < 0.08)[..., None]
-            obj = np.where(on, _pastel(HUES[style.scheme]) * 0.9 + 0.1, obj)
+            on = (fx ** 2 + fy ** 2 < 0.1)[..., None]
+            obj = np.where(on, 1 - (1 - obj) * 0.25, obj)
     img = np.where(body[..., None], obj, img)
     if style.outline != "none":
         ring = _dilate(body, 3) & ~body
