@@ -40,7 +40,7 @@ class TestbedError(LoraRarError, ValueError):
 
 # bumped whenever `render` draws anything differently: cached models trained on renders (the judges'
 # CNN; the base through `BaseSettings.version`) must not outlive the pictures they learned
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 SIZE = 32            # output resolution
 _SS = 2              # supersampling for the masks
 CLASSES = ("ball", "box", "kite", "cross")
@@ -385,7 +385,7 @@ def masks(cls: str, marking: str, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         mark = u ** 2 + (v - (0.2 * r if cls == "kite" else 0)) ** 2 < (r * 0.36) ** 2
     elif marking == "ring":
         rr = np.sqrt(u ** 2 + (v - (0.25 * r if cls == "kite" else 0)) ** 2)
-        mark = (rr > r * 0.22) & (rr < r * 0.5)
+        mark = (rr > r * 0.3) & (rr < r * 0.6)   # a hole ~6 px across: a ring, never a dot
     elif marking == "diagonal":
         mark = abs(u - v) < r * 0.28
     elif marking == "tophalf":
@@ -469,9 +469,9 @@ def render_parts(cls: str, marking: str, body_rgb, mark_rgb, style: Style = PLAI
     obj = np.where(mark[..., None], np.array(mark_rgb, np.float32), np.array(body_rgb, np.float32))
     if style.texture != "none":
         x, y = _GRID
-        if style.texture == "grain":
+        if style.texture == "grain":  # mottled: 2×2-pixel grains, coarser than any pixel noise
             rng = np.random.default_rng(pose.seed)
-            noise = rng.normal(0, 0.13, (SIZE, SIZE)).repeat(_SS, 0).repeat(_SS, 1)
+            noise = rng.normal(0, 0.2, (SIZE // 2, SIZE // 2)).repeat(2 * _SS, 0).repeat(2 * _SS, 1)
             obj = obj + noise[..., None]
         elif style.texture == "hatch":  # dark diagonal lines, 3 px of every 6
             on = (np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0)[..., None]
