@@ -310,6 +310,8 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
     for name in ("bench.json", "bench.md", "table.png", "samples.png", "verdicts.json"):
         assert (tmp_path / "bench" / name).is_file()
     assert "overlap styles" in (tmp_path / "bench" / "bench.md").read_text()
+    readme = (tmp_path / "bench" / "readme_table.md").read_text()
+    assert readme.count("\n") == len(rows) + 2 and "**both**, disjoint styles" in readme
     g4 = gates.headroom(report)   # gate 4 reads these rows of a benchmark (its own runs on the gate pairs)
     assert set(g4["regimes"]) == set(W.REGIMES) and "gate 4" in gates.print_gate_headroom(g4)
     assert all(0 <= x["sum_joint"] <= 1 for x in g4["regimes"].values())

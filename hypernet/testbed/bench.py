@@ -264,6 +264,7 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "verdicts.json").write_text(json.dumps(verdicts))
     (out / "bench.md").write_text(markdown_table(report))
+    (out / "readme_table.md").write_text(readme_table(report))
     from .figures import grid_indices, sample_grid, table_image
 
     table_image(report).save(out / "table.png")
@@ -344,6 +345,30 @@ def markdown_table(report: dict) -> str:
                 lines.append(f"| {method} | {width} | {x['input_over_bias']:.3f} | ({x['h0_c']:+.2f}, {x['h0_s']:+.2f}) | "
                              f"{x['m_c_mean']:+.2f} ± {x['m_c_std']:.2f} | {x['m_s_mean']:+.2f} ± {x['m_s_std']:.2f} | "
                              f"{x['distance_from_h0']:.3f} | {100 * x['negative_m_c']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+README_ROWS = {"content only": "subject LoRA only", "style only": "style LoRA only", "sum": "`sum`",
+               "lorarar": "`lorarar` (testbed H)", "lorarar normalised": "`lorarar`, H on normalised columns",
+               "ziplora": "ZipLoRA (per pair)", "np-lora": "`np-lora`", "np-lora output side": "`np-lora`, output side",
+               "k-lora": "`k-lora`", "reference": "reference (LoRA trained on the pair)", "oracle": "oracle (renderer)"}
+
+
+def readme_table(report: dict) -> str:
+    """README's table: joint accuracy per style regime with its interval, subject/style kept over
+    all pairs, merge time — every figure from `report` (one bench run)."""
+    regimes = [g for g in W.REGIMES if g in set(report["regimes"])]
+    lines = ["| method | " + " | ".join(f"**both**, {g} styles" for g in regimes)
+             + " | subject kept | style kept | merge time per pair |",
+             "|---|" + "---|" * (len(regimes) + 3)]
+    for r in report["rows"]:
+        sec = r["merge_seconds"]
+        time_text = "–" if sec is None or r["method"] in ("oracle", "content only", "style only", "reference") else (
+            f"{1000 * sec:.0f} ms" if sec < 1 else f"{sec:.1f} s")
+        cells = [percent(r["by_regime"][g]["joint"], r["by_regime"][g]["joint_ci"]) if g in r["by_regime"] else "–"
+                 for g in regimes]
+        lines.append(f"| {README_ROWS.get(r['method'], r['method'])} | " + " | ".join(cells)
+                     + f" | {100 * r['content']:.0f}% | {100 * r['style']:.0f}% | {time_text} |")
     return "\n".join(lines) + "\n"
 
 
