@@ -315,6 +315,11 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
     g4 = gates.headroom(report)   # gate 4 reads these rows of a benchmark (its own runs on the gate pairs)
     assert set(g4["regimes"]) == set(W.REGIMES) and "gate 4" in gates.print_gate_headroom(g4)
     assert all(0 <= x["sum_joint"] <= 1 for x in g4["regimes"].values())
+    # gate 4's own run asks for rows without a hypernetwork: one not trained yet is not opened
+    untrained = {"lorarar": tmp_path / "not trained yet.safetensors"}
+    own = run_bench(micro, BenchSettings(images=1, sampling_steps=1, bootstrap=20, methods=gates.HEADROOM_ROWS),
+                    tmp_path / "headroom", untrained, pairs=micro.gate_pairs[:2])
+    assert {r["method"] for r in own["rows"]} <= set(gates.HEADROOM_ROWS) and own["hypernets"] == {}
 
 
 def test_demo_pair_is_picked_by_the_stated_rule():

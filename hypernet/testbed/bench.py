@@ -180,6 +180,9 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
         model.guidance = settings.guidance
     judges = built.judges()
     hypernet_files = hypernets or {"lorarar": built.hypernet_path}
+    if settings.methods:  # only the hypernetworks of the rows asked for: gate 4's rows need none, and
+        # the world's hypernetwork may not be trained yet when it runs
+        hypernet_files = {row: path for row, path in hypernet_files.items() if row in settings.methods}
     loaded = {row: load_hypernet(path) for row, path in hypernet_files.items()}
     rows = [r for r in method_rows(tuple(loaded)) if not settings.methods or r in settings.methods]
     pairs = list(pairs or world.test_pairs)
