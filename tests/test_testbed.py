@@ -7,6 +7,7 @@ the tiny world through the CLI, the judge server through `python -m hypernet jud
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def _micro_settings():
     s.subjects, s.styles, s.test_subjects, s.test_styles, s.subject_images, s.reference_images = 4, 6, 1, 2, 2, 1
     s.gate_pairs = 1
     s.lora = StackSettings(rank=2, steps=2, per_lora_batch=1)
-    s.judges = JudgeSettings(steps=2, batch=8, width=4, calibration_images=8)
+    s.judges = JudgeSettings(steps=2, batch=8, width=4, calibration_images=8, sample_prompts=4, sample_per_prompt=1,
+                             sample_steps=1, sample_min_group=1)
     s.base = BaseSettings(samples=16, batch=8)
     s.hypernet = HypernetSettings(steps=1, hidden=4, pairs_per_step=1, dev_subjects=1, dev_styles=2,
                                   validation_draws=1, validate_every=0, early_stop=False, init="sum")
@@ -455,3 +457,62 @@ def test_demo_runs_offline_and_refuses_to_overwrite(tmp_path):
     assert again.returncode == 1 and "--force" in again.stderr
     _cli("demo", "--output", str(out), "--force", "--images", "1", "--steps", "2")
     shutil.rmtree(out)
+
+
+def test_judges_calibrated_on_the_base_samples(micro):
+    """The reject option widened to the base's own drawing: recorded in the judges' file, keyed on
+    the base, deterministic, never on gate 2's prompts or a world's tokens; the widening rule on
+    stand-in verdicts (every attribute read right, known residuals)."""
+    from dataclasses import replace
+
+    from hypernet.testbed import gates
+    from hypernet.testbed.build import judges_path
+    from hypernet.testbed.judges import HEADS, SUBJECT_HEADS, Judges, Verdict, calibrate_on_samples, calibration_items
+
+    s = micro.settings.judges
+    judges = micro.judges()
+    cal = judges.thresholds["calibration"]
+    assert cal["on"] == "base samples" and cal["base"] == micro.base_path.name and cal["samples"] == 4
+    from safetensors import safe_open
+    with safe_open(str(micro.judges_path), "pt") as f:
+        assert f.metadata()["calibrated_on"] == "base samples"
+    root = micro.judges_path.parent.parent
+    assert judges_path(root, s, micro.base_path) == micro.judges_path
+    assert judges_path(root, s, micro.base_path.with_name("other.safetensors")) != micro.judges_path
+    assert judges_path(root, replace(s, calibrate_on="renders")) != micro.judges_path
+    with pytest.raises(W.TestbedError):
+        judges_path(root, s)
+    avoid = gates.gate2_prompts()
+    items = calibration_items(replace(s, sample_prompts=200), avoid)
+    prompts = [W.describe_prompt(a, b) for a, b in items]
+    assert prompts == [W.describe_prompt(a, b) for a, b in calibration_items(replace(s, sample_prompts=200), avoid)]
+    assert not set(prompts) & avoid and not any(re.search(r"\b(sks|sty)\d", p) for p in prompts)
+    assert not {(a.cls, a.marking, a.body) for a, _ in items} & W.held_out_compositions()
+
+    class Model:   # stands in for the base: renders of the prompts' truth
+        def sample(self, prompts, noise, steps):
+            assert len(noise) == len(prompts) == 2 * len(items_)
+            return np.zeros((len(prompts), W.SIZE, W.SIZE, 3), np.uint8)
+
+    class Reader(Judges):  # reads every attribute right; subject residuals 0.00, 0.01, ...
+        def judge(self, images, world=None):
+            out = []
+            for i, (a, b) in enumerate([x for x in items_ for _ in range(2)]):
+                attrs = {**dict(zip(SUBJECT_HEADS, a.attributes)), **{f: getattr(b, f) for f in W.FEATURES}}
+                if i == 0:
+                    attrs["class"] = None   # read wrong: not counted
+                out.append(Verdict(attrs, {h: 1.0 for h in HEADS}, W.Pose(0, 0, 1, 0, 0), 0.01 * i, 0.5, 0.0, 0.9, False))
+            return out
+    settings = replace(s, sample_prompts=30, sample_per_prompt=2, sample_min_group=5, sample_quantile=0.9)
+    items_ = calibration_items(settings)
+    render = {"subject_residual": {"all": 0.05, "none/none": 0.05}, "local_residual": {"all": 0.3},
+              "detail_ratio": {"all": 0.95}}
+    reader = Reader(judges.net, {k: dict(v) for k, v in render.items()})
+    got = calibrate_on_samples(reader, Model(), settings, base_name="b")
+    assert got["read_right"] == 59 and got["right_counts"]["all"] == 59   # the first one is read wrong
+    assert reader.thresholds["subject_residual"]["all"] == pytest.approx(np.quantile(0.01 * np.arange(1, 60), 0.9))
+    assert reader.thresholds["local_residual"]["all"] == 0.5 and reader.thresholds["detail_ratio"]["all"] == 0.9
+    for g, n in got["right_counts"].items():   # a small group keeps its render thresholds (or none)
+        if n < 5:
+            assert reader.thresholds["subject_residual"].get(g) == render["subject_residual"].get(g)
+    assert got["from_renders"] == render and reader.thresholds["calibration"] is got

@@ -126,14 +126,19 @@ def run_gate(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out) if args.out else None
-    if args.gate == "judges":  # needs only the judges: the base, LoRAs and H are not built for it
-        from ..testbed.build import build_judges
+    if args.gate == "judges":  # needs the judges (and the base they are calibrated on), not the LoRAs or H
+        from ..testbed.build import build_base, build_judges
         from ..testbed.cache import testbed_dir
         from ..testbed.judges import Judges
         from ..testbed.world import World
 
         s = _settings(args)
-        path, _ = build_judges(testbed_dir(Path(args.cache) if args.cache else None), s.judges, lambda *a: None)
+        root = testbed_dir(Path(args.cache) if args.cache else None)
+        base = None
+        if s.judges.calibrate_on == "base samples":
+            model, base_path, _ = build_base(root, s.base_config, s.base)
+            base = (model, base_path)
+        path, _ = build_judges(root, s.judges, lambda *a: None, base)
         world = World.create(s.seed, s.subjects, s.styles, s.test_subjects, s.test_styles)
         result = gates.gate_judges(world, Judges.load(path), seed=args.seed)
         text = gates.print_gate_judges(result)
@@ -144,8 +149,8 @@ def run_gate(args) -> int:
 
         s = _settings(args)
         root = testbed_dir(Path(args.cache) if args.cache else None)
-        model, _, _ = build_base(root, s.base_config, s.base)
-        path, _ = build_judges(root, s.judges, lambda *a: None)
+        model, base_path, _ = build_base(root, s.base_config, s.base)
+        path, _ = build_judges(root, s.judges, lambda *a: None, (model, base_path))
         result = gates.gate_base(model, Judges.load(path), seed=args.seed)
         if out:
             from ..testbed.figures import labelled_grid

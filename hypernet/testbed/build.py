@@ -102,7 +102,8 @@ class WorldSettings:
         """A test-sized world: seconds on a CPU; checks the pipeline, not the quality figures."""
         return cls(seed=seed, subjects=6, styles=6, test_subjects=2, test_styles=2, subject_images=2,
                    reference_images=2, gate_pairs=1, lora=StackSettings(rank=2, steps=3, per_lora_batch=2),
-                   judges=JudgeSettings(steps=8, batch=16, width=8, calibration_images=24),
+                   judges=JudgeSettings(steps=8, batch=16, width=8, calibration_images=24, sample_prompts=6,
+                                        sample_per_prompt=1, sample_steps=2, sample_min_group=1),
                    hypernet=HypernetSettings(steps=2, hidden=8, pairs_per_step=1, dev_subjects=1, dev_styles=2,
                                              validation_draws=1),
                    base=BaseSettings(samples=64, batch=16), base_config=BaseConfig.tiny())
@@ -296,12 +297,31 @@ def build_loras(built: "BuiltWorld", model: TestbedBase, say) -> None:
         say("loras", min(start + group, len(jobs)), len(jobs))
 
 
-def build_judges(root: Path, settings: JudgeSettings, say) -> tuple[Path, float]:
-    """The judges (from the cache when there): the CNN is cached on its own (`net-…`), so a change
-    of the calibration only recalibrates."""
-    from .judges import Judges, train_judges, train_net
+def judges_path(root: Path, settings: JudgeSettings, base_path: Path | None = None) -> Path:
+    """Render-calibrated judges depend on their settings and the renderer (RENDER_VERSION: the CNN
+    and the thresholds are both made of renders); judges calibrated on base samples also on the
+    base (its file name is its own cache key)."""
+    from .judges import CALIBRATION_ON
 
-    path = Path(root) / "judges" / f"judges-{cache.key(asdict(settings))}.safetensors"
+    if settings.calibrate_on not in CALIBRATION_ON:
+        raise W.TestbedError(f"judges calibrate_on must be one of {CALIBRATION_ON}, not {settings.calibrate_on!r}")
+    if settings.calibrate_on == "renders":
+        key = cache.key(asdict(settings), W.RENDER_VERSION)
+    else:
+        if base_path is None:
+            raise W.TestbedError("judges calibrated on base samples need the base model")
+        key = cache.key(asdict(settings), W.RENDER_VERSION, Path(base_path).name)
+    return Path(root) / "judges" / f"judges-{key}.safetensors"
+
+
+def build_judges(root: Path, settings: JudgeSettings, say, base: tuple[TestbedBase, Path] | None = None
+                 ) -> tuple[Path, float]:
+    """The judges (from the cache when there): the CNN is cached on its own (`net-…`), so a change
+    of the calibration only recalibrates. `base` (model, its file): for `calibrate_on="base samples"`."""
+    from .gates import gate2_prompts
+    from .judges import Judges, calibrate_on_samples, train_judges, train_net
+
+    path = judges_path(root, settings, base[1] if base else None)
     if path.is_file():
         return path, 0.0
     start = time.perf_counter()
@@ -312,6 +332,8 @@ def build_judges(root: Path, settings: JudgeSettings, say) -> tuple[Path, float]
         net = train_net(settings, progress=lambda d, n, loss: say("judges", d, n))
         Judges(net, accuracy={"train_seconds": round(time.perf_counter() - start, 1)}).save(net_path)
     judges = train_judges(settings, net=net)
+    if settings.calibrate_on == "base samples":
+        calibrate_on_samples(judges, base[0], settings, gate2_prompts(), base[1].name)
     judges.accuracy["train_seconds"] = Judges.load(net_path).accuracy.get("train_seconds")
     judges.save(path)
     return path, time.perf_counter() - start
@@ -332,9 +354,9 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     model, base_path, seconds = build_base(root, settings.base_config, settings.base,
                                            lambda d, n, loss: say("base", d, n))
     timings["base"] = round(seconds, 1)
-    judges_path, seconds = build_judges(root, settings.judges, say)
+    judges_file, seconds = build_judges(root, settings.judges, say, (model, base_path))
     timings["judges"] = round(seconds, 1)
-    built = BuiltWorld(folder, world, settings, base_path, judges_path, {})
+    built = BuiltWorld(folder, world, settings, base_path, judges_file, {})
     write_images(folder, world, settings.subject_images, settings.reference_images, world.test_pairs + built.gate_pairs)
     t0 = time.perf_counter()
     build_loras(built, model, say)
@@ -345,7 +367,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
             train_hypernet(built, model, lambda d, n: say("hypernet", d, n), h, built.hypernet_paths[row])
     timings["hypernet"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
-    info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path), "judges": str(judges_path),
+    info = {"settings": asdict(settings), "world_seed": world.seed, "base": str(base_path), "judges": str(judges_file),
             "timings_this_run_s": timings, "threads": torch.get_num_threads(),
             "base_pretraining_once_s": float(TestbedBase.load(base_path).metadata.get("seconds", "nan"))}
     info_path = folder / "build.json"

@@ -106,15 +106,11 @@ def _attribute_scores(verdicts, truths: list[dict]) -> dict:
             "recognisable": float(np.mean([v.recognisable for v in verdicts])), "images": len(verdicts)}
 
 
-def gate_base(model, judges: Judges, prompts: int = 200, unseen_prompts: int = 60, per_prompt: int = 2,
-              steps: int = 20, seed: int = 0) -> dict:
-    """Gate 2. Samples of the base for full descriptions ("a red ball with white ring in warm hatched
-    style") of random objects in random styles, judged attribute by attribute against what the
-    prompt says; compositions of `W.held_out_compositions()` (never seen in pretraining) apart."""
-    start = time.perf_counter()
+def gate_base_items(prompts: int = 200, unseen_prompts: int = 60, seed: int = 0) -> dict[str, list]:
+    """Gate 2's (subject, style) draws per split: seen compositions, then unseen ones."""
     rng = np.random.default_rng(W._seed("gate2", seed))
     unseen = sorted(W.held_out_compositions())
-    result: dict = {"guidance": model.guidance, "sampling_steps": steps, "per_prompt": per_prompt}
+    out: dict[str, list] = {}
     for split, count in (("seen compositions", prompts), ("unseen compositions", unseen_prompts)):
         items = []
         for _ in range(count):
@@ -124,6 +120,25 @@ def gate_base(model, judges: Judges, prompts: int = 200, unseen_prompts: int = 6
                 cls_, marking, body = unseen[int(rng.integers(len(unseen)))]
                 subject = W.Subject("object", cls_, marking, body, ("white", "black")[int(rng.integers(2))])
             items.append((subject, W.generic_style(rng)))
+        out[split] = items
+    return out
+
+
+def gate2_prompts(seeds: tuple[int, ...] = (0, 1, 2)) -> set[str]:
+    """Every prompt gate 2 draws with these seeds (the judges' sample calibration avoids them)."""
+    return {W.describe_prompt(a, b) for seed in seeds for items in gate_base_items(seed=seed).values()
+            for a, b in items}
+
+
+def gate_base(model, judges: Judges, prompts: int = 200, unseen_prompts: int = 60, per_prompt: int = 2,
+              steps: int = 20, seed: int = 0) -> dict:
+    """Gate 2. Samples of the base for full descriptions ("a red ball with white ring in warm hatched
+    style") of random objects in random styles, judged attribute by attribute against what the
+    prompt says; compositions of `W.held_out_compositions()` (never seen in pretraining) apart."""
+    start = time.perf_counter()
+    result: dict = {"guidance": model.guidance, "sampling_steps": steps, "per_prompt": per_prompt}
+    for split, items in gate_base_items(prompts, unseen_prompts, seed).items():
+        count = len(items)
         prompts_ = [W.describe_prompt(s, t) for s, t in items for _ in range(per_prompt)]
         images = model.sample(prompts_, _seed_noise(len(prompts_), seed * 1009 + len(result)), steps)
         verdicts = judges.judge(images)

@@ -20,7 +20,12 @@ extrapolated (a disc in a subject's body colour was "the subject" 30% of the tim
    its subject verdict is refused, whatever the heads say. The thresholds are what held-out renders
    reach under the small perturbations a faithful generator makes (blur up to σ = 1 px, pixel
    noise, slight colour shifts): the 99% quantile of each statistic (1% for the detail) per
-   rendering group (texture × effect), stored in the judges' file.
+   rendering group (texture × effect), stored in the judges' file. With `calibrate_on="base
+   samples"` (the default) each group's thresholds are then widened to the 95% quantile (5% for
+   the detail) of the base model's own samples of described prompts whose every attribute the
+   heads read right (`calibrate_on_samples`: a render-calibrated reject option refused most of what
+   a small base draws, ragged edges and all); the judges then depend on the base, and the
+   calibration's figures are in `thresholds["calibration"]`.
 
 A world then names what was recognised: the subject whose (class, marking, body, mark) these are
 (or `other`), the style whose six features these are (`plain` when none is set, or `other`).
@@ -282,7 +287,9 @@ class Judges:
 
         meta = {"format": "lorarar-testbed-judges-v3", "heads": json.dumps(HEADS),
                 "thresholds": json.dumps(self.thresholds), "accuracy": json.dumps(self.accuracy),
-                "min_confidence": str(self.min_confidence), "width": str(self.net.trunk[0].out_channels)}
+                "min_confidence": str(self.min_confidence), "width": str(self.net.trunk[0].out_channels),
+                "calibrated_on": self.thresholds.get("calibration", {}).get("on", "renders"),
+                "calibration_base": self.thresholds.get("calibration", {}).get("base", "")}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -335,7 +342,7 @@ def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict[str, np.nd
 
 @dataclass
 class JudgeSettings:
-    version: int = 2             # of this module's calibration code (analysis by synthesis): part of the cache key
+    version: int = 3             # of this module's calibration code (analysis by synthesis): part of the cache key
     steps: int = 2500
     batch: int = 128
     lr: float = 3e-3
@@ -343,6 +350,15 @@ class JudgeSettings:
     seed: int = 0
     calibration_images: int = 2000
     quantile: float = 0.99       # of held-out perturbed renders' residuals: the reject thresholds
+    # "renders": the thresholds above only; "base samples": each group's thresholds are also widened
+    # to what the base model's own samples reach when the heads read every attribute right
+    # (`calibrate_on_samples`): the judges then depend on the base (its file is part of the cache key)
+    calibrate_on: str = "base samples"
+    sample_prompts: int = 300    # described prompts of seen compositions (never gate 2's, never sks/sty tokens)
+    sample_per_prompt: int = 2
+    sample_steps: int = 20       # DDIM steps, as the gates sample
+    sample_quantile: float = 0.95   # of right-read samples' residuals (1 - it for the detail ratio)
+    sample_min_group: int = 20   # fewer right-read samples in a rendering group: its render thresholds stay
 
     def net_key(self) -> dict:
         """What the CNN alone depends on (a new calibration reuses a trained CNN)."""
@@ -403,3 +419,67 @@ def train_judges(settings: JudgeSettings, progress=None, net: JudgeNet | None = 
              time.perf_counter() - start, {k: {g: round(t, 3) for g, t in judges.thresholds[k].items()}
                                            for k in ("subject_residual", "local_residual", "detail_ratio")})
     return judges
+
+
+CALIBRATION_ON = ("renders", "base samples")
+
+
+def calibration_items(settings: JudgeSettings, avoid_prompts: set[str] = frozenset()) -> list[tuple[W.Subject, W.Style]]:
+    """The prompts the reject option is calibrated on: full descriptions ("a red ball with white dot
+    in warm hatched style") of random objects of seen compositions in random styles, from a stream of
+    their own; never a prompt in `avoid_prompts` (gate 2's), never a world's sks/sty token."""
+    rng = np.random.default_rng(W._seed("judges3-sample-calibration", settings.seed))
+    unseen = W.held_out_compositions()
+    items: list[tuple[W.Subject, W.Style]] = []
+    while len(items) < settings.sample_prompts:
+        subject, style = W.generic_subject(rng, unseen), W.generic_style(rng)
+        if W.describe_prompt(subject, style) not in avoid_prompts:
+            items.append((subject, style))
+    return items
+
+
+def calibrate_on_samples(judges: Judges, model, settings: JudgeSettings, avoid_prompts: set[str] = frozenset(),
+                         base_name: str = "") -> dict:
+    """Widen the reject thresholds to the base's own drawing: sample `model` for `calibration_items`,
+    judge the samples, keep those whose every attribute (subject and style heads) the heads read as
+    the prompt says, and per rendering group with at least `sample_min_group` of them take the
+    `sample_quantile` of their subject and local residuals (1 - it of the detail ratio). Each group's
+    threshold becomes the looser of the render-calibrated one and this; the calibration's figures
+    go into `judges.thresholds["calibration"]`. Deterministic (own prompt stream, fixed noise)."""
+    s = settings
+    items = calibration_items(s, avoid_prompts)
+    prompts = [W.describe_prompt(a, b) for a, b in items for _ in range(s.sample_per_prompt)]
+    noise = torch.randn((len(prompts), 12, W.SIZE // 2, W.SIZE // 2),
+                        generator=torch.Generator().manual_seed(W._seed("judges3-sample-noise", s.seed) % 2 ** 63))
+    images = model.sample(prompts, noise, s.sample_steps)
+    truths = [{**dict(zip(SUBJECT_HEADS, a.attributes)), **{f: getattr(b, f) for f in W.FEATURES}}
+              for a, b in items for _ in range(s.sample_per_prompt)]
+    verdicts = judges.judge(images)
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    right = 0
+    for v, t in zip(verdicts, truths):
+        if all(v.attributes[h] == t[h] for h in HEADS):
+            right += 1
+            for g in (residual_group(v.attributes), "all"):
+                groups.setdefault(g, []).append((v.subject_residual, v.local_residual, v.detail_ratio))
+    kept = {g: np.array(r) for g, r in sorted(groups.items()) if len(r) >= s.sample_min_group}
+    q = s.sample_quantile
+    from_samples = {
+        "subject_residual": {g: float(np.quantile(r[:, 0], q)) for g, r in kept.items()},
+        "local_residual": {g: float(np.quantile(r[:, 1], q)) for g, r in kept.items()},
+        "detail_ratio": {g: float(np.quantile(r[:, 2], 1 - q)) for g, r in kept.items()}}
+    from_renders = {k: dict(judges.thresholds[k]) for k in from_samples}
+    for kind, by_group in from_samples.items():
+        loosest = min if kind == "detail_ratio" else max
+        for g, t in by_group.items():
+            judges.thresholds[kind][g] = loosest(judges.thresholds[kind].get(g, t), t)
+    judges.thresholds["calibration"] = {
+        "on": "base samples", "base": base_name, "prompts": len(items), "per_prompt": s.sample_per_prompt,
+        "sampling_steps": s.sample_steps, "quantile": q, "min_group": s.sample_min_group,
+        "samples": len(verdicts), "read_right": right,
+        "accepted_before": float(np.mean([v.recognisable for v in verdicts])),
+        "right_counts": {g: len(r) for g, r in sorted(groups.items())},
+        "from_renders": from_renders, "from_samples": from_samples}
+    log.info("judges recalibrated on %d base samples (%d read right): subject residual thresholds %s",
+             len(verdicts), right, {g: round(t, 3) for g, t in judges.thresholds["subject_residual"].items()})
+    return judges.thresholds["calibration"]
