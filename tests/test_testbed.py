@@ -324,6 +324,33 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
     assert {r["method"] for r in own["rows"]} <= set(gates.HEADROOM_ROWS) and own["hypernets"] == {}
 
 
+def test_gate3_loras_under_other_settings_train_only_subjects_and_styles(micro):
+    """`gate loras --lora-steps/--lora-rank`: a new LoRA cache key, only the subject and style LoRAs
+    trained (no per-pair references), the default LoRAs left as they were, the settings recorded."""
+    import argparse
+    from dataclasses import replace
+
+    from hypernet.cli.testbed import _settings
+    from hypernet.testbed import gates
+    from hypernet.testbed.build import build_world
+
+    args = argparse.Namespace(tiny=True, world_seed=0, subjects=20, styles=24, lora_steps=900, lora_rank=8,
+                              lora_lr=5e-3)
+    assert (_settings(args).lora.steps, _settings(args).lora.rank, _settings(args).lora.lr) == (900, 8, 5e-3)
+    args.lora_steps = args.lora_rank = args.lora_lr = None
+    assert _settings(args).loras_key() == type(micro.settings).tiny().loras_key()
+
+    before = {p.name: p.stat().st_mtime_ns for p in micro.lora_dir.iterdir()}
+    settings = replace(micro.settings, lora=replace(micro.settings.lora, steps=3))
+    other = build_world(settings, micro.folder.parents[1], hypernet=False, references=False)
+    assert other.lora_dir != micro.lora_dir
+    w = micro.world
+    assert {p.stem for p in other.lora_dir.glob("*.safetensors")} == {s.name for s in w.subjects + w.styles}
+    assert {p.name: p.stat().st_mtime_ns for p in micro.lora_dir.iterdir()} == before
+    g3 = gates.gate_loras(other, images=1, steps=1)
+    assert g3["lora_settings"]["steps"] == 3 and g3["loras"] == str(other.lora_dir)
+
+
 def test_demo_pair_is_picked_by_the_stated_rule():
     from hypernet.testbed.demo import pick_pair
 

@@ -24,6 +24,12 @@ def _world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="a test-sized world (seconds; checks the pipeline only)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="cache folder (default: $LORARAR_CACHE/testbed or ~/.cache/lorarar/testbed)")
+    p.add_argument("--lora-steps", type=int, default=None,
+                   help="training steps of each LoRA (default: the settings', 300); part of the LoRAs' cache key")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="rank of each LoRA (default: the settings', 4); part of the LoRAs' cache key")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="learning rate of each LoRA (default: the settings', 1e-2); part of the LoRAs' cache key")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine more threads are slower)")
 
@@ -73,6 +79,8 @@ def add_parser(subparsers) -> None:
 
 
 def _settings(args):
+    from dataclasses import replace
+
     from ..testbed.build import WorldSettings
 
     if args.tiny:
@@ -81,11 +89,18 @@ def _settings(args):
             s.subjects = args.subjects
         if args.styles != 24:
             s.styles = args.styles
-        return s
-    return WorldSettings(seed=args.world_seed, subjects=args.subjects, styles=args.styles)
+    else:
+        s = WorldSettings(seed=args.world_seed, subjects=args.subjects, styles=args.styles)
+    if getattr(args, "lora_steps", None) is not None:
+        s.lora = replace(s.lora, steps=args.lora_steps)
+    if getattr(args, "lora_rank", None) is not None:
+        s.lora = replace(s.lora, rank=args.lora_rank)
+    if getattr(args, "lora_lr", None) is not None:
+        s.lora = replace(s.lora, lr=args.lora_lr)
+    return s
 
 
-def _build(args, hypernet: bool = True):
+def _build(args, hypernet: bool = True, references: bool = True):
     import logging
     import time
     from pathlib import Path
@@ -103,7 +118,8 @@ def _build(args, hypernet: bool = True):
         if last.get(stage) is None or done == total or time.perf_counter() - last[stage] > 30:
             last[stage] = time.perf_counter()
             log.info("%s: %d/%d (%.0f s)", stage, done, total, time.perf_counter() - start)
-    return build_world(_settings(args), Path(args.cache) if args.cache else None, progress, hypernet=hypernet)
+    return build_world(_settings(args), Path(args.cache) if args.cache else None, progress, hypernet=hypernet,
+                       references=references)
 
 
 def run_build(args) -> int:
@@ -161,7 +177,8 @@ def run_gate(args) -> int:
         result.pop("examples")
         text = gates.print_gate_base(result)
     elif args.gate == "loras":
-        result = gates.gate_loras(_build(args, hypernet=False), seed=args.seed)
+        built = _build(args, hypernet=False, references=False)  # gate 3 needs no per-pair references
+        result = gates.gate_loras(built, seed=args.seed)
         text = gates.print_gate_loras(result)
     else:
         built = _build(args, hypernet=False)

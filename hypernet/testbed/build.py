@@ -280,9 +280,10 @@ def lora_jobs(built: "BuiltWorld") -> list[tuple[LoraJob, str]]:
     return jobs
 
 
-def build_loras(built: "BuiltWorld", model: TestbedBase, say) -> None:
-    """Train (in stacked groups) every LoRA whose file is missing."""
-    jobs = lora_jobs(built)
+def build_loras(built: "BuiltWorld", model: TestbedBase, say, references: bool = True) -> None:
+    """Train (in stacked groups) every LoRA whose file is missing; `references=False`: only the subject
+    and style LoRAs (what gate 3 needs). A LoRA does not depend on which others share its batch."""
+    jobs = [(job, kind) for job, kind in lora_jobs(built) if references or kind != "reference"]
     group = built.settings.lora.group
     for start in range(0, len(jobs), group):
         chunk = jobs[start:start + group]
@@ -339,9 +340,11 @@ def build_judges(root: Path, settings: JudgeSettings, say, base: tuple[TestbedBa
     return path, time.perf_counter() - start
 
 
-def build_world(settings: WorldSettings, root: Path | None = None, progress=None, hypernet: bool = True) -> BuiltWorld:
+def build_world(settings: WorldSettings, root: Path | None = None, progress=None, hypernet: bool = True,
+                references: bool = True) -> BuiltWorld:
     """Build (or load from the cache) the world for `settings`. `progress(stage, done, total)`.
-    `hypernet=False` stops before the testbed hypernetwork (what gates 1–4 need)."""
+    `hypernet=False` stops before the testbed hypernetwork (what gates 1–4 need); `references=False`
+    also skips the per-pair reference LoRAs (what gate 3 needs: only the subject and style LoRAs)."""
     root = cache.testbed_dir(root)
     say = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
@@ -359,7 +362,7 @@ def build_world(settings: WorldSettings, root: Path | None = None, progress=None
     built = BuiltWorld(folder, world, settings, base_path, judges_file, {})
     write_images(folder, world, settings.subject_images, settings.reference_images, world.test_pairs + built.gate_pairs)
     t0 = time.perf_counter()
-    build_loras(built, model, say)
+    build_loras(built, model, say, references=references)
     timings["loras"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     for row, h in settings.hypernet_variants().items() if hypernet else ():

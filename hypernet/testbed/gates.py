@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -173,7 +174,8 @@ def gate_loras(built, images: int = 12, steps: int = 20, seed: int = 0) -> dict:
 
     start = time.perf_counter()
     world, model, judges = built.world, built.base(), built.judges()
-    result: dict = {"images_per_lora": images, "subjects": {}, "styles": {}}
+    result: dict = {"images_per_lora": images, "lora_settings": asdict(built.settings.lora),
+                    "loras": str(built.lora_dir), "subjects": {}, "styles": {}}
     for k, s in enumerate(world.subjects):
         out = model.sample([world.subject_prompt(s.name)] * images, _seed_noise(images, seed * 7919 + k), steps,
                            static_patches(lora_deltas(read_lora(built.lora_path(s.name)))))
