@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 class BaseSettings:
     """Pretraining, sized in samples seen (DESIGN §15: small diffusion models learned a synthetic
     compositional world after 0.5–6 M samples; round 2's base saw 0.04 M)."""
-    version: int = 2             # of the renderer and the pretraining code: part of the cache key
-    samples: int = 600_000
+    version: int = 3             # of the renderer and the pretraining code: part of the cache key
+    samples: int = 500_000
     batch: int = 64
     lr: float = 2e-3
     ema: float = 0.999

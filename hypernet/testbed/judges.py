@@ -227,8 +227,6 @@ class Judges:
         body = W.HUES[attrs["body"] or "red"]
         mark = W.MARK_COLOURS[attrs["mark"] or "white"]
         style = _style_of(attrs)
-        if style.texture == "grain":  # its noise cannot be matched: compare with the noise-free picture
-            style = W.Style("read", **{**{f: getattr(style, f) for f in W.FEATURES}, "texture": "none"})
         target = blur(to_input(image[None]) * 0.5 + 0.5, torch.full((1,), _COMPARE_BLUR))[0]
 
         def score(poses):
@@ -253,8 +251,8 @@ class Judges:
 
     def thresholds_for(self, attrs: dict) -> tuple[float, float, float]:
         """The largest subject and local residuals and the smallest detail ratio still accepted for
-        what the heads read: one set per rendering group (`residual_group`), as a grainy render can
-        never be matched pixel for pixel."""
+        what the heads read: one set per rendering group (`residual_group`), as a textured or pixelated
+        render is matched less closely than a plain one."""
         out = []
         for kind, default in (("subject_residual", np.inf), ("local_residual", np.inf), ("detail_ratio", 0.0)):
             by_group = self.thresholds.get(kind, {})

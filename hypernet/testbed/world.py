@@ -7,7 +7,7 @@ from words** (DESIGN §15: a DreamBooth LoRA can only bind concepts the base can
   ring, …), a body colour out of eight named hues and a mark colour (white or black). Within a
   world no two subjects share (class, marking), so identity survives styles that recolour.
 - a **style** is a rendering with six features: a palette (`negative`, `warm`, `cool` tint), a
-  texture on the object (grain, hatching, dots), an effect (pixelation), a background (solid,
+  texture on the object (a grid, hatching, dots), an effect (pixelation), a background (solid,
   gradient, checker, stripes), an outline and one named scheme colour (backgrounds, coloured
   outline). Styles come in two **regimes** (the knob of issue 18, DESIGN §15): *overlap* styles
   touch the subject's pixels (palette, texture, effect; white background, no outline), *disjoint*
@@ -40,7 +40,7 @@ class TestbedError(LoraRarError, ValueError):
 
 # bumped whenever `render` draws anything differently: cached models trained on renders (the judges'
 # CNN; the base through `BaseSettings.version`) must not outlive the pictures they learned
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 SIZE = 32            # output resolution
 _SS = 2              # supersampling for the masks
 CLASSES = ("ball", "box", "kite", "cross")
@@ -54,7 +54,7 @@ MARK_COLOURS = {"white": (0.97, 0.97, 0.97), "black": (0.07, 0.07, 0.07)}
 SCHEME_WORDS = dict(zip(HUES, ("ruby", "amber", "gold", "jade", "teal", "navy", "violet", "rose")))
 
 PALETTES = ("identity", "negative", "warm", "cool")
-TEXTURES = ("none", "grain", "hatch", "dots")
+TEXTURES = ("none", "grid", "hatch", "dots")
 EFFECTS = ("none", "pixelate")
 BACKGROUNDS = ("white", "solid", "gradient", "checker", "stripes")
 OUTLINES = ("none", "dark", "colour")
@@ -67,7 +67,7 @@ REGIMES = ("overlap", "disjoint")
 
 STYLE_WORDS = {
     "palette": {"identity": "", "negative": "negative", "warm": "warm", "cool": "cool"},
-    "texture": {"none": "", "grain": "grainy", "hatch": "hatched", "dots": "dotted"},
+    "texture": {"none": "", "grid": "gridded", "hatch": "hatched", "dots": "dotted"},
     "effect": {"none": "", "pixelate": "pixel"},
     "background": {"white": "", "solid": "solid", "gradient": "gradient", "checker": "checker", "stripes": "striped"},
     "outline": {"none": "", "dark": "inked", "colour": "lined"},
@@ -132,7 +132,7 @@ class Pose:
     dy: float = 0.0
     scale: float = 1.0
     rotation: float = 0.0            # radians
-    seed: int = 0                    # for textures with noise
+    seed: int = 0                    # kept for decoys drawn with noise (no texture is random since render v3)
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> "Pose":
@@ -469,10 +469,14 @@ def render_parts(cls: str, marking: str, body_rgb, mark_rgb, style: Style = PLAI
     obj = np.where(mark[..., None], np.array(mark_rgb, np.float32), np.array(body_rgb, np.float32))
     if style.texture != "none":
         x, y = _GRID
-        if style.texture == "grain":  # mottled: 2×2-pixel grains, coarser than any pixel noise
-            rng = np.random.default_rng(pose.seed)
-            noise = rng.normal(0, 0.2, (SIZE // 2, SIZE // 2)).repeat(2 * _SS, 0).repeat(2 * _SS, 1)
-            obj = obj + noise[..., None]
+        # Render v3: every texture is a regular pattern fixed to the frame. Render v2's grain (random
+        # 2×2-px noise) was what a weak base draws anyway: gate 2 read texture right on 80% of the
+        # base's samples, and gate 3's untextured styles were read as grainy whenever the object came
+        # out speckled. Periods are even, so pixelation keeps the patterns.
+        if style.texture == "grid":  # dark lines 2 px wide every 6 px, both directions
+            period = 6 / SIZE * 2
+            on = ((((x + 1) / period) % 1 < 1 / 3) | (((y + 1) / period) % 1 < 1 / 3))[..., None]
+            obj = np.where(on, obj * 0.45, obj)
         elif style.texture == "hatch":  # dark diagonal lines, 3 px of every 6
             on = (np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0)[..., None]
             obj = np.where(on, obj * 0.5, obj)
