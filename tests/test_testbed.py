@@ -96,6 +96,26 @@ def test_render_any_subject_in_any_style_and_every_attribute_shows():
         assert (np.abs(W.render(s, style, pose).astype(int) - plain).max(-1) > 30).sum() >= 20, feature
 
 
+def test_textures_are_regular_distinct_and_survive_pixelation(monkeypatch):
+    """Render v3: no texture is random (two poses that differ only in their seed draw the same
+    picture), the textures differ from one another on the object, and pixelation keeps them apart."""
+    s = W.Subject("x", "box", "dot", "green", "white")
+    pose = W.Pose(0.02, -0.03, 1.0, 0.1, 1)
+    for effect in W.EFFECTS:
+        images = {t: W.render(s, W.Style("x", texture=t, effect=effect), pose).astype(int) for t in W.TEXTURES}
+        for t in W.TEXTURES:
+            assert np.array_equal(images[t], W.render(s, W.Style("x", texture=t, effect=effect),
+                                                      W.Pose(**{**pose.__dict__, "seed": 2})))
+        for a, b in [(a, b) for i, a in enumerate(W.TEXTURES) for b in W.TEXTURES[i + 1:]]:
+            assert (np.abs(images[a] - images[b]).max(-1) > 30).sum() >= 20, (effect, a, b)
+    # the training images are rendered once into the world's folder: a new renderer is a new world
+    from hypernet.testbed.build import WorldSettings
+
+    before = WorldSettings().world_key()
+    monkeypatch.setattr(W, "RENDER_VERSION", W.RENDER_VERSION + 1)
+    assert WorldSettings().world_key() != before
+
+
 def test_prompts_name_every_attribute_and_drop_groups():
     s, t = W.Subject("o", "kite", "ring", "red", "white"), W.Style("x", "negative", "hatch", "none", "white", "none", "blue")
     assert W.describe_prompt(s, t) == "a red kite with white ring in negative hatched navy style"

@@ -109,8 +109,9 @@ class WorldSettings:
                    base=BaseSettings(samples=64, batch=16), base_config=BaseConfig.tiny())
 
     def world_key(self) -> str:
-        """What the world's subjects, styles, split and training images depend on."""
-        return cache.key("round3", self.seed, self.subjects, self.styles, self.test_subjects, self.test_styles,
+        """What the world's subjects, styles, split and training images depend on (the training images
+        are rendered once into the world's folder, so the renderer's version is part of it)."""
+        return cache.key("round3", W.RENDER_VERSION, self.seed, self.subjects, self.styles, self.test_subjects, self.test_styles,
                          self.subject_images, self.reference_images, self.gate_pairs)
 
     def base_key(self) -> str:
