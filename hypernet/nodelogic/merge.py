@@ -5,7 +5,6 @@ layers change their patch during sampling, and when); the merged LORA_MODEL outp
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from . import plot
 from .cache import IdentityCache
 from .lazy import LazyMergedLora, MergeProvenance
 from .lora import lora_file_of, name_of
+from .switching import SwitchTimeline  # noqa: F401  (re-exported: its old home)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,9 @@ class SwitchPlan:
     points: dict[str, float]
     content_strength: float
     style_strength: float
+    # kohya module → ((content Side, strength),), ((style Side, strength),) of each switching
+    # layer — for backends that add the side in use at every cast (`merged.PreparedSides`)
+    sides: dict[str, tuple[tuple, tuple]] = dataclasses.field(default_factory=dict)
 
 
 def _sides_subset(merged: MergedLora, layers: dict[str, MergedLayer], include_text_encoders: bool) -> dict:
@@ -174,31 +177,17 @@ def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> Switc
         merged._shared[key] = (_sides_subset(merged, fixed, include_text_encoders),
                                _sides_subset(merged, moving, include_text_encoders), points)
     static, dynamic, points = merged._shared[key]
+    sides = {}
+    for name, point in merged.switch_points.items():
+        if 0 < point < 1 and (include_text_encoders or not naming.is_text_encoder(name)):
+            layer = merged.layers[name]
+            sides[naming.ldm_to_kohya_key(name)] = tuple(
+                tuple((s, merged.strength(role)) for role, s in layer.sides() if role == wanted)
+                for wanted in (CONTENT, STYLE))
     return SwitchPlan([(static[role], merged.strength(role)) for role in (CONTENT, STYLE)
                        if static[role] and merged.strength(role) != 0],
                       dynamic[CONTENT], dynamic[STYLE], points,
-                      merged.content_strength, merged.style_strength)
-
-
-class SwitchTimeline:
-    """The layers that switch during sampling, in the order they switch, and how many of them
-    have switched at a noise level. Progress p is ComfyUI's sampling percent (its
-    `percent_to_sigma`, as used by ControlNet start/end and hook keyframes): p = 0 at the model's
-    highest noise, 1 at none — so any sampler, step count, scheduler or denoise < 1 places every
-    step at the p of its noise level. A layer uses the style side iff sigma ≤ sigma(p_l)."""
-
-    def __init__(self, points: Mapping[str, float]):
-        self.order = sorted(points, key=lambda k: (points[k], k))
-        self.points = [points[k] for k in self.order]
-        self._negative_sigmas: list[float] = []
-
-    def set_noise_levels(self, percent_to_sigma: Callable[[float], float]) -> None:
-        """sigma(p_l) of every layer (descending), from the model's sampling schedule."""
-        self._negative_sigmas = [-float(percent_to_sigma(p)) for p in self.points]
-
-    def switched(self, sigma: float) -> int:
-        """How many layers (a prefix of `order`) use their style side at noise level `sigma`."""
-        return bisect.bisect_right(self._negative_sigmas, -float(sigma))
+                      merged.content_strength, merged.style_strength, sides)
 
 
 def report_text(merged: MergedLora) -> str:

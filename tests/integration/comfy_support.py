@@ -70,6 +70,7 @@ class ComfyServer:
     commit: str = ""
     client_id: str = "lorarar-tests"
     _history_seen: set = field(default_factory=set)
+    _object_info: dict | None = None
 
     # -- HTTP helpers (stdlib only: the tests must not need extra packages) ---------------
     def get_json(self, route: str, timeout: float = 30):
@@ -88,6 +89,22 @@ class ComfyServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def with_new_widget_defaults(self, prompt: dict) -> dict:
+        """The prompt with every required widget a node has gained in this ComfyUI (e.g. core's
+        LoraModelLoader `bypass`, 2026) at its default, as the frontend fills a new widget when it
+        loads an older workflow. Inputs the prompt gives are kept."""
+        if self._object_info is None:
+            self._object_info = self.get_json("/object_info", timeout=120)
+        out = {}
+        for node_id, node in prompt.items():
+            info = self._object_info.get(node["class_type"], {})
+            inputs = dict(node["inputs"])
+            for name, spec in info.get("input", {}).get("required", {}).items():
+                if name not in inputs and len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                    inputs[name] = spec[1]["default"]
+            out[node_id] = {**node, "inputs": inputs}
+        return out
+
     def run_prompt_expecting_error(self, prompt: dict, timeout: float = 300) -> dict:
         """Run a prompt that must fail while executing; returns the execution_error message
         (node_id, node_type, exception_type, exception_message)."""
@@ -99,6 +116,7 @@ class ComfyServer:
     def run_prompt(self, prompt: dict, timeout: float = 300, expect_error: bool = False) -> dict:
         """POST /prompt, then poll /history until it finishes; returns the history entry.
         Fails with the server's validation answer or the execution error and the log tail."""
+        prompt = self.with_new_widget_defaults(prompt)
         status, answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if status != 200 or "prompt_id" not in answer:
             pytest.fail(f"ComfyUI refused the prompt (HTTP {status}): {json.dumps(answer)[:3000]}")

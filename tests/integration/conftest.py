@@ -108,9 +108,10 @@ FRONTENDS = discover_frontends()
 
 
 @contextlib.contextmanager
-def running_comfy(root: Path, front_end_root: Path | None = None, label: str = ""):
-    """Start a ComfyUI server with its own base directory under `root`; stop it on exit.
-    Fails (not errors) with the log when it cannot start or our pack did not load."""
+def running_comfy(root: Path, front_end_root: Path | None = None, label: str = "", env: dict | None = None):
+    """Start a ComfyUI server with its own base directory under `root` (and `env` added to its
+    environment); stop it on exit. Fails (not errors) with the log when it cannot start or our
+    pack did not load."""
     comfy = require_comfyui()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     base = make_base_dir(root)
@@ -124,7 +125,7 @@ def running_comfy(root: Path, front_end_root: Path | None = None, label: str = "
         cmd += ["--front-end-root", str(front_end_root)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            # Offline: no hub look-ups from anything ComfyUI imports.
-           "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+           "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", **(env or {})}
     log_file = open(log_path, "wb")
     process = subprocess.Popen(cmd, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = ComfyServer(url, base, log_path, process, comfy, commit=git_commit(comfy))
@@ -171,6 +172,15 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
     root = tmp_path_factory.mktemp("comfyui")
     override = os.environ.get("COMFYUI_FRONTEND_ROOT", "").strip()
     with running_comfy(root, Path(override) if override else None) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def per_cast_server(tmp_path_factory) -> ComfyServer:
+    """A server whose K-LoRA models switch by weight functions applied at every cast — the way
+    they switch under dynamic VRAM, which needs a GPU — forced on the CPU's classic patcher."""
+    root = tmp_path_factory.mktemp("comfyui-per-cast")
+    with running_comfy(root, label="per-cast", env={"LORARAR_K_LORA_SWITCH": "per-cast"}) as server:
         yield server
 
 

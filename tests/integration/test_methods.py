@@ -118,9 +118,8 @@ def after_prompt(files: dict) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def run(comfy_server):
-    server = comfy_server
+def prepare(server):
+    """The tiny model's base weights and the two LoRA files written into the server's loras."""
     server.run_prompt({
         "1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": TINY_SEED}},
         "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "methods_base_before"}},
@@ -133,6 +132,20 @@ def run(comfy_server):
     files = {"content": "methods_content.safetensors", "style": "methods_style.safetensors"}
     save_file(to_state_dict(content, "kohya", alpha=2.0), loras / files["content"])
     save_file(to_state_dict(random_factors(shapes, 6, seed=42), "kohya", alpha=6.0), loras / files["style"])
+    return base, shapes, files
+
+
+def k_lora_expected(server, files):
+    loras = server.base_dir / "models" / "loras"
+    c, s = read_lora(loras / files["content"]), read_lora(loras / files["style"])
+    return merge_lib.merge(c, s, None, CONTENT_STRENGTH, STYLE_STRENGTH, "k-lora")
+
+
+@pytest.fixture(scope="module")
+def run(comfy_server):
+    server = comfy_server
+    base, shapes, files = prepare(server)
+    loras = server.base_dir / "models" / "loras"
     sampling = server.run_prompt(sampling_prompt(files), timeout=600)
     after = server.run_prompt(after_prompt(files), timeout=600)
     c, s = read_lora(loras / files["content"]), read_lora(loras / files["style"])
@@ -145,8 +158,21 @@ def run(comfy_server):
             "shapes": shapes, "files": files, "expected": expected}
 
 
-@pytest.mark.parametrize("name", [*RUNS, "in place"])
-def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(run, name):
+@pytest.fixture(scope="module")
+def per_cast_run(per_cast_server):
+    """The same K-LoRA sampling prompt on a server whose K-LoRA models switch per cast."""
+    server = per_cast_server
+    base, _, files = prepare(server)
+    server.run_prompt(sampling_prompt(files), timeout=600)
+    return {"server": server, "base": base, "expected": {"k-lora": k_lora_expected(server, files)}}
+
+
+@pytest.mark.parametrize("name", [*RUNS, "in place", *(f"per-cast {r}" for r in RUNS)])
+def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(request, name):
+    """Exchange backend (both samplers, and its GPU path on the CPU) and the per-cast backend
+    (weight functions, what dynamic VRAM uses) — each call's weights as the library schedules."""
+    run = request.getfixturevalue("per_cast_run" if name.startswith("per-cast") else "run")
+    name = name.removeprefix("per-cast ")
     merged, base = run["expected"]["k-lora"], run["base"]
     if name == "in place":  # the switcher's GPU path, on the CPU
         calls, settings = read_record(run["server"], "klora_in_place_0"), RUNS["euler"]
