@@ -207,7 +207,7 @@ def _callbacks(patcher):
     if CallbacksMP is None or not all(hasattr(CallbacksMP, n) for n in names) \
             or not hasattr(patcher, "add_callback_with_key"):
         raise LoraRarError("model: this ComfyUI has no sampling callbacks (ON_PREPARE_STATE), which the k-lora "
-                           "method needs to switch LoRAs while sampling; update ComfyUI (0.3.20 or newer) or "
+                           "method needs to switch LoRAs while sampling; update ComfyUI (0.3.10 or newer) or "
                            "choose another method")
     return CallbacksMP
 

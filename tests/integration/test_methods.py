@@ -10,18 +10,15 @@ merged_lora output of a K-LoRA merge explains, by method name, why it is not one
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from PIL import Image, ImageStat
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypernet import merge as merge_lib
 from hypernet.lora import read_lora
 from hypernet.tooling.synthetic import random_factors, to_state_dict
-from tests.integration.comfy_support import dump, lora_shapes, model_key
+from tests.integration.comfy_support import dump, lora_shapes, model_key, read_record
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -40,18 +37,6 @@ BOUNDARY = 2e-3  # calls this close to a layer's switch point are not judged (in
 
 
 
-
-
-def read_record(server, name) -> list[tuple[float, dict[str, torch.Tensor]]]:
-    """[(p, {layer name: weight})] per model call, p = 1 − timestep/999 (ComfyUI's percent)."""
-    path = server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors"
-    with safe_open(str(path), "pt") as f:
-        calls = json.loads(f.metadata()["calls"])
-        out = [(1.0 - c["timestep"] / 999.0, {}) for c in calls]
-        for key in f.keys():
-            number, weight_key = key.split("/", 1)
-            out[int(number)][1][weight_key[len("diffusion_model."):-len(".weight")]] = f.get_tensor(key)
-    return out
 
 
 def loaders(files: dict) -> dict:
