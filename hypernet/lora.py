@@ -241,7 +241,7 @@ class LoraLayer:
                 w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
             if w2.dim() == 4:
                 w1 = w1[:, :, None, None]
-            return torch.kron(w1, w2) * self.scale
+            return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale  # (an einsum result may not be)
         return t["diff"]
 
 
@@ -496,12 +496,16 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 
 
 def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                         source: str = "LoRA", adapter_config: dict | None = None) -> LoraFile:
-    """Turn a raw LoRA state dict (any naming family) into a LoraFile.
+                         source: str = "LoRA", adapter_config: dict | None = None,
+                         check_values: bool = True) -> LoraFile:
+    """Turn a raw LoRA state dict (any naming family) into a LoraFile — the one reader behind
+    `read_lora` (CLI, library) and the nodes' LORA_MODEL inputs, so all get the same checks and
+    messages.
 
     `metadata` is the safetensors header metadata (diffusers keeps alpha there, in
     `lora_adapter_metadata`); `adapter_config` is a parsed `adapter_config.json` for peft's
-    `base_model.model.…` keys (see `adapter_config_for`)."""
+    `base_model.model.…` keys (see `adapter_config_for`). `check_values`: refuse NaN/Inf in any
+    factor (`check_finite`); only `inspect`, which reports them instead, turns it off."""
     metadata = dict(metadata or {})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     first_key: dict[str, _Key] = {}
@@ -573,7 +577,10 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
         raise LoraFormatError(
             f"{source}: no LoRA layers found ({len(state_dict)} keys"
             + (f"; it looks like {family}" if family else "") + ")")
-    return LoraFile(layers, metadata, families, unrecognised, source, notes, dtypes)
+    lora = LoraFile(layers, metadata, families, unrecognised, source, notes, dtypes)
+    if check_values:
+        check_finite(lora)
+    return lora
 
 
 def _name_peft_text_encoders(groups: dict, first_key: dict, key_of: dict, unrecognised: list[str]) -> None:
@@ -664,10 +671,8 @@ def read_lora(path: str | Path, check_values: bool = True) -> LoraFile:
     if path.is_dir() and (path / "adapter_model.safetensors").is_file():
         path = path / "adapter_model.safetensors"
     tensors, metadata = load_safetensors(path)
-    lora = lora_from_state_dict(tensors, metadata, source=str(path), adapter_config=adapter_config_for(path))
-    if check_values:
-        check_finite(lora)
-    return lora
+    return lora_from_state_dict(tensors, metadata, source=str(path), adapter_config=adapter_config_for(path),
+                                check_values=check_values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ never reruns a method. Callers that merge the same inputs repeatedly (the ComfyU
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from .errors import HypernetError, LoraFormatError, LoraRarError
 from .lora import LoraFile, require_family
-from .merged import Coefficients, MergedLora, assemble  # noqa: F401 - re-exported: the result types' home is merged.py
+from .merged import CONTENT, STYLE, Coefficients, MergedLayer, MergedLora, Side, assemble, layer_names  # noqa: F401 - re-exported: the result types' home is merged.py
 from .methods import k_lora, np_lora
 from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
 from .model import HyperNetwork
@@ -154,17 +155,57 @@ def check_family(lora: LoraFile, role: str, expected: str, hypernet: HyperNetwor
         raise LoraFormatError(f"{exc}{extra}") from None
 
 
+# What a merge does with DoRA layers (a LoRA plus a magnitude vector that rescales each output or
+# input of W + ΔW — which needs the base weight W, which two LoRA files do not have).
+DORA_REFUSE = "refuse"                  # CLI and library default: one clear error
+DORA_DROP_MAGNITUDE = "drop-magnitude"  # merge them as plain LoRAs, said on every surface
+DORA_EXACT_IN_COMFYUI = "comfyui"       # the node: ComfyUI applies them with the model's weights
+DORA_MODES = (DORA_REFUSE, DORA_DROP_MAGNITUDE, DORA_EXACT_IN_COMFYUI)
+
+
+def _dora_layers(lora: LoraFile) -> list[str]:
+    return [name for name, layer in lora.layers.items() if layer.is_dora]
+
+
+def _without(lora: LoraFile, names: set[str]) -> LoraFile:
+    return dataclasses.replace(lora, layers={n: layer for n, layer in lora.layers.items() if n not in names})
+
+
+def _magnitude_dropped(lora: LoraFile) -> LoraFile:
+    layers = {}
+    for name, layer in lora.layers.items():
+        if layer.is_dora:
+            layer = dataclasses.replace(layer, tensors={k: v for k, v in layer.tensors.items() if k != "dora_scale"})
+        layers[name] = layer
+    return dataclasses.replace(lora, layers=layers)
+
+
+def _refuse_dora(lora: LoraFile, role: str, names: list[str]) -> None:
+    raise LoraFormatError(
+        f"{role} {lora.source}: {len(names)} layer(s) are DoRA (e.g. {names[0]}): their magnitude rescales "
+        "the base model's weight, which a merge of two files does not have. ComfyUI's LoRA.rar Merge node "
+        "applies them exactly; here, ask for the approximation that merges them without their magnitude "
+        f"(--dora {DORA_DROP_MAGNITUDE}, or dora='{DORA_DROP_MAGNITUDE}'), which the report and the "
+        "written file then state")
+
+
 def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = None,
           content_strength: float = 1.0, style_strength: float = 1.0, method: str = "lorarar", *,
           params: Mapping[str, Any] | None = None, unsupported_width: str | None = None,
           expected_family: str | None = None, progress: Progress | None = None,
-          cache: MergeCache | None = None) -> MergedLora:
+          cache: MergeCache | None = None, dora: str = DORA_REFUSE) -> MergedLora:
     """Merge `content` and `style` with `method` (see `METHODS`) at the given strengths.
 
     `params` are the method's own settings (`REGISTRY[method].params`); `unsupported_width` is
     shorthand for LoRA.rar's. `expected_family` ("sdxl" from the CLI and the node) checks both
     inputs look like LoRAs of that base family; None skips the check (library use on other bases).
+    `dora` (DORA_MODES): what DoRA layers get — an error (default), the magnitude-free
+    approximation, or (the node) ComfyUI's own DoRA with the model's weights: those layers are
+    then kept out of the method, summed, and patched as ComfyUI patches them; a file written from
+    such a merge carries them without their magnitude, as its report says.
     """
+    if dora not in DORA_MODES:
+        raise LoraRarError(f"dora: expected one of {', '.join(DORA_MODES)}, got {dora!r}")
     spec = method_spec(method)
     if unsupported_width is not None:
         params = {**(params or {}), "unsupported_width": unsupported_width}
@@ -179,11 +220,46 @@ def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = No
         check_family(content, "content LoRA", expected_family, hypernet)
         check_family(style, "style LoRA", expected_family, hypernet)
 
-    def compute() -> MergedLora:
-        return spec.run(content, style, hypernet, resolved, progress)
+    doras = {CONTENT: _dora_layers(content), STYLE: _dora_layers(style)}
+    if dora == DORA_REFUSE:
+        for (role, names), lora in zip(doras.items(), (content, style)):
+            if names:
+                _refuse_dora(lora, f"{role} LoRA", names)
 
-    key = (method, tuple(sorted(resolved.items())))
+    def compute() -> MergedLora:
+        if not (doras[CONTENT] or doras[STYLE]):
+            return spec.run(content, style, hypernet, resolved, progress)
+        if dora == DORA_DROP_MAGNITUDE:
+            merged = spec.run(_magnitude_dropped(content), _magnitude_dropped(style), hypernet, resolved, progress)
+            dropped = len(set(doras[CONTENT]) | set(doras[STYLE]))
+            merged.report.dora_magnitude_dropped = dropped
+            merged.report.notes.append(
+                f"{dropped} DoRA layer(s) merged WITHOUT their magnitude, as asked (dora={DORA_DROP_MAGNITUDE}): "
+                "an approximation of what those LoRAs do")
+            return merged
+        # ComfyUI applies DoRA with the model's weights: keep those layers out of the method
+        names = set(doras[CONTENT]) | set(doras[STYLE])
+        merged = spec.run(_without(content, names), _without(style, names), hypernet, resolved, progress)
+        for name in layer_names(content, style):
+            if name in names:
+                c, s = content.layers.get(name), style.layers.get(name)
+                merged.layers[name] = MergedLayer(Side.of(c) if c else None, Side.of(s) if s else None)
+                merged.report.summed_layers += c is not None and s is not None
+                merged.report.content_only_layers += s is None
+                merged.report.style_only_layers += c is None
+                merged.report.dense_layers += 1
+        merged.report.dora_magnitude_dropped = len(names)
+        merged.report.notes.append(
+            f"{len(names)} DoRA layer(s) are applied to the model as ComfyUI applies DoRA (with the model's "
+            "weights), summed, not merged by the method; merged_lora and Save Merged LoRA carry them WITHOUT "
+            "their magnitude (a LoRA file cannot hold DoRA merged with another LoRA)")
+        return merged
+
+    key = (method, tuple(sorted(resolved.items())), dora)
     base = cache.get_or_compute((content, style, hypernet), compute, key) if cache is not None else compute()
     merged = base.with_strengths(content_strength, style_strength)
+    if merged.layers and content_strength == 0 and style_strength == 0:
+        merged.report.notes.append("both strengths are 0: the merge changes nothing (the model passes through "
+                                   "unchanged and nothing is saved)")
     log.info("merge: %s", merged.report.summary())
     return merged

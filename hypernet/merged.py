@@ -37,7 +37,8 @@ import torch
 
 from . import naming
 from .errors import LoraMismatchError, LoraRarError
-from .lora import LoraFile, LoraLayer
+from .factors import exact_factors, factored_rank
+from .lora import LOHA, LOKR, LoraFile, LoraLayer
 
 CONTENT, STYLE = "content", "style"
 ROLES = (CONTENT, STYLE)
@@ -58,9 +59,8 @@ class Side:
     down: torch.Tensor | None = None      # (r, in) or (r, in, k, k)
     scale: float = 1.0                    # alpha/rank as the file defines it
     columns: torch.Tensor | None = None   # one coefficient per input column, or None (= ones)
-    dense: LoraLayer | None = None        # an adapter without a low-rank form: ΔW comes from here
+    dense: LoraLayer | None = None        # an adapter without a plain low-rank form: ΔW comes from here
     _folded: torch.Tensor | None = field(default=None, repr=False)
-    _dense_delta: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, layer: LoraLayer, columns: torch.Tensor | None = None) -> Side:
@@ -85,15 +85,40 @@ class Side:
             self._folded = self.down.float() * _column_shape(self.columns.float(), self.down)
         return self._folded
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The adapted weight's shape, from the factors' shapes (nothing is formed)."""
+        if self.is_low_rank:
+            return (self.up.shape[0], *self.down.shape[1:])
+        return self.dense.shape
+
+    @property
+    def factor_rank(self) -> int | None:
+        """The rank of `factors()`, from the shapes; None without a factorisation (full diffs)."""
+        return self.rank if self.is_low_rank else factored_rank(self.dense)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V) float32, flattened to 2-D, with U @ V = this side's ΔW (scale and columns inside)
+        — for any adapter kind, without forming ΔW (hypernet/factors.py); None for a full diff.
+        A DoRA side's magnitude is not in them (see hypernet/merge.py's `dora`)."""
+        if self.is_low_rank:
+            return self.up.float().flatten(1) * self.scale, self.folded_down().float().flatten(1)
+        found = exact_factors(self.dense)
+        if found is None:
+            return None
+        u, v = found
+        if self.columns is not None:
+            v = (v.reshape(v.shape[0], self.columns.numel(), -1) * self.columns.float().reshape(1, -1, 1)).flatten(1)
+        return u, v
+
     def delta(self) -> torch.Tensor:
-        """This side's dense ΔW (float32, scale and columns inside). For dense sides and tests."""
+        """This side's dense ΔW (float32, scale and columns inside): formed anew at every call, never
+        kept (a full-UNet LoHa's would be gigabytes). For tests, dense views and full diffs."""
         if not self.is_low_rank:
-            if self._dense_delta is None:
-                delta = self.dense.delta()
-                if self.columns is not None:
-                    delta = delta * _column_shape(self.columns.float(), delta)
-                self._dense_delta = delta
-            return self._dense_delta
+            delta = self.dense.delta()
+            if self.columns is not None:
+                delta = delta * _column_shape(self.columns.float(), delta)
+            return delta
         return _product([(self, self.scale)])
 
 
@@ -219,6 +244,16 @@ class MergedLayer:
     def rank(self) -> int:
         return sum(side.rank for _, side in self.sides())
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.sides()[0][1].shape
+
+    @property
+    def factor_rank(self) -> int | None:
+        """Rank of the exact LoRA this layer is written as; None: written as a full difference."""
+        ranks = [side.factor_rank for _, side in self.sides()]
+        return None if None in ranks else sum(ranks)
+
 
 @dataclass
 class MergeReport:
@@ -229,6 +264,8 @@ class MergeReport:
     style_only_layers: int = 0
     dense_layers: int = 0           # kept as full weight differences (LoHa, LoKr, DoRA, diff, Tucker)
     width_fallback_layers: int = 0  # hypernetwork layers summed because H lacks their width
+    # DoRA layers whose magnitude a written file does not carry (merge(..., dora=...))
+    dora_magnitude_dropped: int = 0
     method_label: str = "merged by the method"
     notes: list[str] = field(default_factory=list)
     # role → how many of that input's layers were left out (keys the reader did not recognise)
@@ -326,14 +363,20 @@ class MergedLora:
                 "elsewhere; use its patched MODEL, or save a merge of another method")
 
     def ranks(self) -> list[int]:
-        return [layer.rank for layer in self.layers.values() if layer.is_low_rank]
+        """The rank of every layer the kohya file writes as a LoRA (alpha = rank)."""
+        return [rank for layer in self.layers.values() if (rank := layer.factor_rank) is not None]
 
     def kohya_entries(self, dtype: torch.dtype = torch.float32):
         """(key, dtype, shape, make_tensor) for every tensor of the kohya file, lazily: listing the
-        entries folds nothing (the merge node lists them for its LORA_MODEL output, which most
-        workflows never read); the first tensor made folds every layer's columns at once."""
+        entries forms nothing (the merge node lists them for its LORA_MODEL output, which most
+        workflows never read; shapes come from the factors' shapes); the first tensor made folds
+        every low-rank layer's columns at once. Every layer is written as an exact LoRA of rank
+        Σ its sides' factor ranks (LoHa, LoKr and Tucker sides through hypernet/factors.py), so
+        the file is plain LoRA; only a side that has no smaller factorisation (a full diff, a LoKr
+        of two whole factors) makes its layer a `.diff`. Tensors are made one layer at a time."""
         self._require_single_lora("merged LoRA")
         folded = []
+        memo: dict = {}
 
         def down_of(sides) -> torch.Tensor:
             if not folded:  # first tensor made: fold every layer's columns in one batched pass
@@ -341,21 +384,41 @@ class MergedLora:
                 folded.append(True)
             return torch.cat([side.folded_down().float() for _, side in sides], dim=0)
 
+        def factors_of(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            # up and down of one layer are made one after the other: factorise once, keep one layer
+            if memo.get("name") != name:
+                memo.clear()
+                memo.update(name=name, factors=[side.factors() for _, side in self.layers[name].sides()])
+            return memo["factors"]
+
+        def up_of(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            roles = [role for role, _ in self.layers[name].sides()]
+            return torch.cat([u * self.strength(role) for (u, _), role in zip(factors_of(name), roles)],
+                             dim=1).reshape(shape)
+
+        def dense_down_of(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat([v for _, v in factors_of(name)], dim=0).reshape(shape)
+
         entries = []
         for name, layer in self.layers.items():
             key = naming.ldm_to_kohya_key(name)
-            if not layer.is_low_rank:
-                shape = tuple(self.delta(name).shape)
-                entries.append((f"{key}.diff", dtype, shape, lambda n=name: self.delta(n)))
+            rank = layer.factor_rank
+            if rank is None:
+                entries.append((f"{key}.diff", dtype, tuple(layer.shape), lambda n=name: self.delta(n)))
                 continue
             sides = layer.sides()
-            first = sides[0][1]
-            rank = layer.rank
-            up_shape = (first.up.shape[0], rank, *first.up.shape[2:])
-            down_shape = (rank, *first.down.shape[1:])
-            entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
-                [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
-            entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: down_of(s)))
+            shape = layer.shape
+            up_shape = (shape[0], rank, *([1] * (len(shape) - 2)))
+            down_shape = (rank, *shape[1:])
+            if layer.is_low_rank:
+                entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
+                    [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
+                entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: down_of(s)))
+            else:
+                entries.append((f"{key}.lora_up.weight", dtype, up_shape,
+                                lambda n=name, sh=up_shape: up_of(n, sh)))
+                entries.append((f"{key}.lora_down.weight", dtype, down_shape,
+                                lambda n=name, sh=down_shape: dense_down_of(n, sh)))
             # alpha = rank: each side's scale and strength are already inside up.
             entries.append((f"{key}.alpha", torch.float32, (), lambda r=rank: torch.tensor(float(r))))
         return entries
@@ -385,9 +448,35 @@ class MergedLora:
                         # the file defined it (tensor, header metadata, rsLoRA)
                         out[f"{kohya}.alpha"] = torch.tensor(float(side.scale * side.rank))
                     else:
-                        out[f"{kohya}.diff"] = side.delta()
+                        out.update(native_patch(kohya, side))
             self._shared[key] = dicts
         return self._shared[key]
+
+
+# The kohya key suffix of each tensor role (lora.py's roles), as ComfyUI's loaders read them.
+_KOHYA_SUFFIX = {"up": "lora_up.weight", "down": "lora_down.weight", "mid": "lora_mid.weight"}
+
+
+def native_patch(kohya: str, side: Side) -> dict[str, torch.Tensor]:
+    """A side without a plain low-rank form (LoHa, LoKr, DoRA, Tucker LoCon, full diff) as ComfyUI
+    patches it from its own file: its own tensors under kohya names, applied by ComfyUI's own weight
+    adapters — exactly as a LoRA loader would apply that file (DoRA with the model's weight), and
+    never a dense ΔW. Column coefficients are folded into LoHa's `hada_w1_b` (ΔW = (A1·B1) ⊙
+    (A2·B2): scaling B1's columns scales ΔW's); for other kinds with columns the dense ΔW is the
+    only exact form left."""
+    layer = side.dense
+    tensors = dict(layer.tensors)
+    if side.columns is not None:
+        if layer.kind != LOHA or "hada_t1" in tensors or layer.is_dora:
+            return {f"{kohya}.diff": side.delta()}
+        tensors["hada_w1_b"] = tensors["hada_w1_b"].float() * side.columns.float().reshape(1, -1)
+    out = {f"{kohya}.{_KOHYA_SUFFIX.get(role, role)}": tensor for role, tensor in tensors.items()}
+    if layer.uses_alpha and layer.alpha is not None:
+        # ComfyUI divides by the first factor's rank (LoRA: down's, LoHa: hada_w1_b's) — our
+        # kohya-equivalent alpha's convention — except for LoKr, whose own alpha is kept as read
+        alpha = layer.alpha if layer.kind == LOKR else layer.scale * layer.rank
+        out[f"{kohya}.alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

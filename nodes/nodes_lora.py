@@ -7,12 +7,14 @@ in `hypernet.nodelogic`; this module only adds schemas and folder lookups.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..hypernet.errors import LoraFormatError
 from ..hypernet.nodelogic import lora as lora_logic
 from ..hypernet.writer import DTYPES
 from .comfy_v3 import io, ui
+from .feedback import show_on_node
 
 CATEGORY = "LoRA.rar"
 
@@ -87,6 +89,7 @@ class LoraRarSaveMergedLora(io.ComfyNode):
                                        "fp32 keeps the merge exact."),
             ],
             outputs=[],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -94,12 +97,23 @@ class LoraRarSaveMergedLora(io.ComfyNode):
     def execute(cls, merged_lora, filename_prefix, dtype) -> io.NodeOutput:
         import folder_paths
 
+        node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
+        reason = lora_logic.unsaveable_reason(merged_lora)
+        if reason is not None:
+            text = f"Nothing written: {reason}."
+            show_on_node(node_id, text, logging.WARNING)
+            return io.NodeOutput(ui=ui.PreviewText(text))
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         # the other registered LoRA folders are where a symlinked subfolder may lead (see save_folder)
         path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype,
                                           extra_roots=folder_paths.get_folder_paths("loras")[1:])
         relative = os.path.relpath(path, loras_dir).replace(os.sep, "/")
-        return io.NodeOutput(ui=ui.PreviewText(f"saved models/loras/{relative}"))
+        # The LoRA loaders' lists come from the node definitions the page loaded: the frontend
+        # re-reads them (and so lists the new file) on Refresh Node Definitions, key R.
+        text = (f"Saved models/loras/{relative}\nPress R (Refresh Node Definitions) and it is listed "
+                "in every LoRA loader.")
+        show_on_node(node_id, text)
+        return io.NodeOutput(ui=ui.PreviewText(text))
 
 
 NODES = [LoraRarLoadLora, LoraRarSaveMergedLora]

@@ -18,11 +18,13 @@ import logging
 import os
 from pathlib import Path
 
+from ..hypernet.errors import LoraRarError
 from ..hypernet.merge import METHODS, REGISTRY
 from ..hypernet.nodelogic import hypernet as hypernet_logic
 from ..hypernet.nodelogic import merge as merge_logic
 from . import merge_patches, paths
 from .comfy_v3 import io
+from .feedback import show_on_node
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ Hypernet = io.Custom("LORARAR_HYPERNET")
 class LoraRarLoadHypernet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        choices = hypernet_logic.hypernet_choices(paths.hypernet_files())
+        choices = hypernet_logic.hypernet_choices(paths.hypernet_files(), paths.hypernet_full_path)
         return io.Schema(
             node_id="LoraRarLoadHypernet",
             display_name="Load Hypernetwork (LoRA.rar)",
@@ -66,9 +68,7 @@ class LoraRarLoadHypernet(io.ComfyNode):
             download_dir=Path(paths.default_model_folder()),
             search_dirs=[Path(p) for p in paths.model_folder_paths()],
             progress=lambda done, total: bar.update_absolute(done, total))
-        if model.config.license:
-            log.info("hypernetwork %s: license %s", hypernet_name, model.config.license)
-        return io.NodeOutput(model)
+        return io.NodeOutput(model)  # (the loader logs a checkpoint's license once, when it reads the file)
 
 
 def _method_tooltip() -> str:
@@ -93,7 +93,10 @@ class LoraRarMerge(io.ComfyNode):
                         "MODEL and CLIP.",
             # Saved workflows store widget values by position: new inputs go at the END only.
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL-family diffusion model to patch."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The SDXL-family diffusion model to patch. Optional: without it the "
+                                       "node only merges the two files (merged_lora, plot, report) — "
+                                       "enough for Save Merged LoRA; k-lora needs it."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional text encoders; the LoRAs' text-encoder layers (summed, "
                                       "never merged by the hypernetwork; projected by np-lora) are applied to it."),
@@ -149,14 +152,19 @@ class LoraRarMerge(io.ComfyNode):
                                          "layers of an input LEFT OUT (keys not recognised), alpha assumed "
                                          "1 where a file has none. Connect it to a Preview Any node to read it."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, content_lora, style_lora, content_strength, style_strength, method,
+    def execute(cls, content_lora, style_lora, content_strength, style_strength, method, model=None,
                 clip=None, hypernetwork=None, **method_inputs) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
+        if method == "k-lora" and model is None:
+            raise LoraRarError("model: k-lora switches between the two LoRAs while the model samples, so it "
+                               "needs a MODEL; connect one, or choose lorarar, np-lora or sum to make a "
+                               "merged LoRA file without a model")
         bar = comfy.utils.ProgressBar(1)
         params = merge_logic.node_params(method, method_inputs)
         if method in ("k-lora", "lorarar"):  # H / k-lora's dense products run where ComfyUI computes
@@ -174,8 +182,9 @@ class LoraRarMerge(io.ComfyNode):
         output = merge_logic.merged_lora_output(merged, content_lora, style_lora,
                                                 hypernetwork if method == "lorarar" else None)
         report = merge_logic.report_text(merged)
-        for note in merged.report.notes:  # also in the server log, for workflows that leave `report` unconnected
-            log.warning("LoRA.rar Merge: %s", note)
+        if merged.report.notes:  # on the node and in the log, for workflows that leave `report` unconnected
+            node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
+            show_on_node(node_id, "\n".join(merged.report.notes), logging.WARNING)
         return io.NodeOutput(new_model, new_clip, output, image, report)
 
 

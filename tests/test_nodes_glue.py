@@ -172,6 +172,25 @@ def test_load_lora_errors_name_the_file(tmp_path):
         lora_logic.load_lora_model(truncated)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_on_every_load_path_with_one_message(tmp_path, bad):
+    """The node's file loader, a LORA_MODEL from another node and the CLI/library reader read
+    through one function: the same check, the same message, naming the input."""
+    poisoned = tiny_lora(1)
+    key = next(k for k in poisoned if k.endswith("lora_down.weight"))
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = bad
+    path = tmp_path / "poisoned.safetensors"
+    save_file(poisoned, str(path))
+    message = r"contain NaN or Inf values \(first: .*\); the file is damaged or was saved from a diverged"
+    with pytest.raises(LoraFormatError, match=r"^poisoned\.safetensors: 1 layer\(s\) " + message):
+        lora_logic.load_lora_model(path, "poisoned.safetensors")
+    with pytest.raises(LoraFormatError, match=r"^style LoRA: 1 layer\(s\) " + message):
+        merge_logic.run_merge(tiny_lora(2), poisoned, None, 1, 1, "sum")
+    with pytest.raises(LoraFormatError, match=rf"^{path}: 1 layer\(s\) " + message):
+        read_lora(path)
+
+
 def test_non_tensor_lora_model_names_the_input():
     with pytest.raises(LoraFormatError, match=r"^content LoRA: entry 'a' is not a tensor"):
         merge_logic.run_merge({"a": 3}, tiny_lora(2), None, 1, 1, "sum")
@@ -281,12 +300,19 @@ def test_layers_without_low_rank_form_go_in_as_diffs(pair):
                     f"{key}.hada_w2_a": torch.randn(out, 2, generator=gen) * 0.1,
                     f"{key}.hada_w2_b": torch.randn(2, inp, generator=gen) * 0.1})
     result = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 0.9, 1.1, "lorarar")
+    assert name in result.coefficients  # the hypernetwork scaled the LoHa side's columns too
     plan = merge_logic.patch_plan(result)
-    # each side stays its own patch at its strength: the LoHa side as a `.diff` (columns inside)
+    # each side stays its own patch at its strength: the LoHa side in its own form, for ComfyUI's
+    # LoHa adapter, with the columns folded into hada_w1_b — never a dense out x in difference
     assert [s for _, s in plan] == [0.9, 1.1]
-    assert f"{key}.diff" in plan[0][0] and f"{key}.lora_up.weight" not in plan[0][0]
+    assert {f"{key}.hada_w1_a", f"{key}.hada_w1_b", f"{key}.hada_w2_a", f"{key}.hada_w2_b"} <= plan[0][0].keys()
+    assert f"{key}.diff" not in plan[0][0] and f"{key}.lora_up.weight" not in plan[0][0]
     assert f"{key}.lora_up.weight" in plan[1][0]
-    assert torch.allclose(plan_delta(plan, name), result.delta(name), atol=1e-7)
+    loha = {k[len(key) + 1:]: v.double() for k, v in plan[0][0].items() if k.startswith(key)}
+    content_delta = (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+    up, down = plan[1][0][f"{key}.lora_up.weight"].double(), plan[1][0][f"{key}.lora_down.weight"].double()
+    style_delta = up @ down * float(plan[1][0][f"{key}.alpha"]) / down.shape[0]
+    torch.testing.assert_close(0.9 * content_delta + 1.1 * style_delta, result.delta(name).double(), rtol=1e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ def add_parser(subparsers) -> None:
                    help=f"k-lora: {k_params['beta'].help} (default: {k_params['beta'].default})")
     p.add_argument("--k-device", metavar="DEVICE",
                    help=f"k-lora: {k_params['device'].help} (default: {k_params['device'].default})")
+    p.add_argument("--dora", choices=("refuse", "drop-magnitude"), default="refuse",
+                   help="DoRA layers need the base model's weights to apply their magnitude: 'refuse' (default) "
+                        "stops with an error; 'drop-magnitude' merges them as plain LoRAs (an approximation "
+                        "the report and the file's metadata state). The ComfyUI node applies DoRA exactly")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the written factors (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -129,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
                                     allow_download=args.download)
     with ProgressLine(args.method) as bar:
         merged = merge(content, style, hypernet, args.content_strength, args.style_strength, args.method,
-                       params=params, expected_family="sdxl", progress=bar.update)
+                       params=params, expected_family="sdxl", progress=bar.update, dora=args.dora)
+    if not scheduled and args.content_strength == 0 and args.style_strength == 0:
+        raise LoraRarError("--content-strength and --style-strength are both 0: the merged LoRA would change "
+                           f"nothing; {out} was not written")
     if scheduled:
         document = schedule_document(merged, Path(args.content).name, Path(args.style).name, params)
         text = json.dumps(document, indent=1, allow_nan=False) + "\n"

@@ -207,6 +207,23 @@ def _writer_for(state_dict: dict, dtype: str) -> tuple[Callable[[Path], None], s
     return (lambda tmp: write_safetensors_streaming(tmp, entries, metadata)), "LORA_MODEL"
 
 
+def unsaveable_reason(state_dict: object) -> str | None:
+    """Why Save Merged LoRA should write nothing for this input, or None. A merge that is not one
+    LoRA (k-lora: its MODEL switches LoRAs while sampling) and an empty merge (both strengths 0)
+    are normal results of a workflow whose method or strengths a user changed: Save says so on
+    the node instead of failing the whole run."""
+    reason = getattr(state_dict, "unsaveable_reason", None)
+    if reason:
+        return reason
+    provenance = getattr(state_dict, "provenance", None)
+    if isinstance(state_dict, LazyMergedLora) and provenance is not None:
+        merged = provenance.merged
+        if merged.content_strength == 0 and merged.style_strength == 0:
+            return ("both strengths are 0, so the merge changes nothing; an all-zero LoRA would only "
+                    "take disk space")
+    return None
+
+
 def save_lora_model(state_dict: dict, loras_dir: str | Path, prefix: str, dtype: str = "fp32",
                     extra_roots: Iterable[str | Path] = ()) -> Path:
     """Write into `loras_dir/<prefix>_<counter>.safetensors`, the next free counter; never

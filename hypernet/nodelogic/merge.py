@@ -15,7 +15,7 @@ import torch
 
 from .. import naming
 from ..errors import LoraRarError
-from ..merge import merge
+from ..merge import DORA_EXACT_IN_COMFYUI, merge
 from ..merged import CONTENT, STYLE, MergedLayer, MergedLora
 from ..model import HyperNetwork
 from . import plot
@@ -58,8 +58,9 @@ def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
     """Everything the merge node computes, before touching the model."""
     content = lora_file_of(content_sd, "content LoRA")
     style = lora_file_of(style_sd, "style LoRA")
+    # the node patches DoRA layers with ComfyUI's own DoRA, which has the model's weights
     return merge(content, style, hypernet, content_strength, style_strength, method, params=params,
-                 expected_family="sdxl", progress=progress, cache=_MERGES)
+                 expected_family="sdxl", progress=progress, cache=_MERGES, dora=DORA_EXACT_IN_COMFYUI)
 
 
 class NotOneLora(dict):
@@ -76,6 +77,11 @@ class NotOneLora(dict):
         else:  # only built for merges that are not one LoRA
             raise ValueError("NotOneLora needs a merge that switches LoRAs during sampling")
         self.provenance = None
+
+    @property
+    def unsaveable_reason(self) -> str:
+        """What Save Merged LoRA shows instead of writing (see nodelogic.lora.unsaveable_reason)."""
+        return self._message.removeprefix("merged_lora: ")
 
     def _refuse(self, *args, **kwargs):
         raise LoraRarError(self._message)

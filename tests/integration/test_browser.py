@@ -189,6 +189,15 @@ def test_workflow_opens_with_every_node_known(checked, workflow):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_no_node_covers_another_once_loaded(checked, workflow):
+    """Every node as this frontend draws it after loading — grown to fit its widgets, title bar
+    included — shares no area with another: nothing a user must set is hidden under a node."""
+    report = checked["reports"][workflow.stem]
+    assert len(report["boxes"]) == report["loadedNodes"]
+    assert report["overlaps"] == [], report["overlaps"]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
 def test_user_without_the_files_is_told_about_them_and_nothing_else(checked, object_info, workflow):
     report = checked["reports"][workflow.stem]
     notices = report["notices"]

@@ -136,6 +136,21 @@ async function loadAndValidate([workflow, fileName]) {
     badLinks: [],
     links: 0,
   };
+  // Nodes as drawn after loading (a frontend grows a node to fit its widgets): title bar
+  // included, any two that share area cover each other's widgets.
+  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const boxes = nodes.map((n) => ({ id: `${n.id}:${n.type}`, x0: n.pos[0], y0: n.pos[1] - title,
+    x1: n.pos[0] + n.size[0], y1: n.pos[1] + n.size[1] }));
+  report.boxes = boxes;
+  report.overlaps = [];
+  for (let i = 0; i < boxes.length; i += 1) {
+    for (let j = i + 1; j < boxes.length; j += 1) {
+      const a = boxes[i]; const b = boxes[j];
+      const w = Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0);
+      const h = Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0);
+      if (w > 0 && h > 0) report.overlaps.push(`${a.id} and ${b.id} (${Math.round(w)}x${Math.round(h)} px)`);
+    }
+  }
   const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
   for (const link of linkList) {
     if (!link) continue;
