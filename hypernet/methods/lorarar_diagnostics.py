@@ -202,7 +202,9 @@ class HypernetContribution:
 
 
 def _percent(value: float) -> str:
-    return "∞%" if not math.isfinite(value) else f"{value:.0%}"
+    if math.isnan(value):  # the column forms overflowed float32 (ΔW entries beyond ~1e19)
+        return "an unmeasurable amount"
+    return "∞%" if math.isinf(value) else f"{value:.0%}"
 
 
 def _blocks(blocks: list[BlockShares]) -> str:

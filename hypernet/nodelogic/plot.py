@@ -170,6 +170,7 @@ def coefficient_plot(means: list[BlockMeans], title: str, subtitle: str = "",
     # left; block labels and two legend rows below
     left, right, top, bottom = 84, width - 20, 80, height - 82
     values = [v for m in means for v in (m.content, m.style, *(m.reference or ()))]
+    negative = min(values) < 0  # some side subtracted somewhere: shade and explain the area below 0
     low, high = min(0.0, *values), max(1.0, *values)
     pad = 0.05 * (high - low)
     low, high = low - pad, high + pad
@@ -178,7 +179,7 @@ def coefficient_plot(means: list[BlockMeans], title: str, subtitle: str = "",
         return bottom - (value - low) / (high - low) * (bottom - top)
 
     zero = y_of(0.0)
-    if low < 0:
+    if negative:
         draw.rectangle([left, zero, right, bottom], fill=NEGATIVE_AREA)
     for tick in _nice_ticks(low, high):
         y = y_of(tick)
@@ -187,7 +188,7 @@ def coefficient_plot(means: list[BlockMeans], title: str, subtitle: str = "",
         _text(draw, (left - 8 - _text_width(draw, label, small), y - 7), label, small, INK)
     for reference in (0.0, 1.0):  # 0 = layer side switched off, 1 = plain sum
         _dashed(draw, left, right, y_of(reference), (150, 150, 150))
-    if low < 0 and bottom - zero > 18:
+    if negative and bottom - zero > 18:
         _text(draw, (left + 6, zero + 3), "below 0: that LoRA's update is subtracted (inverted) on these layers",
               small, (150, 60, 60))
     vertical_text(image, (8, top + (bottom - top) // 2 - 50), "mean coefficient", small, INK)
