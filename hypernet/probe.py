@@ -134,18 +134,18 @@ def probe_magnitudes(hypernet: HyperNetwork, magnitudes=MAGNITUDES, rank: int = 
 
 def table(document: dict) -> str:
     """The probe's figures as a fixed-width text table (one row per magnitude or pair and width)."""
-    header = (f"{'input':<28} {'width':>5} {'|W1x|/|b1|':>10} {'H(0) m_c':>9} {'m_c mean±sd':>14} {'neg':>5} "
-              f"{'H(0) m_s':>9} {'m_s mean±sd':>14} {'neg':>5} {'dist H(0)':>9}")
+    header = (f"{'input':<20} {'width':>5} {'|W1x|/|b1|':>10} {'H(0) m_c':>9} {'m_c mean+-sd':>13} {'neg':>5} "
+              f"{'H(0) m_s':>9} {'m_s mean+-sd':>13} {'neg':>5} {'input effect':>12} {'vs H(0)':>8}")
     lines = [header, "-" * len(header)]
-    rows = document.get("magnitudes") or document.get("pairs") or [document]
+    rows = document.get("magnitudes") or [document]
     for row in rows:
-        label = f"x{row['magnitude']:g}" if "magnitude" in row else \
-            f"{Path(row['content']).name[:13]} + {Path(row['style']).name[:12]}"
+        label = f"x{row['magnitude']:g}" if "magnitude" in row else "the pair"
         for width, f in row["widths"].items():
             lines.append(
-                f"{label:<28} {width:>5} {f['input_to_bias']:>10.3f} {f['h0'][0]:>+9.2f} "
-                f"{f['mean'][0]:>+8.2f}±{f['spread'][0]:<5.2f} {f['negative'][0]:>5.0%} {f['h0'][1]:>+9.2f} "
-                f"{f['mean'][1]:>+8.2f}±{f['spread'][1]:<5.2f} {f['negative'][1]:>5.0%} {f['distance_from_h0']:>9.1%}")
+                f"{label:<20} {width:>5} {f['input_to_bias']:>10.3f} {f['h0'][0]:>+9.2f} "
+                f"{f['mean'][0]:>+7.2f}+-{f['spread'][0]:<4.2f} {f['negative'][0]:>5.0%} {f['h0'][1]:>+9.2f} "
+                f"{f['mean'][1]:>+7.2f}+-{f['spread'][1]:<4.2f} {f['negative'][1]:>5.0%} "
+                f"{f['input_effect']:>12.0%} {f['distance_from_h0']:>8.0%}")
             label = ""
     return "\n".join(lines)
 
