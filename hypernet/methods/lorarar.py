@@ -8,6 +8,10 @@ files define them (alpha/rank applied), never the strengths (DESIGN §10).
 H's first layer is linear, so its pre-activation for all columns is computed from the factors
 (`HyperNetwork.coefficients_factored`; on the CPU the same products in reused buffers,
 `lorarar_cpu.group_coefficients`) — no out×in matrix for low-rank inputs (DESIGN §5).
+
+The same pass collects what the merge needs to say how much H reacted to the pair — |W1·x| per
+column and the column forms of ΔW_c, ΔW_s — and `lorarar_merge` turns them into
+`MergedLora.contribution` and report notes (`lorarar_diagnostics`, issue 17).
 """
 
 from __future__ import annotations

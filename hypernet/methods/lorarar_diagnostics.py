@@ -26,7 +26,7 @@ Gram matrices of the up factors and one r×r by r×in product per block (`column
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -118,8 +118,6 @@ class WidthFigures:
     distance_from_h0: float           # ‖M − M0‖ / ‖M0‖ over the group's layers
     input_effect: float               # ‖M − M0‖ / ‖S‖, S = ΔW_c + ΔW_s
     distance_from_sum: float          # ‖M − S‖ / ‖S‖
-    # squared Frobenius norms over the group: merged, H(0) merge, their difference, the sum, merged − sum
-    norms2: tuple[float, float, float, float, float] = field(repr=False, default=(0.0,) * 5)
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "columns": self.columns, "h0": _round(self.h0), "mean": _round(self.mean),
@@ -144,19 +142,17 @@ class BlockShares:
 
 @dataclass
 class HypernetContribution:
+    """What H contributed to one merge: the figures per width, the per-block shares behind the
+    warnings, and the distances over all of H's layers (`MergedLora.contribution`)."""
+
     widths: dict[int, WidthFigures]
     blocks: list[BlockShares]
     distance_from_h0: float           # over all of H's layers
     input_effect: float
     distance_from_sum: float
 
-    def reference(self, block: str) -> tuple[float, float] | None:
-        """H(0) of the width of a Transformer2D block's layers (the plot's reference marks)."""
-        width = next((b.width for b in self.blocks if b.block == block), None)
-        return self.widths[width].h0 if width in self.widths else None
-
     def summary(self) -> str:
-        """One sentence for the report, the CLI's `note:` line and the log."""
+        """One sentence for the report (the node's `report`, the CLI's `note:` lines)."""
         per_width = "; ".join(
             f"{w}-wide m_c {f.mean[0]:+.2f} ± {f.spread[0]:.2f} (H(0) {f.h0[0]:+.2f}, {f.negative[0]:.0%} negative), "
             f"m_s {f.mean[1]:+.2f} ± {f.spread[1]:.2f} (H(0) {f.h0[1]:+.2f})" for w, f in self.widths.items())
@@ -260,6 +256,7 @@ def measure_contribution(hypernet: HyperNetwork, coefficients: dict[str, tuple[t
         forms = rows[1:]
         h_c, h_s = hypernet.zero_input_coefficients(width)
         bias_norm = float(torch.linalg.vector_norm(hypernet.input_layer(width).bias.detach().double()))
+        # squared Frobenius norms over the group: merged, H(0) merge, their difference, sum, merged − sum
         norms2 = (_quadratic(forms, m_c, m_s), _quadratic(forms, h_c, h_s), _quadratic(forms, m_c - h_c, m_s - h_s),
                   _quadratic(forms, 1.0, 1.0), _quadratic(forms, m_c - 1, m_s - 1))
         totals = [t + v for t, v in zip(totals, norms2)]
@@ -270,7 +267,7 @@ def measure_contribution(hypernet: HyperNetwork, coefficients: dict[str, tuple[t
             negative=(float((m_c < 0).double().mean()), float((m_s < 0).double().mean())),
             input_to_bias=float(rows[0].mean()) / bias_norm if bias_norm > 0 else math.inf,
             bias_norm=bias_norm, distance_from_h0=_ratio(norms2[2], norms2[1]),
-            input_effect=_ratio(norms2[2], norms2[3]), distance_from_sum=_ratio(norms2[4], norms2[3]), norms2=norms2)
+            input_effect=_ratio(norms2[2], norms2[3]), distance_from_sum=_ratio(norms2[4], norms2[3]))
     return HypernetContribution(figures, block_shares(coefficients, names, widths), _ratio(totals[2], totals[1]),
                                 _ratio(totals[2], totals[3]), _ratio(totals[4], totals[3]))
 
