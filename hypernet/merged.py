@@ -32,6 +32,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -299,6 +300,10 @@ class MergedLora:
     # name → the one number per layer that a method reports for its picture (NP-LoRA: the share
     # of the content update it projected away); empty where a method has none
     layer_values: dict[str, float] = field(default_factory=dict)
+    # LoRA.rar: what the hypernetwork contributed to this merge, measured during it
+    # (methods/lorarar_diagnostics.HypernetContribution: per width H(0), coefficient statistics,
+    # |W1·x|/|b1|, distance from the H(0) merge); None for other methods
+    contribution: Any = None
     # strength-free derived data shared by every `with_strengths` copy (ComfyUI patch dicts)
     _shared: dict = field(default_factory=dict, repr=False)
 

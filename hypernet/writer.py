@@ -29,6 +29,10 @@ def merge_metadata(merged: MergedLora, *, hypernet_name: str = "", hypernet_sha2
         "lorarar.content_strength": repr(merged.content_strength),
         "lorarar.style_strength": repr(merged.style_strength),
         "lorarar.report": json.dumps(report.as_dict()),
+        # LoRA.rar: what the hypernetwork contributed (per width H(0), coefficient statistics,
+        # |W1·x|/|b1|, distance from the H(0) merge; a few hundred bytes)
+        "lorarar.hypernet_contribution": (json.dumps(merged.contribution.as_dict(), separators=(",", ":"))
+                                          if merged.contribution is not None else ""),
         # kohya's keys, so trainers' and UIs' LoRA browsers show sensible values; where ranks
         # differ per layer (r_c + r_s of different inputs) rank_summary records each.
         "ss_network_module": "networks.lora",

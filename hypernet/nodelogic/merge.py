@@ -235,5 +235,8 @@ def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hy
     if merged.layer_values:
         values = _BLOCK_MEANS.get_or_compute((merged.layer_values,), lambda: plot.block_values(merged.layer_values))
         return plot.image_to_tensor(plot.projection_plot(values, title, subtitle))
-    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
-    return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle))
+    contribution = merged.contribution  # LoRA.rar: H(0) marks and one line on what H contributed
+    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(
+        merged.coefficients, plot.h0_references(contribution)))
+    caption = contribution.short_summary() if contribution is not None else ""
+    return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle, caption=caption))
