@@ -259,7 +259,8 @@ def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = No
     base = cache.get_or_compute((content, style, hypernet), compute, key) if cache is not None else compute()
     merged = base.with_strengths(content_strength, style_strength)
     if merged.layers and content_strength == 0 and style_strength == 0:
-        merged.report.notes.append("both strengths are 0: the merge changes nothing (the model passes through "
-                                   "unchanged and nothing is saved)")
+        empty = "both strengths are 0: the merge changes nothing (the model passes through unchanged and nothing is saved)"
+        merged.report.notes.append(empty)
+        merged.report.alerts.append(empty)
     log.info("merge: %s", merged.report.summary())
     return merged

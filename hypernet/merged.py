@@ -269,6 +269,9 @@ class MergeReport:
     dora_magnitude_dropped: int = 0
     method_label: str = "merged by the method"
     notes: list[str] = field(default_factory=list)
+    # what a user must see even where the report is not read (shown on the ComfyUI node): an empty
+    # merge, layers left out. Each is also in `notes`.
+    alerts: list[str] = field(default_factory=list)
     # role → how many of that input's layers were left out (keys the reader did not recognise)
     left_out: dict[str, int] = field(default_factory=dict)
 
@@ -285,7 +288,7 @@ class MergeReport:
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("notes", "method_label")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("notes", "alerts", "method_label")}
 
 
 @dataclass(eq=False)
@@ -314,7 +317,8 @@ class MergedLora:
         """The same merge at other strengths; shares layers, folds and patch dicts (no copy)."""
         return dataclasses.replace(self, content_strength=float(content_strength),
                                    style_strength=float(style_strength),
-                                   report=dataclasses.replace(self.report, notes=list(self.report.notes)))
+                                   report=dataclasses.replace(self.report, notes=list(self.report.notes),
+                                                              alerts=list(self.report.alerts)))
 
     # -- dense views (tests, the testbed's sampler, small layers) ---------------------------------
 
@@ -536,6 +540,8 @@ def describe_inputs(report: MergeReport, content: LoraFile, style: LoraFile) -> 
     for role, lora in ((CONTENT, content), (STYLE, style)):
         if lora.unrecognised_keys:
             report.left_out[role] = len(lora.unrecognised_modules)
+            report.alerts.append(f"{report.left_out[role]} layer(s) of the {role} LoRA were LEFT OUT (keys not "
+                                 "recognised); see the report")
         report.notes.extend(f"{role} LoRA: {note}" for note in lora.notes)
 
 

@@ -182,9 +182,11 @@ class LoraRarMerge(io.ComfyNode):
         output = merge_logic.merged_lora_output(merged, content_lora, style_lora,
                                                 hypernetwork if method == "lorarar" else None)
         report = merge_logic.report_text(merged)
-        if merged.report.notes:  # on the node and in the log, for workflows that leave `report` unconnected
+        for note in merged.report.notes:  # in the server log too, for workflows that leave `report` unconnected
+            log.info("LoRA.rar Merge: %s", note)
+        if merged.report.alerts:  # what must not go unseen: on the node (an empty merge, layers left out)
             node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
-            show_on_node(node_id, "\n".join(merged.report.notes), logging.WARNING)
+            show_on_node(node_id, "\n".join(merged.report.alerts), logging.WARNING)
         return io.NodeOutput(new_model, new_clip, output, image, report)
 
 

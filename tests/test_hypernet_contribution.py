@@ -266,8 +266,9 @@ def test_nan_in_the_hypernetwork_is_one_error(pair, tmp_path, capsys):
 def test_coefficients_that_overflow_are_one_error_naming_the_layer(pair):
     content, style = pair
     tensors = sample_lora(rank=8, seed=1)
-    huge = lora_from_state_dict({k: v * (1e38 / float(v.abs().max()) if "lora_up" in k else 1.0)
-                                 for k, v in tensors.items()}, source="huge.safetensors")  # finite, float32's edge
+    # finite, at float32's edge (normalised first: 1e38 / max is itself beyond float32)
+    huge = lora_from_state_dict({k: v / v.abs().max() * 1e38 if "lora_up" in k else v
+                                 for k, v in tensors.items()}, source="huge.safetensors")
     with pytest.raises(HypernetError, match=r"layer input_blocks\.4\.1\.transformer_blocks\.0\.attn1\.to_q: the "
                                             r"hypernetwork's coefficients are not finite"):
         merge(huge, style, random_hypernet(), method="lorarar")

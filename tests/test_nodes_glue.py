@@ -147,6 +147,28 @@ def test_identity_cache_keys_by_object_not_by_value():
     assert calls == ["a", "b", "c", "a2"] and cache.hits == 1
 
 
+def test_merge_cache_lets_go_when_comfyui_frees_the_inputs(tmp_path, pair):
+    """The node's merge cache holds its inputs weakly: once ComfyUI drops a LoRA node's output (its
+    cache settings, a new file), the merge built on it is freed, not kept for the process's life."""
+    import gc
+    import weakref
+
+    path = tmp_path / "subject.safetensors"
+    save_file(pair[0], str(path))
+    merge_logic._MERGES.clear()
+    loaded = lora_logic.load_lora_model(path)
+    merged = merge_logic.run_merge(loaded, pair[1], None, 1, 1, "sum")
+    freed = weakref.ref(merged.layers[next(iter(merged.layers))])
+    assert len(merge_logic._MERGES) == 1
+    del loaded, merged
+    gc.collect()
+    assert len(merge_logic._MERGES) == 0 and freed() is None
+    # plain dicts (from core nodes) cannot be held weakly: they are held, and evicted by size
+    plain = dict(pair[0])
+    merge_logic.run_merge(plain, pair[1], None, 1, 1, "sum")
+    assert len(merge_logic._MERGES) == 1
+
+
 def test_loaded_lora_is_parsed_once_and_plain_dicts_are_cached_by_identity(tmp_path, pair):
     path = tmp_path / "subject.safetensors"
     save_file(pair[0], str(path))

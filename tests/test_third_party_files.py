@@ -381,3 +381,87 @@ def test_real_peft_save_pretrained_reads_as_peft_computes_it(thirdparty, tmp_pat
         assert set(lora.layers) == set(expected) and lora.naming_families.keys() == {lora_mod.FAMILY_PEFT}
         for name, delta in expected.items():
             torch.testing.assert_close(lora.layers[name].delta(), delta, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------ merged files in diffusers
+
+def _fresh_sdxl_layout_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    # SDXL's block layout (two layers per block, so SGM's input_blocks.4/5 are down_blocks.1's two
+    # attentions, as diffusers maps kohya's SDXL names) at toy widths
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, transformer_layers_per_block=1)
+
+
+def _loha_state_dict(shapes, rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (out, inp) in shapes.items():
+        key = naming.ldm_to_kohya_key(name)
+        for part in ("1", "2"):
+            sd[f"{key}.hada_w{part}_a"] = torch.randn(out, rank, generator=gen) * 0.3
+            sd[f"{key}.hada_w{part}_b"] = torch.randn(rank, inp, generator=gen) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs", ["lora", "loha"])
+@pytest.mark.parametrize("method", ["lorarar", "np-lora", "sum"])
+def test_merged_files_load_in_diffusers_as_the_merge(thirdparty, tmp_path, method, inputs):
+    """README's claim, with the real diffusers: a merged file (LoRA × LoRA, and LoHa × LoRA, whose
+    LoHa side is written as its exact rank-r² factors) goes through diffusers' kohya converter and
+    into an SDXL-layout UNet, where peft's own ΔW equals the library's merge."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from hypernet.merge import merge
+    from hypernet.model import HypernetConfig, HyperNetwork
+    from hypernet.writer import save_merged
+
+    unet = _fresh_sdxl_layout_unet()
+    shapes = {naming.diffusers_to_ldm(n): tuple(m.weight.shape) for n, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".attentions." in n}
+    content_sd = (_loha_state_dict(shapes, 2, 1) if inputs == "loha"
+                  else synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1), "kohya", alpha=2.0))
+    style_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 3, 2), "kohya", alpha=3.0)
+    content = lora_mod.lora_from_state_dict(content_sd, source="content")
+    style = lora_mod.lora_from_state_dict(style_sd, source="style")
+    hypernet = None
+    if method == "lorarar":
+        hypernet = HyperNetwork(HypernetConfig(hidden=8, widths=(16,)))
+        with torch.no_grad():
+            for p in hypernet.parameters():
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    merged = merge(content, style, hypernet, 0.8, 1.2, method)
+    path = save_merged(merged, tmp_path / "merged.safetensors")
+    assert {layer.kind for layer in read_lora(path).layers.values()} == {"lora"}  # plain LoRA, no .diff / hada_
+    # as StableDiffusionXLPipeline.load_lora_weights calls it
+    state_dict, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(path), unet_config=unet.config)
+    StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="default")
+    loaded = _peft_deltas(unet, naming.diffusers_to_ldm)
+    assert set(loaded) == set(merged.layers)
+    for name in merged.layers:
+        expected = merged.delta(name)
+        assert (loaded[name] - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-7, name
+
+
+@pytest.mark.slow
+def test_a_merge_with_a_full_difference_is_what_diffusers_cannot_load(thirdparty, tmp_path):
+    """The documented exception: a layer kept as a full difference (`.diff`: an input that is
+    itself a full difference) makes diffusers' kohya converter refuse the whole file."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from hypernet.merge import merge
+    from hypernet.writer import save_merged
+
+    name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    diff = lora_mod.lora_from_state_dict({f"{naming.ldm_to_kohya_key(name)}.diff": torch.randn(16, 16) * 0.01})
+    plain = lora_mod.lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors({name: (16, 16)}, 2, 0)))
+    path = save_merged(merge(diff, plain, method="sum"), tmp_path / "with_diff.safetensors")
+    with pytest.raises(Exception):  # noqa: B017 — diffusers' own error type varies between versions
+        StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(path))

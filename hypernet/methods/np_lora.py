@@ -120,8 +120,9 @@ def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side):
 def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
     """The style's top-k singular vectors as columns: right ones (in·k·k, k') for the input side,
     left ones (out, k') for the output side; the numerical null space is left out."""
-    if style.is_low_rank:
-        up, down = _matrix(style.up), _matrix(style.down)
+    factors = _factor_matrices(style)
+    if factors is not None:
+        up, down = factors
         if side == "input":
             x, sigma = right_singular(_gram(down), _gram(up.T), k)
             vectors = down.T.double() @ x
@@ -138,14 +139,29 @@ def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
     return vectors[:, vectors.abs().sum(dim=0) > 0].float()
 
 
+def _factor_matrices(side: Side) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) as float32 matrices whose product is the side's ΔW up to its scale: a LoRA's own
+    factors (scale outside), any other adapter's exact factors (hypernet/factors.py: LoHa, LoKr,
+    Tucker; scale inside); None for a full difference."""
+    if side.is_low_rank:
+        return _matrix(side.up), _matrix(side.down)
+    return side.factors()
+
+
 def project_content(content: Side, style: Side, strength: float, k: int | None, side: str) -> tuple[Side, float]:
-    """One layer: (the projected content side, the share ‖ΔW_c − ΔW_c'‖/‖ΔW_c‖ it removed)."""
-    if content.is_low_rank and style.is_low_rank:
-        new, share = _project_low_rank(_matrix(content.up), _matrix(content.down),
-                                       _matrix(style.up), _matrix(style.down), strength, k, side)
-        if side == "input":
-            return Side(content.up, new.reshape(content.down.shape), content.scale), share
-        return Side(new.reshape(content.up.shape), content.down, content.scale), share
+    """One layer: (the projected content side, the share ‖ΔW_c − ΔW_c'‖/‖ΔW_c‖ it removed). Sides
+    with factors — LoRAs and LoHa/LoKr/Tucker alike — are projected in factored form and stay a
+    LoRA of the same rank; only a full difference on either side needs the dense formula."""
+    c, s = _factor_matrices(content), _factor_matrices(style)
+    if c is not None and s is not None:
+        new, share = _project_low_rank(*c, *s, strength, k, side)
+        if content.is_low_rank:
+            if side == "input":
+                return Side(content.up, new.reshape(content.down.shape), content.scale), share
+            return Side(new.reshape(content.up.shape), content.down, content.scale), share
+        shape, rank = content.shape, c[0].shape[1]
+        up, down = (c[0], new) if side == "input" else (new, c[1])
+        return Side(up.reshape(shape[0], rank, *[1] * (len(shape) - 2)), down.reshape(rank, *shape[1:]), 1.0), share
     directions = style_directions(style, side, k)
     delta = content.delta()
     matrix = _matrix(delta)
