@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ class MergedLayer:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.sides()[0][1].shape
+        """The weight's shape; a conv kernel where any side has one (a flat LoHa/LoKr side does not)."""
+        return max((side.shape for _, side in self.sides()), key=len)
 
     @property
     def factor_rank(self) -> int | None:
@@ -334,11 +336,12 @@ class MergedLora:
         if name in self.switch_points:
             role = CONTENT if progress < self.switch_points[name] else STYLE
             sides = [(r, s) for r, s in sides if r == role]
+        shape = layer.shape  # (a flat conv LoHa side is reshaped to the other side's kernel)
         low_rank = [(side, side.scale * self.strength(role)) for role, side in sides if side.is_low_rank]
-        total = _product(low_rank) if low_rank else None
+        total = _product(low_rank).reshape(shape) if low_rank else None
         for role, side in sides:
             if not side.is_low_rank:
-                part = side.delta() * self.strength(role)
+                part = (side.delta() * self.strength(role)).reshape(shape)
                 total = part if total is None else total.add_(part)
         return total
 
@@ -491,9 +494,15 @@ def native_patch(kohya: str, side: Side) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Building a MergedLora from two LoRAs
 
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
 def check_same_shape(name: str, content: LoraFile, style: LoraFile) -> None:
+    """Both sides must adapt the same weight. Compared as out × in·k·k: a conv LoHa or LoKr is
+    stored flat (LyCORIS writes it so; loaders reshape it), a conv LoRA with its kernel."""
     c, s = content.layers[name].shape, style.layers[name].shape
-    if c != s:
+    if _matrix_shape(c) != _matrix_shape(s):
         raise LoraMismatchError(
             f"layer {name} has shape {c} in the content LoRA ({content.source}) but {s} in the "
             f"style LoRA ({style.source}); were they trained for different base models?")

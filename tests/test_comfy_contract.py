@@ -25,6 +25,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import types
@@ -551,3 +552,112 @@ def test_k_lora_on_a_comfyui_without_sampling_callbacks_is_refused_at_node_time(
     errors = importlib.import_module(f"{pack.k_lora.__name__.rsplit('.nodes.', 1)[0]}.hypernet.errors")
     with pytest.raises(errors.LoraRarError, match="no sampling callbacks"):
         pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+
+
+# --- the differential test: the node's sum is exactly two of ComfyUI's own stacked LoRA loaders --
+
+def _adapter(kind: str, shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
+    """One layer of `kind` as LyCORIS/kohya files name its tensors (without the module prefix)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen) * 0.2
+
+    out, inp, *kernel = shape
+    k = kernel or []
+    if kind == "lora":
+        return {"lora_up.weight": rand(out, 3, *[1] * len(k)), "lora_down.weight": rand(3, inp, *k), "alpha": torch.tensor(2.0)}
+    if kind == "tucker":
+        return {"lora_up.weight": rand(out, 2, 1, 1), "lora_mid.weight": rand(2, 2, *k),
+                "lora_down.weight": rand(2, inp, 1, 1), "alpha": torch.tensor(1.0)}
+    if kind == "loha":
+        flat = inp * math.prod(k) if k else inp
+        return {"hada_w1_a": rand(out, 2), "hada_w1_b": rand(2, flat), "hada_w2_a": rand(out, 2),
+                "hada_w2_b": rand(2, flat), "alpha": torch.tensor(2.0)}
+    if kind == "lokr":
+        return {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(out // 2, 2), "lokr_w2_b": rand(2, (inp // 2) * math.prod(k)),
+                "alpha": torch.tensor(2.0)} if not k else {"lokr_w1": rand(2, 2), "lokr_w2": rand(out // 2, inp // 2, *k)}
+    if kind == "dora":
+        scale = (torch.rand(out, 1, generator=gen) + 0.5) if not k else (torch.rand(out, 1, 1, 1, generator=gen) + 0.5)
+        return {"lora_up.weight": rand(out, 3, *[1] * len(k)), "lora_down.weight": rand(3, inp, *k),
+                "alpha": torch.tensor(3.0), "dora_scale": scale}
+    assert kind == "full"
+    return {"diff": rand(*shape) * 0.1}
+
+
+# (content kind, style kind) per layer: each kind on both sides, and mixed with the others
+PAIRS = [("lora", "lora"), ("loha", "lora"), ("lora", "loha"), ("lokr", "lora"), ("lora", "lokr"),
+         ("full", "lora"), ("lora", "full"), ("loha", "lokr"), ("dora", "lora"), ("lora", "dora"),
+         ("loha", None), (None, "lokr"), ("dora", None), ("full", "loha")]
+CONV_PAIRS = [("lora", "lora"), ("tucker", "lora"), ("lora", "loha"), ("lokr", "tucker"), ("dora", "lora")]
+
+
+def _mixed_files(patcher, supports_dora: bool):
+    """Two state dicts over the tiny model's Linear and conv layers with the kinds of PAIRS."""
+    linear = sorted(linear_shapes(patcher).items())
+    conv = sorted((n, tuple(m.weight.shape)) for n, m in patcher.model.diffusion_model.named_modules()
+                  if isinstance(m, torch.nn.Conv2d) and n.endswith("in_layers.2"))
+    assignments = list(zip(linear, PAIRS)) + list(zip(conv, CONV_PAIRS))
+    content, style, used = {}, {}, []
+    for index, ((name, shape), (c_kind, s_kind)) in enumerate(assignments):
+        if not supports_dora and "dora" in (c_kind, s_kind):
+            continue
+        key = naming.ldm_to_kohya_key(name)
+        for kind, target, seed in ((c_kind, content, 2 * index), (s_kind, style, 2 * index + 1)):
+            if kind is not None:
+                target.update({f"{key}.{role}": t for role, t in _adapter(kind, shape, seed).items()})
+        used.append((name, c_kind, s_kind))
+    return content, style, used
+
+
+def _stacked_loaders(comfy, patcher, content, style, cs, ss):
+    """What two of ComfyUI's LoRA loaders in a row give (LoraLoaderModelOnly calls exactly this)."""
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, content, cs, 0)
+    model, _ = comfy.sd.load_lora_for_models(model, None, style, ss, 0)
+    return patched_weights(comfy, model)
+
+
+def test_node_sum_patches_what_two_stacked_core_loaders_patch_for_every_adapter_kind(comfy, tiny, pack):
+    import comfy.lora as core_lora
+
+    supports_dora = "dora_scale" in inspect.getsource(core_lora)
+    content, style, used = _mixed_files(tiny.patcher, supports_dora)
+    kinds = {k for _, c, s in used for k in (c, s) if k}
+    assert kinds >= {"lora", "loha", "lokr", "full", "tucker"} | ({"dora"} if supports_dora else set())
+    base = base_weights(tiny.patcher)
+    for cs, ss in ((1.0, 1.0), (0.7, 1.3)):
+        expected = _stacked_loaders(comfy, tiny.patcher, content, style, cs, ss)
+        merged = merge_logic.run_merge(content, style, None, cs, ss, "sum")
+        model, _ = pack.merge_patches.apply_merged(tiny.patcher, None, merged)
+        ours = patched_weights(comfy, model)
+        for name, c_kind, s_kind in used:
+            key = f"{name}.weight"
+            assert not torch.equal(expected[key], base[key]), f"{name}: the loaders changed nothing"
+            error = (ours[key] - expected[key]).abs().max().item()
+            assert error <= 1e-6 + 2e-5 * expected[key].abs().max().item(), \
+                f"{name} ({c_kind} + {s_kind}, strengths {cs}/{ss}): off by {error}"
+        assert all(torch.equal(ours[k], base[k]) for k in base if k[:-len(".weight")] not in {n for n, *_ in used})
+
+
+def test_a_written_merge_loads_in_core_comfyui_as_two_stacked_loaders(comfy, tiny, tmp_path):
+    """The CLI's file (every non-DoRA kind written as exact LoRA factors or a full difference),
+    read by ComfyUI's own loader, patches what the two files stacked patch."""
+    from safetensors.torch import load_file
+
+    from hypernet.lora import lora_from_state_dict
+    from hypernet.merge import merge
+    from hypernet.writer import save_merged
+
+    content, style, used = _mixed_files(tiny.patcher, supports_dora=False)
+    expected = _stacked_loaders(comfy, tiny.patcher, content, style, 0.8, 1.2)
+    merged = merge(lora_from_state_dict(content, source="content"), lora_from_state_dict(style, source="style"),
+                   None, 0.8, 1.2, "sum")
+    path = save_merged(merged, tmp_path / "merged.safetensors")
+    written = load_file(str(path))
+    assert not any(".hada_" in k or ".lokr_" in k or ".lora_mid" in k for k in written)  # plain LoRA (and .diff)
+    model, _ = comfy.sd.load_lora_for_models(tiny.patcher, None, written, 1.0, 0)
+    ours = patched_weights(comfy, model)
+    for name, c_kind, s_kind in used:
+        key = f"{name}.weight"
+        error = (ours[key] - expected[key]).abs().max().item()
+        assert error <= 1e-6 + 2e-5 * expected[key].abs().max().item(), f"{name} ({c_kind} + {s_kind}): off by {error}"
