@@ -4,7 +4,7 @@ testbed, whatever the method.
     merged = merge(content, style, hypernet, content_strength=1.0, style_strength=0.8, method="lorarar")
 
 Methods register here by name (`METHODS`); each computes a strength-free `MergedLora`
-(hypernet/merged.py), and the strengths are applied afterwards (DESIGN §10), so a strength change
+(hypernet/merged.py), and the strengths are applied afterwards (docs/methods.md), so a strength change
 never reruns a method. Callers that merge the same inputs repeatedly (the ComfyUI node) pass a
 `cache`; the CLI passes none.
 """
@@ -23,10 +23,10 @@ from .merged import CONTENT, STYLE, Coefficients, MergedLayer, MergedLora, Side,
 from .methods import k_lora, np_lora
 from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
 from .model import HyperNetwork
+from .tooling.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Per layer, each LoRA that has it contributes one `Side`:
     ΔW_side = scale · up @ down · diag(columns)      (low-rank: LoRA, LoCon)
     ΔW_side = ΔW_file · diag(columns)                (dense: LoHa, LoKr, DoRA, full diffs, Tucker)
 
-and the merged update is ΔW = cs·ΔW_content + ss·ΔW_style (DESIGN §10: strengths act after the
+and the merged update is ΔW = cs·ΔW_content + ss·ΔW_style (docs/methods.md: strengths act after the
 method). `columns` are the per-input-column coefficients of LoRA.rar / ZipLoRA (None = all ones:
 a plain sum); NP-LoRA changes a side's `down` (or `up`) instead. Everything else derives from the
 sides through one fold, `Side.folded_down` (down · diag(columns)):
@@ -43,7 +43,6 @@ from .factors import exact_factors, factored_rank
 from .lora import LOHA, LOKR, LoraFile, LoraLayer
 
 CONTENT, STYLE = "content", "style"
-ROLES = (CONTENT, STYLE)
 # name → (m_c, m_s): per-input-column coefficients of the layers a method scales column-wise
 Coefficients = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

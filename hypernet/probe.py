@@ -10,7 +10,7 @@ left out and counted, so SD1.5 files show what an SDXL hypernetwork does with th
 
 Without a pair, random rank-r LoRAs on H's targets at SDXL's shapes are scaled so that the median
 norm of a ΔW column is a multiple ("magnitude") of REAL_COLUMN_NORM, the size of real trained
-LoRAs (DESIGN §12: column norms 1e-2 – 8e-2 at 640/1280-wide attention layers). The same random
+LoRAs (docs/methods.md: column norms 1e-2 – 8e-2 at 640/1280-wide attention layers). The same random
 directions at every magnitude: only the size changes, so |W1·x| / |b1| grows exactly with it.
 """
 

@@ -365,7 +365,7 @@ def _real_files() -> list[Path]:
 
 
 def test_official_checkpoint_on_real_files_is_mostly_its_fixed_recipe():
-    """DESIGN §12 on real trained files (SD1.5: their 640/1280-wide attention layers go to H
+    """What the official hypernetwork does on real trained files (SD1.5: their 640/1280-wide attention layers go to H
     directly): the official SDXL H inverts the subject on 640-wide to_q/to_out.0 and stays near
     H(0) — the figures docs/methods.md quotes."""
     if not OFFICIAL_SDXL.is_file():

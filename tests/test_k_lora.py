@@ -59,7 +59,7 @@ def dense(sd: dict, name: str) -> torch.Tensor:
 
 
 class LiteralRule:
-    """The rule exactly as DESIGN §4 states it, evaluated at a given p."""
+    """The rule exactly as docs/methods.md states it, evaluated at a given p."""
 
     def __init__(self, content_sd, style_sd, top_k=64, alpha=1.5, beta=0.5):
         self.alpha, self.beta = alpha, beta

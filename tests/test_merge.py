@@ -1,4 +1,4 @@
-"""Merge: the library against an independent dense implementation of DESIGN §4 and §10."""
+"""Merge: the library against an independent dense implementation of the method and the strength convention (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ TARGET = re.compile(r"\.attn[12]\.(to_q|to_out\.0)$")
 
 
 class ReferenceMerge:
-    """DESIGN §4/§10 written out densely (float64) from the raw kohya tensors and the raw
+    """The method and the strength convention written out densely (float64) from the raw kohya tensors and the raw
     official state dict — shares no code with the library. Layers are computed one at a time:
     a whole dense SDXL LoRA would need ~17 GB."""
 

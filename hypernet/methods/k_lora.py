@@ -7,7 +7,7 @@ LoRAs, ONE of the two LoRAs is used at each denoising step: with S = the sum of 
 
     content iff S_c/γ > S_s·(α·p + β)          (official α = 1.5, β = 0.5: content early, style late)
 
-Every other layer is summed (DESIGN §4). The right-hand side grows with p, so each layer switches
+Every other layer is summed (docs/methods.md). The right-hand side grows with p, so each layer switches
 at most once, at
 
     p_l = ((S_c/γ)/S_s − β)/α:   content for p < p_l, style from p_l on
@@ -18,14 +18,13 @@ and a top-k at every layer call; here the switch points are computed once per pa
 
 S and Σ|ΔW| are statistics of the dense entries, which no factored form gives exactly, so each
 ΔW is formed (in row chunks for layers beyond SDXL's attention sizes), reduced at once and
-dropped: one layer's ΔW at a time, at most 16 MiB. ΔW is the file's own (alpha/rank applied), never the strengths (DESIGN §10).
+dropped: one layer's ΔW at a time, at most 16 MiB. ΔW is the file's own (alpha/rank applied), never the strengths (docs/methods.md).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +34,9 @@ from ..devices import resolve_device
 from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
+from ..tooling.progress import Progress
 
-Progress = Callable[[int, int], None]
 DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _SWITCHED = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # Elements of ΔW formed at a time: 2^22 float32 = 16 MiB, a whole SDXL attention projection
 # (at most 1280×2048) in one product, which ran at about twice the speed of cache-sized row

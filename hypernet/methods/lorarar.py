@@ -2,12 +2,12 @@
 
 Per target layer (`to_q`, `to_out.0` of attn1/attn2 by default) with updates ΔW_c and ΔW_s,
 (m_c[j], m_s[j]) = H([ΔW_c[:, j]; ΔW_s[:, j]]) for every input column j, and the merged update is
-ΔW_c·diag(m_c) + ΔW_s·diag(m_s); every other layer is summed (DESIGN §4). H sees the LoRAs as their
-files define them (alpha/rank applied), never the strengths (DESIGN §10).
+ΔW_c·diag(m_c) + ΔW_s·diag(m_s); every other layer is summed (docs/methods.md). H sees the LoRAs as their
+files define them (alpha/rank applied), never the strengths (docs/methods.md).
 
 H's first layer is linear, so its pre-activation for all columns is computed from the factors
 (`HyperNetwork.coefficients_factored`; on the CPU the same products in reused buffers,
-`lorarar_cpu.group_coefficients`) — no out×in matrix for low-rank inputs (DESIGN §5).
+`lorarar_cpu.group_coefficients`) — no out×in matrix for low-rank inputs (docs/cli.md, "How the merge is computed").
 
 The same pass collects what the merge needs to say how much H reacted to the pair — |W1·x| per
 column and the column forms of ΔW_c, ΔW_s — and `lorarar_merge` turns them into
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +28,10 @@ from ..errors import HypernetError, LoraRarError
 from ..lora import LoraFile, LoraLayer
 from ..merged import Coefficients, MergedLora, assemble, check_same_shape
 from ..model import HyperNetwork
+from ..tooling.progress import Progress
 from .lorarar_cpu import group_coefficients
 from .lorarar_diagnostics import MEASURE_ROWS, column_forms, column_forms_dense, measure_contribution
 
-Progress = Callable[[int, int], None]
 WIDTH_POLICIES = ("error", "sum")
 
 

@@ -2,7 +2,7 @@
 
 H reads each input column x_j = [ΔW_c[:, j]; ΔW_s[:, j]] and gives (m_c[j], m_s[j]) =
 W2·relu(W1·x_j + b1) + b2. When the columns are small next to the bias b1 — real trained LoRAs
-are, for the official SDXL checkpoint (DESIGN §12) — every column gets nearly H(0) = W2·relu(b1)
+are, for the official SDXL checkpoint (docs/methods.md, "What the hypernetwork contributes") — every column gets nearly H(0) = W2·relu(b1)
 + b2, a fixed recipe that does not depend on the pair. Per width group of H's layers this module
 reports:
 

@@ -7,11 +7,11 @@ Per layer present in both LoRAs, with c = μ/(1+μ) and V the top-k right singul
     side "input"  (the paper's Eq. 11, the default):  ΔW_c' = ΔW_c·(I − c·V Vᵀ)
     side "output" (its Eq. 21, the left projector):  ΔW_c' = (I − c·U Uᵀ)·ΔW_c, U = left singular vectors
 
-and the merge is ss·ΔW_s + cs·ΔW_c' (strengths after the method, DESIGN §10). μ = 0 is the plain
+and the merge is ss·ΔW_s + cs·ΔW_c' (strengths after the method, docs/methods.md). μ = 0 is the plain
 sum; μ → ∞ (c = 1) removes every part of the content update that reads (input side) or writes
 (output side) along the style's directions.
 
-Exact and factored for low-rank inputs (DESIGN §5): with ΔW_s = s·B_s·A_s, QR of B_s and of A_sᵀ
+Exact and factored for low-rank inputs (docs/cli.md, "How the merge is computed"): with ΔW_s = s·B_s·A_s, QR of B_s and of A_sᵀ
 leaves an r×r core whose SVD gives U and V — no out×in matrix is formed. The content side keeps
 its rank: down ← A_c − c·(A_c V)Vᵀ (input side) or up ← B_c − c·U(UᵀB_c) (output side), so the
 merged result is an ordinary kohya LoRA of rank r_c + r_s. Conv layers are flattened (in·k·k).
@@ -25,15 +25,14 @@ the formula type-checks on any Linear.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from ..errors import LoraRarError
 from ..lora import FULL, LoraFile, LoraLayer
 from ..merged import MergedLora, Side, assemble
+from ..tooling.progress import Progress
 
-Progress = Callable[[int, int], None]
 SIDES = ("input", "output")
 DEFAULT_MU = 0.5
 # Singular directions weaker than this fraction of the strongest are the style's numerical null

@@ -10,12 +10,12 @@ from pathlib import Path
 from .. import catalog
 from ..errors import HypernetError
 from ..model import HyperNetwork, is_hypernet_file
+from ..tooling.progress import Progress
 
 log = logging.getLogger(__name__)
 
 HYPERNET_EXTENSIONS = (".safetensors", ".pth")
 OFFICIAL_SDXL = "lorarar-sdxl"
-Progress = Callable[[int, int], None]
 
 
 def official_file_name() -> str:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoraFormatError, LoraRarError, OutputExistsError
 from ..lora import LoraFile, adapter_config_for, lora_from_state_dict
-from ..safetensors_io import _DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
+from ..safetensors_io import DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
 from ..writer import DTYPES, merge_metadata
 from .cache import IdentityCache
 from .lazy import LazyMergedLora, LoadedLora
@@ -200,7 +200,7 @@ def _writer_for(state_dict: dict, dtype: str) -> tuple[Callable[[Path], None], s
         kind = tensor.dtype
         if kind.is_floating_point:
             kind = torch.float32 if key.endswith(".alpha") else target
-        if kind not in _DTYPE_NAMES:
+        if kind not in DTYPE_NAMES:
             raise LoraFormatError(f"merged_lora: tensor {key!r} has dtype {tensor.dtype}, which safetensors here cannot store")
         entries.append((key, kind, tuple(tensor.shape), lambda t=tensor: t.detach().cpu()))
     metadata = {"lorarar.note": "LORA_MODEL saved by Save Merged LoRA (LoRA.rar); not a LoRA.rar merge result"}

@@ -1,4 +1,4 @@
-"""Train a LoRA.rar hypernetwork on subject × style LoRA pairs (DESIGN §4).
+"""Train a LoRA.rar hypernetwork on subject × style LoRA pairs (docs/training.md).
 
 Each step draws random training pairs (one subject image, one style image, a shared timestep
 and noise), predicts the merge coefficients with H from the two LoRAs' factors, and minimises
@@ -7,7 +7,7 @@ clipping at 1.0, mixed precision on GPU, optional gradient checkpointing. Valida
 same objective on held-out pairs (unseen subjects × unseen styles) for H and for the plain sum.
 
 Every step also records how much H's output depends on its input — per width |W1·x| / |b1| and
-the spread of the coefficients over the columns — and warns when that collapses (DESIGN §12).
+the spread of the coefficients over the columns — and warns when that collapses (docs/methods.md, "What the hypernetwork contributes").
 
 Outputs in the run folder: `train_log.jsonl` (every loss term of every step, the input dependence,
 validation records), `checkpoints/step_NNNNNN/` (resumable exactly), `loss.png`, and the final
@@ -76,7 +76,7 @@ class TrainResult:
 
 
 # Collapse: H's output no longer depends on its input — its coefficients barely vary over the
-# columns, or the input's term W1·x is negligible next to the bias b1 (DESIGN §12) — at every width.
+# columns, or the input's term W1·x is negligible next to the bias b1 (docs/methods.md, "What the hypernetwork contributes") — at every width.
 COLLAPSE_SPREAD = 0.01
 COLLAPSE_INPUT_TO_BIAS = 0.01
 # per width, summed over the columns of every coefficient layer of a step's pairs:
