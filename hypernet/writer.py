@@ -35,6 +35,9 @@ def merge_metadata(merged: MergedLora, *, hypernet_name: str = "", hypernet_sha2
                                           if merged.contribution is not None else ""),
         # kohya's keys, so trainers' and UIs' LoRA browsers show sensible values; where ranks
         # differ per layer (r_c + r_s of different inputs) rank_summary records each.
+        # said where a user of the file looks, not only inside the report's JSON
+        "lorarar.dora": (f"{report.dora_magnitude_dropped} DoRA layer(s) written WITHOUT their magnitude: "
+                         "an approximation of those layers" if report.dora_magnitude_dropped else ""),
         "ss_network_module": "networks.lora",
         **rank_summary(merged),
         "ss_base_model_version": "sdxl_base_v1-0",

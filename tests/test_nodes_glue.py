@@ -541,3 +541,25 @@ def test_merge_plot_title_names_inputs(pair):
     title, subtitle = merge_logic.plot_title(result, "dog.safetensors", "watercolor.safetensors", "tiny")
     assert "lorarar" in title and "tiny" in title
     assert "dog.safetensors x1" in subtitle and "watercolor.safetensors x0.8" in subtitle
+
+
+def test_node_applies_dora_as_comfyui_does_and_says_the_file_lacks_the_magnitude(tmp_path, pair):
+    """In ComfyUI the model's weight is there: a DoRA layer is kept out of the method, summed, and
+    handed to ComfyUI with its magnitude (its own tensors) for ComfyUI's DoRA; the merged_lora
+    output cannot carry that, which the report and the saved file say."""
+    content = dict(pair[0])
+    name = "input_blocks.7.1.transformer_blocks.0.attn1.to_q"  # a hypernetwork layer
+    key = naming.ldm_to_kohya_key(name)
+    content[f"{key}.dora_scale"] = torch.rand(SHAPES[name][0], 1, generator=torch.Generator().manual_seed(4)) + 0.5
+    merged = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 1.0, 1.0, "lorarar")
+    assert name not in merged.coefficients and merged.layers[name].content.dense.is_dora
+    assert merged.report.dora_magnitude_dropped == 1
+    assert any("applied to the model as ComfyUI applies DoRA" in note for note in merged.report.notes)
+    content_patch = merge_logic.patch_plan(merged)[0][0]
+    assert torch.equal(content_patch[f"{key}.dora_scale"], content[f"{key}.dora_scale"])
+    torch.testing.assert_close(content_patch[f"{key}.lora_up.weight"], content[f"{key}.lora_up.weight"])
+    output = merge_logic.merged_lora_output(merged, content, pair[1], tiny_hypernet())
+    path = lora_logic.save_lora_model(output, tmp_path, "dora/merged")
+    with safe_open(str(path), "pt") as f:
+        assert "1 DoRA layer(s) written WITHOUT their magnitude" in f.metadata()["lorarar.dora"]
+        assert f"{key}.dora_scale" not in f.keys()
