@@ -50,6 +50,9 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 FOLDER_OF = {"ckpt_name": "checkpoints", "lora_name": "loras", "hypernet_name": "lorarar"}
 assert set(FOLDER_OF) == FILE_COMBOS
 BROKEN = "broken_unknown_node"  # control workflow: one node type nobody registers
+# The main template as it was saved when LoRA.rar Merge's MODEL input was still required (its
+# first slot); since it is optional, frontends put it after the required inputs.
+SAVED_BEFORE = REPO / "tests" / "data" / "workflow_saved_before_optional_model.json"
 UNKNOWN_TYPE = "LoraRarNoSuchNode"
 
 
@@ -95,6 +98,11 @@ def server(frontend, driver_ready, request):
 @pytest.fixture(scope="module")
 def object_info(server):
     return server.get_json("/object_info", timeout=120)
+
+
+def schema_inputs(object_info: dict, node_type: str) -> set[str]:
+    spec = object_info[node_type]["input"]
+    return set(spec.get("required", {})) | set(spec.get("optional", {}))
 
 
 def load(path: Path) -> dict:
@@ -159,7 +167,7 @@ def checked(server, frontend, object_info, tmp_path_factory):
     broken["nodes"][1]["type"] = UNKNOWN_TYPE
     broken_path = shots / f"{BROKEN}.json"
     broken_path.write_text(json.dumps(broken))
-    result = drive("check", server.url + "/", str(shots), *map(str, WORKFLOWS), str(broken_path))
+    result = drive("check", server.url + "/", str(shots), *map(str, WORKFLOWS), str(broken_path), str(SAVED_BEFORE))
     keep_screenshots(shots, f"{frontend.id}-bare")
     return result
 
@@ -186,6 +194,20 @@ def test_workflow_opens_with_every_node_known(checked, workflow):
     assert report["notices"]["missingNodeTypes"] == []
     assert report["unregisteredLoaded"] == []
     assert report["loadedNodes"] == report["expectedNodes"]
+
+
+def test_a_workflow_saved_before_the_model_input_became_optional_keeps_its_links(checked):
+    """Users' saved workflows wire MODEL into the merge node's first slot; loading one in today's
+    node (MODEL optional, listed after the required inputs) keeps every link, and the prompt the
+    frontend builds still feeds the checkpoint's MODEL to the merge."""
+    report = checked["reports"][SAVED_BEFORE.stem]
+    assert report["missingTypes"] == [] and report["badLinks"] == [], report["badLinks"]
+    assert report["loadedNodes"] == report["expectedNodes"] and "promptError" not in report
+    saved = load(SAVED_BEFORE)
+    checkpoint = str(next(n["id"] for n in saved["nodes"] if n["type"] == "CheckpointLoaderSimple"))
+    merge = next(n for n in report["prompt"].values() if n["class_type"] == "LoraRarMerge")
+    assert merge["inputs"]["model"] == [checkpoint, 0] and merge["inputs"]["clip"] == [checkpoint, 1]
+    assert merge["inputs"]["method"] == "lorarar" and merge["inputs"]["content_strength"] == 1
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -239,7 +261,7 @@ def test_user_with_the_files_sees_no_notice(equipped, workflow):
 
 def test_sdxl_checkpoint_is_offered_for_download(checked):
     """Load Checkpoint carries properties.models: both frontends offer SDXL base with its address."""
-    report = checked["reports"]["lorarar_sdxl_subject_style"]
+    report = checked["reports"]["LoRA.rar merge, subject and style (SDXL)"]
     offered = {m["name"]: m["url"] for m in report["notices"]["missingModels"]}
     assert offered.get("sd_xl_base_1.0.safetensors", "").startswith("https://huggingface.co/stabilityai/")
     assert any("Download" in line for line in report["toldOnScreen"]), report["toldOnScreen"]
@@ -275,7 +297,11 @@ def test_frontend_prompt_equals_python_conversion(checked, equipped, object_info
     with and without the model files."""
     converted = ui_to_api(load(workflow), object_info)
     for result in (checked, equipped):
-        frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+        # (a frontend-only widget, e.g. Preview Any's text box in 1.27, may ride along in the
+        # prompt; the server ignores inputs its schema does not have, so they are left out here)
+        frontend = {k: {"class_type": v["class_type"],
+                        "inputs": {name: value for name, value in v["inputs"].items()
+                                   if name in schema_inputs(object_info, v["class_type"])}}
                     for k, v in result["reports"][workflow.stem]["prompt"].items()}
         assert frontend == converted
 
@@ -339,7 +365,7 @@ def test_screenshot_shows_the_graph(equipped, frontend, workflow):
         assert max(ImageStat.Stat(image.convert("L")).stddev) > 10
         if os.environ.get("LORARAR_UPDATE_THUMBNAILS") == "1" and frontend.role == "pinned":
             save_jpeg(image, workflow.with_suffix(".jpg"), width=1200, quality=85)
-            if workflow.stem == "lorarar_sdxl_subject_style":
+            if workflow.stem == "LoRA.rar merge, subject and style (SDXL)":
                 save_jpeg(image, REPO / "docs" / "workflow.jpg", width=960, quality=78)
 
 

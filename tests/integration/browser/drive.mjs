@@ -227,6 +227,10 @@ async function fitAndShoot(page, file) {
       (canvas.clientHeight / scale - (y1 - y0)) / 2 - y0];
     app.canvas.deselectAll?.();
     app.canvas.show_info = false; // the FPS/node-count overlay
+    // Below a zoom level LiteGraph draws nodes as bare boxes (no titles, no widgets); a
+    // thumbnail of a large workflow is zoomed out that far, so draw it in full.
+    if ('min_font_size_for_lod' in app.canvas) app.canvas.min_font_size_for_lod = 0;
+    app.canvas.updateLowQualityThreshold?.();
     app.canvas.setDirty(true, true);
   });
   await page.waitForTimeout(800);
