@@ -397,14 +397,66 @@ async function template(url, pack, names) {
   return { ...result, consoleErrors };
 }
 
+// Runs in the page after buildInPage: queue the graph as the Run button does, wait until the
+// server's queue is empty, then read what the user sees: the text each node shows (ComfyUI's
+// progress-text box, `$$node-text-preview`, which both frontend generations draw on the node).
+async function queueAndRead(timeoutMs) {
+  const { app } = window;
+  const before = await (await fetch('/history?max_items=1000')).json();
+  await app.queuePrompt(0, 1);
+  const start = Date.now();
+  let history = {};
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 300));
+    const queue = await (await fetch('/queue')).json();
+    history = await (await fetch('/history?max_items=1000')).json();
+    const fresh = Object.keys(history).filter((id) => !(id in before));
+    if (fresh.length && !queue.queue_running.length && !queue.queue_pending.length) {
+      history = history[fresh[0]];
+      break;
+    }
+    if (Date.now() - start > timeoutMs) throw new Error('the prompt did not finish in time');
+  }
+  await new Promise((r) => setTimeout(r, 1500)); // the last websocket messages reach the canvas
+  const texts = {};
+  for (const node of app.graph._nodes ?? app.graph.nodes) {
+    const widget = node.widgets?.find((w) => w.name === '$$node-text-preview');
+    if (widget && widget.value) texts[node.title] = String(widget.value);
+  }
+  return { texts, status: history.status?.status_str ?? null,
+    errors: (history.status?.messages ?? []).filter((m) => m[0] === 'execution_error').map((m) => m[1]) };
+}
+
+//   node drive.mjs run URL OUT_DIR SPEC.json          build the spec's graph, press Run, report the
+//        text every node shows and the run's status; OUT_DIR gets run.png (the screen after it)
+//        and, where the frontend reports an error, error.png after opening its details.
+async function run(url, outDir, specFile) {
+  const spec = JSON.parse(fs.readFileSync(specFile, 'utf8'));
+  const { page, close, consoleErrors } = await openApp(url);
+  try {
+    await page.evaluate(buildInPage, spec);
+    const before = await screenLines(page);
+    const result = await page.evaluate(queueAndRead, 300000);
+    await page.screenshot({ path: path.join(outDir, 'run.png') });
+    result.notices = await page.evaluate(() => window.lorararNotices());
+    // what the user reads about an error: the dialog (1.2x) or the panel "View details" opens (1.5x)
+    result.toldOnScreen = await readNotices(page, { notices: { errorOverlay: true } }, before);
+    await page.screenshot({ path: path.join(outDir, 'error.png') });
+    return { ...result, consoleErrors };
+  } finally {
+    await close();
+  }
+}
+
 const [mode, url, ...rest] = process.argv.slice(2);
 let result;
 if (mode === 'check') result = await check(url, rest[0] === '-' ? null : rest[0], rest.slice(1));
 else if (mode === 'build') result = await build(url, rest[0], rest[1]);
 else if (mode === 'template') result = await template(url, rest[0], rest.slice(1));
 else if (mode === 'help') result = await help(url, rest[0], JSON.parse(fs.readFileSync(rest[1], 'utf8')));
+else if (mode === 'run') result = await run(url, rest[0], rest[1]);
 else {
-  console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | template URL PACK NAME... | help URL OUT_DIR NEEDLES.json | build URL SPEC OUT');
+  console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | template URL PACK NAME... | help URL OUT_DIR NEEDLES.json | build URL SPEC OUT | run URL OUT_DIR SPEC');
   process.exit(2);
 }
 process.stdout.write(`${JSON.stringify(result)}\n`);
