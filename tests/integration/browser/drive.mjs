@@ -182,7 +182,8 @@ const screenLines = (page) => page.evaluate(() => document.body.innerText.split(
 // on screen since `before`, i.e. what the user is told.
 async function readNotices(page, report, before) {
   if (report.notices.errorOverlay) {
-    const details = page.getByRole('button', { name: 'View details' });
+    // "View details" (1.58), "See Errors" (1.4x)
+    const details = page.getByRole('button', { name: /^(View details|See Errors)$/ });
     if (await details.count()) await details.first().click({ timeout: 5000 }).catch(() => {});
     else await page.evaluate(() => document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel')?.openPanel('errors'));
     await page.waitForTimeout(1000);
@@ -418,9 +419,11 @@ async function queueAndRead(timeoutMs) {
     if (Date.now() - start > timeoutMs) throw new Error('the prompt did not finish in time');
   }
   await new Promise((r) => setTimeout(r, 1500)); // the last websocket messages reach the canvas
+  // the node's own text box, or, for core's Preview Any, its text widget (kept after the run)
   const texts = {};
   for (const node of app.graph._nodes ?? app.graph.nodes) {
-    const widget = node.widgets?.find((w) => w.name === '$$node-text-preview');
+    const widget = node.widgets?.find((w) => w.name === '$$node-text-preview')
+      ?? (node.type === 'PreviewAny' ? node.widgets?.find((w) => w.name === 'preview') : undefined);
     if (widget && widget.value) texts[node.title] = String(widget.value);
   }
   return { texts, status: history.status?.status_str ?? null,
