@@ -423,7 +423,8 @@ async function queueAndRead(timeoutMs) {
   const texts = {};
   for (const node of app.graph._nodes ?? app.graph.nodes) {
     const widget = node.widgets?.find((w) => w.name === '$$node-text-preview')
-      ?? (node.type === 'PreviewAny' ? node.widgets?.find((w) => w.name === 'preview') : undefined);
+      // Preview Any's text box: 'preview' in 1.2x-1.4x, 'preview_text' in 1.5x
+      ?? (node.type === 'PreviewAny' ? node.widgets?.find((w) => ['preview', 'preview_text'].includes(w.name)) : undefined);
     if (widget && widget.value) texts[node.title] = String(widget.value);
   }
   return { texts, status: history.status?.status_str ?? null,
@@ -437,11 +438,23 @@ async function run(url, outDir, specFile) {
   const spec = JSON.parse(fs.readFileSync(specFile, 'utf8'));
   const { page, close, consoleErrors } = await openApp(url);
   try {
-    await page.evaluate(buildInPage, spec);
+    // built, then opened as a user opens a workflow file, so the run belongs to a workflow tab
+    // (1.5x files a job's errors under its workflow)
+    const workflow = await page.evaluate(buildInPage, spec);
+    await page.evaluate(async (wf) => {
+      await window.app.handleFile(new File([JSON.stringify(wf)], 'lorarar_run.json', { type: 'application/json' }));
+    }, workflow);
+    await page.waitForTimeout(1500);
     const before = await screenLines(page);
     const result = await page.evaluate(queueAndRead, 300000);
     await page.screenshot({ path: path.join(outDir, 'run.png') });
     result.notices = await page.evaluate(() => window.lorararNotices());
+    // the execution error as the frontend holds it (what its error panel and report render)
+    result.frontendError = await page.evaluate(() => {
+      const stores = document.querySelector('#vue-app')?.__vue_app__?.config?.globalProperties?.$pinia?._s;
+      const error = stores?.get('executionError')?.lastExecutionError;
+      return error ? { type: error.exception_type, message: error.exception_message } : null;
+    });
     // what the user reads about an error: the dialog (1.2x) or the panel "View details" opens (1.5x)
     result.toldOnScreen = await readNotices(page, { notices: { errorOverlay: true } }, before);
     await page.screenshot({ path: path.join(outDir, 'error.png') });
