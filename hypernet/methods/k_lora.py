@@ -34,7 +34,7 @@ from ..devices import resolve_device
 from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
-from ..tooling.progress import Progress
+from ..progress import Progress
 
 DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
 _SWITCHED = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
