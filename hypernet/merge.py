@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import HypernetError, LoraFormatError, LoraRarError
-from .lora import LoraFile, require_family
+from . import families
+from .errors import HypernetError, LoraFormatError, LoraMismatchError, LoraRarError
+from .lora import LoraFile
 from .merged import CONTENT, STYLE, Coefficients, MergedLayer, MergedLora, Side, assemble, layer_names  # noqa: F401 - re-exported: the result types' home is merged.py
 from .methods import k_lora, np_lora
 from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
@@ -143,16 +144,51 @@ class MergeCache(Protocol):
     def get_or_compute(self, objects: tuple, compute: Callable[[], MergedLora], key: tuple = ()) -> MergedLora: ...
 
 
-def check_family(lora: LoraFile, role: str, expected: str, hypernet: HyperNetwork | None) -> None:
-    """Both inputs must look like LoRAs for `expected`; one message naming the input otherwise."""
-    try:
-        require_family(lora, expected, role)
-    except LoraFormatError as exc:
-        extra = ""
-        if hypernet is not None:
-            extra = (f"; this hypernetwork supports {hypernet.config.base_family.upper()} widths "
-                     f"{'/'.join(map(str, hypernet.widths))}")
-        raise LoraFormatError(f"{exc}{extra}") from None
+def _describe(lora: LoraFile) -> str:
+    names = [families.name_of(f) for f in lora.family_candidates] or [lora.family_name]
+    return " or ".join(names) + (f" ({lora.family_evidence})" if lora.family_evidence else "")
+
+
+def _hypernet_families(hypernet: HyperNetwork | None) -> tuple[str, ...]:
+    return families.for_hypernet(hypernet.config.base_family) if hypernet is not None else ()
+
+
+def resolve_family(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = None,
+                   expected: str | None = None) -> tuple[LoraFile, LoraFile, str | None]:
+    """The base-model family of a merge, from its inputs — never a constant: the family both LoRAs
+    are for (each may fit several equally, e.g. a file that touches only attention layers named
+    alike in two models), narrowed by `expected` (the CLI's --family, the ComfyUI model's family)
+    and by the hypernetwork's base family (when the method uses one). Each LoRA comes back read for
+    that family (read again where it was read as another of its candidates). One error naming both
+    sides where they disagree."""
+    def candidates(lora: LoraFile) -> tuple[str, ...]:
+        return lora.family_candidates or ((lora.family,) if lora.family else ())
+
+    c, s = candidates(content), candidates(style)
+    allowed = set(families.FAMILY_IDS)
+    constraint = ""
+    if expected:
+        allowed &= {expected}
+        constraint = f"expected {families.name_of(expected)}"
+    by_hypernet = _hypernet_families(hypernet)
+    if by_hypernet:
+        allowed &= set(by_hypernet)
+        constraint = (f"{constraint}; " if constraint else "") + (
+            f"this hypernetwork is for {' or '.join(families.name_of(f) for f in by_hypernet)} (base family "
+            f"{hypernet.config.base_family!r}, widths {'/'.join(map(str, hypernet.widths))})")
+    if not c and not s:  # LoraFiles built in code, without a family: nothing to check
+        return content, style, expected
+    for role, lora, own in (("content LoRA", content, c), ("style LoRA", style, s)):
+        if own and not allowed & set(own):
+            raise LoraFormatError(f"{role} {lora.source} looks like {_describe(lora)}; {constraint}")
+    common = [f for f in families.FAMILY_IDS if f in allowed and (not c or f in c) and (not s or f in s)]
+    if not common:
+        raise LoraMismatchError(
+            f"content LoRA {content.source} looks like {_describe(content)} but style LoRA {style.source} looks like "
+            f"{_describe(style)}: a merge needs two LoRAs of one base model")
+    chosen = next((f for f in (content.family, style.family) if f in common), common[0])
+    return (content.as_family(chosen) if content.family else content,
+            style.as_family(chosen) if style.family else style, chosen)
 
 
 # What a merge does with DoRA layers (a LoRA plus a magnitude vector that rescales each output or
@@ -197,8 +233,10 @@ def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = No
     """Merge `content` and `style` with `method` (see `METHODS`) at the given strengths.
 
     `params` are the method's own settings (`REGISTRY[method].params`); `unsupported_width` is
-    shorthand for LoRA.rar's. `expected_family` ("sdxl" from the CLI and the node) checks both
-    inputs look like LoRAs of that base family; None skips the check (library use on other bases).
+    shorthand for LoRA.rar's. The base-model family comes from the inputs (`resolve_family`: both
+    LoRAs must be for one family, and the hypernetwork for it too); `expected_family` (a family id:
+    the CLI's --family, the ComfyUI model's family) narrows it; an ambiguous input is read again
+    for the family chosen.
     `dora` (DORA_MODES): what DoRA layers get — an error (default), the magnitude-free
     approximation, or (the node) ComfyUI's own DoRA with the model's weights: those layers are
     then kept out of the method, summed, and patched as ComfyUI patches them; a file written from
@@ -216,9 +254,7 @@ def merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork | None = No
             f"in ComfyUI or pass --hypernet on the command line — or choose another method "
             f"({', '.join(m for m, s in REGISTRY.items() if not s.needs_hypernet)})")
     hypernet = hypernet if spec.needs_hypernet else None
-    if expected_family:
-        check_family(content, "content LoRA", expected_family, hypernet)
-        check_family(style, "style LoRA", expected_family, hypernet)
+    content, style, _ = resolve_family(content, style, hypernet, expected_family)
 
     doras = {CONTENT: _dora_layers(content), STYLE: _dora_layers(style)}
     if dora == DORA_REFUSE:

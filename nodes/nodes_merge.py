@@ -171,7 +171,7 @@ class LoraRarMerge(io.ComfyNode):
             params["device"] = str(comfy.model_management.get_torch_device())
         merged = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork, content_strength, style_strength, method,
-            params=params,
+            params=params, model_family=merge_patches.model_family(model),
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = merge_patches.apply_merged(model, clip, merged)
 

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.comfyui
 
 # The tiny SDXL topology: every transformer-block name of SDXL (input_blocks.4/5/7/8,
 # middle_block.1, output_blocks.0-5), widths 64/128 instead of 640/1280, depth 1-2, and the real
-# 2048-wide text context so the LoRAs look like SDXL to require_family.
+# 2048-wide text context so the LoRAs read as SDXL (hypernet/families/detect.py).
 TINY_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,

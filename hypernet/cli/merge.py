@@ -57,6 +57,11 @@ def add_parser(subparsers) -> None:
                    help="DoRA layers need the base model's weights to apply their magnitude: 'refuse' (default) "
                         "stops with an error; 'drop-magnitude' merges them as plain LoRAs (an approximation "
                         "the report and the file's metadata state). The ComfyUI node applies DoRA exactly")
+    from .. import families
+
+    p.add_argument("--family", choices=("auto", *families.FAMILY_IDS), default="auto",
+                   help="the base model both LoRAs are for: 'auto' (default) detects it from their keys and "
+                        "shapes (and the hypernetwork's); give it where a file fits several")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the written factors (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -95,8 +100,12 @@ def schedule_document(merged, content_name: str, style_name: str, params: dict) 
         "method": merged.report.method, "content": content_name, "style": style_name, "params": params,
         "content_strength": merged.content_strength, "style_strength": merged.style_strength,
         "rule": "each listed layer uses the content LoRA while p < switch_point and the style LoRA from "
-                "it on (p = fraction of sampling done); every other layer is the sum of both",
-        "switch_points": {naming.ldm_to_kohya_key(n): number(p) for n, p in merged.switch_points.items()},
+                "it on (p = fraction of sampling done) — in switch_rows only those rows, the others are the sum; "
+                "every other layer is the sum of both",
+        "switch_points": {naming.kohya_key(n, merged.family): number(p) for n, p in merged.switch_points.items()},
+        # where only some rows of a fused weight switch (Flux's single-block linear1: q/k/v, not the MLP)
+        "switch_rows": {naming.kohya_key(n, merged.family): list(r) for n, r in merged.switch_rows.items()},
+        "family": merged.family,
         "report": merged.report.as_dict(), "notes": merged.report.notes,
     }
 
@@ -125,15 +134,16 @@ def run(args: argparse.Namespace) -> int:
             "ComfyUI to sample with it, or choose --method np-lora, lorarar or sum for a LoRA file")
     if out.exists() and not args.force:  # fail before the slow part
         raise OutputExistsError(f"{out} already exists; refusing to overwrite it (use --force)")
-    content = read_lora(args.content)
-    style = read_lora(args.style)
+    family = None if args.family == "auto" else args.family
+    content = read_lora(args.content, family=family)
+    style = read_lora(args.style, family=family)
     hypernet = None
     if spec.needs_hypernet:
         hypernet = resolve_hypernet(args.hypernet, [Path(d) for d in args.hypernet_dir],
                                     allow_download=args.download)
     with ProgressLine(args.method) as bar:
         merged = merge(content, style, hypernet, args.content_strength, args.style_strength, args.method,
-                       params=params, expected_family="sdxl", progress=bar.update, dora=args.dora)
+                       params=params, expected_family=family, progress=bar.update, dora=args.dora)
     if not scheduled and args.content_strength == 0 and args.style_strength == 0:
         raise LoraRarError("--content-strength and --style-strength are both 0: the merged LoRA would change "
                            f"nothing; {out} was not written")

@@ -328,7 +328,7 @@ def make_case(rng: random.Random, seed: Seed) -> Case:
 def read_case(case: Case, folder: Path, kind: str) -> str:
     """Read the case as inspect / merge would; returns "ok" (LoraRarError propagates)."""
     from ..inspection import describe_lora
-    from ..lora import check_finite, guess_family, read_lora
+    from ..lora import check_finite, read_lora
     from ..model import load_hypernet
 
     if kind in ("hypernet", "pth"):
@@ -345,7 +345,7 @@ def read_case(case: Case, folder: Path, kind: str) -> str:
     lora = read_lora(path, check_values=False)
     describe_lora(path)  # inspect: reads it once more, reports NaN/Inf instead of refusing
     check_finite(lora)
-    guess_family(lora)
+    lora.family_name  # noqa: B018 - the family's name is looked up as inspect does
     for layer in lora.layers.values():
         _ = (layer.shape, layer.rank, layer.scale, layer.dtype)
         size = 1
