@@ -164,12 +164,19 @@ class Canonical:
 
 def read_model_path(spec: FamilySpec, parsed: ParsedModule, rows: int | None, width: int | None) -> Canonical | None:
     """A model module's canonical weight in `spec`, or None where the family cannot read it.
-    `rows`/`width`: the adapted weight's out/in features (a mapping may hold only for some rows)."""
+    `rows`/`width`: the adapted weight's out/in features (a mapping may hold only for some rows).
+
+    Every vocabulary's explicit mappings are tried before any path is taken as a name of the model
+    itself: the families accept any name under their blocks (a LyCORIS file may adapt a norm), so
+    a diffusers `layers.0.attention.to_q` under ComfyUI's `diffusion_model.` prefix must be read
+    as the q rows of `attention.qkv` before it could pass for a module of that name."""
+    paths = []
     for vocabulary_name in parsed.vocabularies:
         vocabulary = spec.vocabularies.get(vocabulary_name)
         if vocabulary is None:
             continue
         path = unflatten(parsed.path, vocabulary.words) if parsed.flat else parsed.path
+        paths.append((vocabulary, path))
         for mapping in vocabulary.lookup(path) if vocabulary.mappings else ():
             match = mapping.regex.match(path)
             if match is None:
@@ -179,9 +186,10 @@ def read_model_path(spec: FamilySpec, parsed: ParsedModule, rows: int | None, wi
                     continue
             name = mapping.target.format(**match.groupdict())
             if spec.is_valid_model_name(name):
-                return Canonical(name, mapping.parts, vocabulary_name)
+                return Canonical(name, mapping.parts, vocabulary.name)
+    for vocabulary, path in paths:
         if vocabulary.identity and spec.is_valid_model_name(path):
-            return Canonical(path, (), vocabulary_name)
+            return Canonical(path, (), vocabulary.name)
     return None
 
 
@@ -209,6 +217,8 @@ def read_text_encoder_path(spec: FamilySpec, parsed: ParsedModule, width: int | 
 
 def layout_of(parsed: ParsedModule, vocabulary: str) -> str:
     """The key layout a module's key has (what wrote it), for reports."""
+    if vocabulary == "xlabs":
+        return LAYOUT_XLABS
     if parsed.processor:
         return LAYOUT_DIFFUSERS_PROCESSOR
     if parsed.peft_default:
