@@ -3,12 +3,13 @@
 Every family reads every module path it can (keys.read_model_path / read_text_encoder_path); the
 family that reads the file best wins, by, in this order:
 
-1. how many layers it reads as weights its models have (the golden tables: a Flux file's
-   `img_mod.lin` exists in Flux.1 but not Flux.2; SDXL has `transformer_blocks.9`, SD1.5 has not);
-2. how many layers have exactly the shape one published size of the family gives them (SD1.5's
-   768-wide cross-attention context against SDXL's 2048);
-3. how many have the family's proportions with the width read off the layer itself (Flux.1's
-   linear1 is 7× its input, Flux.2's 9× — this works for tiny test models too);
+1. how many layers it reads as weights its models have, at a shape the family gives them: exactly
+   a published size's (SD1.5's 768-wide cross-attention context against SDXL's 2048), or the
+   family's proportions with the width read off the layer itself (Flux.1's linear1 is 7× its input,
+   Flux.2's 9× — this works for tiny test models too);
+2. how many layers it reads as weights its models have at all (the golden tables: SDXL has
+   `transformer_blocks.9`, SD1.5 has not; a Flux file's `img_mod.lin` exists in Flux.1 only);
+3. how many layers have exactly the shape of the family's best-fitting published size;
 4. how many keys it reads at all.
 
 Families still equal after that are all *candidates*; the first in registry order is chosen, and
@@ -55,7 +56,9 @@ def read_module(spec: FamilySpec, module: Module) -> Canonical | None:
 
 
 def _score(spec: FamilySpec, modules: Sequence[Module]) -> tuple[int, int, int, int]:
-    read = in_table = relative = 0
+    """(layers that are weights of the model at a shape it gives them, layers that are weights of
+    the model, the best published size's exact fits, keys read at all)."""
+    read = in_table = fits = 0
     absolute = {v.id: 0 for v in spec.variants}
     tables = {v.id: spec.table(v.id) for v in spec.variants}
     for module in modules:
@@ -70,7 +73,7 @@ def _score(spec: FamilySpec, modules: Sequence[Module]) -> tuple[int, int, int, 
             if name in table:
                 in_table += 1
                 if shape is not None and _flat(shape) == _flat(table[name]):
-                    relative += 1
+                    fits += 1
                     for variant in absolute:
                         absolute[variant] += 1
             continue
@@ -82,17 +85,15 @@ def _score(spec: FamilySpec, modules: Sequence[Module]) -> tuple[int, int, int, 
         if canonical.parts:
             # a slice of a fused weight: its rows must be those parts' rows at its own width
             rows = spec.part_rows(name, canonical.parts, shape[1]) if len(shape) > 1 else None
-            fits = rows is not None and len(rows) == shape[0]
-            relative += fits
-            for variant, table in tables.items():
-                if fits and name in table and table[name][1:] == tuple(shape[1:]):
-                    absolute[variant] += 1
-            continue
-        relative += spec.relative_fit(name, shape)
-        for variant, table in tables.items():
-            if name in table and _flat(table[name]) == _flat(shape):
-                absolute[variant] += 1
-    return in_table, max(absolute.values(), default=0), relative, read
+            relative = rows is not None and len(rows) == shape[0]
+            exact = [v for v, table in tables.items() if relative and name in table and table[name][1:] == tuple(shape[1:])]
+        else:
+            relative = spec.relative_fit(name, shape)
+            exact = [v for v, table in tables.items() if name in table and _flat(table[name]) == _flat(shape)]
+        fits += bool(relative or exact)
+        for variant in exact:
+            absolute[variant] += 1
+    return fits, in_table, max(absolute.values(), default=0), read
 
 
 def _flat(shape: Sequence[int]) -> tuple[int, int]:
@@ -116,7 +117,7 @@ def detect(modules: Sequence[Module], only: Sequence[str] | None = None) -> Matc
     if len(modules) > SAMPLE:
         step = len(modules) / SAMPLE
         sample = [modules[int(i * step)] for i in range(SAMPLE)]
-        reads = {spec.id: _score(spec, sample)[0] for spec in specs}
+        reads = {spec.id: _score(spec, sample)[1] for spec in specs}
         if max(reads.values()) > 0:
             specs = [spec for spec in specs if reads[spec.id] > 0]
     scores = {}
@@ -128,12 +129,12 @@ def detect(modules: Sequence[Module], only: Sequence[str] | None = None) -> Matc
         return Match(None, (), scores, "no family reads its keys")
     best = max(scores.values())
     candidates = tuple(f for f, s in scores.items() if s == best)
-    in_table, absolute, relative, read = best
+    fits, in_table, absolute, read = best
     widths = _attention_widths(_get_family(candidates[0]), modules)
     evidence = ((f"{'/'.join(map(str, widths))}-wide attention; " if widths else "")
                 + f"{in_table} of {len(modules)} layers are weights of the model"
                 + (f", {absolute} at the exact shape of a published size" if absolute else "")
-                + (f", {relative} at its proportions" if relative and not absolute else ""))
+                + (f", {fits} at its proportions" if fits and not absolute else ""))
     return Match(candidates[0], candidates, scores, evidence)
 
 

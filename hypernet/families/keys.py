@@ -101,6 +101,7 @@ KEY_FORMS = (
 _KOHYA_TE = re.compile(r"^(lora_te\d?_)(.+)$")
 _DIFFUSERS_TE = re.compile(r"^(text_encoder(?:_\d)?)\.(.+)$")
 _PEFT_TE = re.compile(r"^base_model\.model\.((?:text_model\.)?(?:encoder|embeddings)\..+)$")
+_PROCESSOR_PROJECTION = re.compile(r"\.processor\.(to_(?:q|k|v|out))(?=\.|$)")
 _OLD_TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj", "to_out.0": "out_proj"}
 
 
@@ -127,6 +128,12 @@ def parse_module(key: str, processor: bool = False, peft_default: bool = False) 
     for form, regex, flat, vocabularies, component in KEY_FORMS:
         if m := regex.match(key):
             path = m.group(1)
+            if not flat and _PROCESSOR_PROJECTION.search(path):
+                # an attention processor's projection named with a peft or kohya suffix (ComfyUI maps
+                # `….attn1.processor.to_out` to `….attn1.to_out.0` whatever the suffix)
+                path = _PROCESSOR_PROJECTION.sub(r".\1", path)
+                if path.endswith(".to_out"):
+                    path += ".0"
             if form == "unet":
                 # the official LoRA.rar training wrote a doubled `unet.unet.` prefix (eaten above)
                 path = re.sub(r"\.processor$", "", path.replace(".processor.", "."))

@@ -291,8 +291,9 @@ class FamilySpec:
     # -- parts of fused weights -----------------------------------------------------------------
 
     def parts_of(self, name: str) -> tuple[Part, ...]:
-        weight = self.template_of(name)
-        return weight.parts if weight is not None else ()
+        """A fused weight's parts in row order (of the first of its templates that has parts: SD3's
+        last context block adaLN is (shift, scale) where the other blocks' is one 6h modulation)."""
+        return next((w.parts for w in self.templates_of(name) if w.parts), ())
 
     def part_rows(self, name: str, parts: Iterable[str], width: int) -> list[int] | None:
         """The rows of the weight `name` that `parts` cover, in the parts' order, with `h` = the

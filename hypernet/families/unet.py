@@ -29,7 +29,7 @@ LDM_WORDS = (
 )
 DIFFUSERS_WORDS = (
     "transformer_blocks", "down_blocks", "up_blocks", "mid_block", "downsamplers", "upsamplers",
-    "conv_shortcut", "time_emb_proj", "time_embedding", "add_embedding", "conv_in", "conv_out",
+    "conv_shortcut", "time_emb_proj", "time_embedding", "add_embedding", "class_embedding", "conv_in", "conv_out",
     "conv_norm_out", "linear_1", "linear_2", "proj_in", "proj_out", "to_out", "to_q", "to_k", "to_v",
 )
 ROOTS = (re.compile(r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+|time_embed\.\d+|"
@@ -129,8 +129,9 @@ def prefix_pairs(unet: dict) -> list[tuple[str, str, str]]:
     pairs = [(ldm, diffusers, kind) for ldm, diffusers, kind, *_ in _blocks(unet)]
     pairs += [("input_blocks.0.0", "conv_in", "fixed"), ("out.2", "conv_out", "fixed"),
               ("time_embed.0", "time_embedding.linear_1", "fixed"), ("time_embed.2", "time_embedding.linear_2", "fixed")]
-    if unet.get("adm_in_channels"):
-        pairs += [("label_emb.0.0", "add_embedding.linear_1", "fixed"), ("label_emb.0.2", "add_embedding.linear_2", "fixed")]
+    if unet.get("adm_in_channels"):  # SDXL's ADM embedding; diffusers has called it both
+        pairs += [("label_emb.0.0", "add_embedding.linear_1", "fixed"), ("label_emb.0.2", "add_embedding.linear_2", "fixed"),
+                  ("label_emb.0.0", "class_embedding.linear_1", "fixed"), ("label_emb.0.2", "class_embedding.linear_2", "fixed")]
     return pairs
 
 

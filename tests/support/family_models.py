@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -86,7 +87,7 @@ FULL = {
 TINY = {
     "sd15": ("SD15", dict(FULL["sd15"][2], model_channels=32, num_head_channels=16, num_heads=-1,
                           channel_mult=[1, 2, 2, 2])),
-    "sd2": ("SD20", dict(FULL["sd2"][2], model_channels=32, num_head_channels=16, channel_mult=[1, 2, 2, 2])),
+    "sd2": ("SD20", dict(FULL["sd2"][2], model_channels=64, channel_mult=[1, 1, 2, 2])),  # heads of 64 channels
     "flux1": ("Flux", dict(_FLUX1, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, vec_in_dim=32,
                            context_in_dim=48, axes_dim=[8, 12, 12])),
     "flux2": ("Flux2", dict(_FLUX2, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
@@ -125,13 +126,21 @@ def build(comfy, config_class: str, unet_config: dict, device: str = "meta"):
     """A ComfyUI model (BaseModel subclass) of a family; on "meta" it holds no memory."""
     import torch
 
-    config = getattr(comfy.supported_models, config_class)(dict(unet_config))
-    if hasattr(config, "set_inference_dtype"):
-        config.set_inference_dtype(torch.float32 if device != "meta" else torch.bfloat16, None)
-    if device == "meta":
-        with torch.device("meta"):
-            return config.get_model({}, device=torch.device("meta"))
-    return config.get_model({}, device=torch.device(device))
+    unet_config = dict(unet_config)
+    while True:
+        config = getattr(comfy.supported_models, config_class)(dict(unet_config))
+        if hasattr(config, "set_inference_dtype"):
+            config.set_inference_dtype(torch.float32 if device != "meta" else torch.bfloat16, None)
+        try:
+            if device == "meta":
+                with torch.device("meta"):
+                    return config.get_model({}, device=torch.device("meta"))
+            return config.get_model({}, device=torch.device(device))
+        except TypeError as exc:  # an older ComfyUI without a setting of the newest (Flux's txt_ids_dims)
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if unknown is None or unknown.group(1) not in unet_config:
+                raise
+            del unet_config[unknown.group(1)]
 
 
 def weights_of(model) -> dict[str, tuple[int, ...]]:
