@@ -88,7 +88,11 @@ class LoraRarSaveMergedLora(io.ComfyNode):
                                tooltip="Precision of the saved factors. fp16/bf16 halve the file size; "
                                        "fp32 keeps the merge exact."),
             ],
-            outputs=[],
+            outputs=[io.String.Output("saved", display_name="saved",
+                                      tooltip="Where the file was written (models/loras/…), or why nothing was. "
+                                              "The node also shows it while it runs; connect a Preview Any to "
+                                              "keep reading it after the run (frontend 1.3x and newer clear the "
+                                              "node's own text when the run ends).")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
@@ -102,7 +106,7 @@ class LoraRarSaveMergedLora(io.ComfyNode):
         if reason is not None:
             text = f"Nothing written: {reason}."
             show_on_node(node_id, text, logging.WARNING)
-            return io.NodeOutput(ui=ui.PreviewText(text))
+            return io.NodeOutput(text, ui=ui.PreviewText(text))
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         # the other registered LoRA folders are where a symlinked subfolder may lead (see save_folder)
         path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype,
@@ -113,7 +117,7 @@ class LoraRarSaveMergedLora(io.ComfyNode):
         text = (f"Saved models/loras/{relative}\nPress R (Refresh Node Definitions) and it is listed "
                 "in every LoRA loader.")
         show_on_node(node_id, text)
-        return io.NodeOutput(ui=ui.PreviewText(text))
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
 NODES = [LoraRarLoadLora, LoraRarSaveMergedLora]

