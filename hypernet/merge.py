@@ -31,13 +31,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Widget:
+    """How the ComfyUI merge node shows a setting. Saved workflows store widget values by position:
+    a new widget goes after every existing one (the registry's order is the node's order)."""
+
+    name: str                       # the input's name on the node (forever: workflows store it)
+    kind: str                       # "float", "int" or "combo"
+    default: Any
+    tooltip: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    to_param: Callable[[Any], Any] | None = None   # the widget's value → the library's (np_rank 0 = "all")
+
+
+@dataclass(frozen=True)
 class Param:
-    """One method-specific setting: its default, type and a sentence for help texts."""
+    """One method-specific setting: its default, type and a sentence for help texts — and where
+    the CLI (`flag`, or a `switch` that sets `switch` when given) and the node (`widget`) expose it;
+    `device`: the node fills it with ComfyUI's compute device. The CLI's options, the node's widgets
+    and how their values reach `merge` are all made from these (hypernet/cli/merge.py,
+    hypernet/nodelogic/merge.py, nodes/nodes_merge.py)."""
 
     default: Any
     kind: type
     help: str
     choices: tuple = ()
+    flag: str = ""
+    metavar: str | None = None
+    switch: Any = None
+    widget: Widget | None = None
+    device: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,10 +115,12 @@ def register(method: Method) -> Method:
 register(Method(
     "lorarar", "LoRA.rar: a hypernetwork predicts per-column coefficients for to_q/to_out.0 of every "
     "attention layer; every other layer is summed", needs_hypernet=True, run=_run_lorarar,
-    params={"unsupported_width": Param("error", str, "layers whose width the hypernetwork has no input "
-                                       "for: 'error', or 'sum' them", WIDTH_POLICIES),
+    params={"unsupported_width": Param("error", str, "sum layers whose width the hypernetwork has no input for, "
+                                       "instead of failing", WIDTH_POLICIES, flag="--allow-width-fallback",
+                                       switch="sum"),
             "device": Param("cpu", str, "torch device the hypernetwork runs on (cpu, cuda, …; the ComfyUI "
-                            "node uses the model's); coefficients equal the CPU's to float32 rounding")}))
+                            "node uses the model's); coefficients equal the CPU's to float32 rounding",
+                            flag="--h-device", metavar="DEVICE", device=True)}))
 
 
 def _run_np_lora(content, style, hypernet, params, progress) -> MergedLora:
@@ -106,28 +132,60 @@ def _run_k_lora(content, style, hypernet, params, progress) -> MergedLora:
                                params["device"])
 
 
+def _np_rank(value) -> str | None:
+    """The node's np_rank (an INT widget: 0 = all of the style's directions) → the method's rank."""
+    return None if int(value) == 0 else str(int(value))
+
+
 register(Method(
     "np-lora", "NP-LoRA: the content LoRA is projected off the style LoRA's principal singular directions "
     "on every shared layer (exact, low-rank; no hypernetwork)", needs_hypernet=False, run=_run_np_lora,
     params={"mu": Param(np_lora.DEFAULT_MU, float, "projection strength: 0 = plain sum, larger = harder "
-                        "projection (c = mu/(1+mu))"),
+                        "projection (c = mu/(1+mu))", flag="--mu", metavar="MU",
+                        widget=Widget("mu", "float", np_lora.DEFAULT_MU, "np-lora only: projection strength. 0 = "
+                                      "plain sum; 0.5 = the paper's default; larger removes more of the subject LoRA "
+                                      "along the style's directions (c = mu/(1+mu)).", 0.0, 1000.0, 0.05)),
             "rank": Param(None, str, "style directions to project out: 'all' (default: the style LoRA's rank) "
-                          "or a number k"),
+                          "or a number k", flag="--np-rank", metavar="K",
+                          widget=Widget("np_rank", "int", 0, "np-lora only: how many of the style LoRA's strongest "
+                                        "directions to project out per layer; 0 = all of them (the style LoRA's rank).",
+                                        0, 4096, to_param=_np_rank)),
             "side": Param("input", str, "which space of the content update is projected: 'input' (the "
-                          "paper's Eq. 11, default) or 'output' (its Eq. 21)", np_lora.SIDES)}))
+                          "paper's Eq. 11, default) or 'output' (its Eq. 21)", np_lora.SIDES, flag="--np-side",
+                          widget=Widget("np_side", "combo", "input", "np-lora only: 'input' projects what the "
+                                        "subject LoRA reads (the paper's Eq. 11, default); 'output' what it writes "
+                                        "(Eq. 21)."))}))
 register(Method(
     "k-lora", "K-LoRA: each attention projection uses the content LoRA early in sampling and the style LoRA "
     "from its precomputed switch point on (top-k magnitudes); other layers summed. Not one LoRA file",
     needs_hypernet=False, run=_run_k_lora,
-    params={"top_k": Param(k_lora.DEFAULT_TOP_K, int, "entries of each |ΔW| summed into its magnitude S"),
+    params={"top_k": Param(k_lora.DEFAULT_TOP_K, int, "entries of each |ΔW| summed into its magnitude S",
+                           flag="--k-top-k", metavar="K",
+                           widget=Widget("k_top_k", "int", k_lora.DEFAULT_TOP_K, "k-lora only: how many of each "
+                                         "layer's largest LoRA entries are summed to compare the two LoRAs (official: "
+                                         "64).", 1, 1 << 20)),
             "alpha": Param(k_lora.DEFAULT_ALPHA, float, "how fast the style LoRA takes over as sampling "
-                           "progresses (> 0)"),
-            "beta": Param(k_lora.DEFAULT_BETA, float, "the style's weight at the start of sampling"),
+                           "progresses (> 0)", flag="--k-alpha", metavar="A",
+                           widget=Widget("k_alpha", "float", k_lora.DEFAULT_ALPHA, "k-lora only: how fast the style "
+                                         "LoRA takes over as sampling progresses (official: 1.5; larger = earlier).",
+                                         0.01, 100.0, 0.05)),
+            "beta": Param(k_lora.DEFAULT_BETA, float, "the style's weight at the start of sampling", flag="--k-beta",
+                          metavar="B",
+                          widget=Widget("k_beta", "float", k_lora.DEFAULT_BETA, "k-lora only: the style LoRA's weight "
+                                        "at the start of sampling (official: 0.5; larger = style takes over earlier).",
+                                        -10.0, 10.0, 0.05)),
             "device": Param("cpu", str, "torch device that forms the dense products for the magnitudes "
-                            "(cpu, cuda, …; the ComfyUI node uses its own)")}))
+                            "(cpu, cuda, …; the ComfyUI node uses its own)", flag="--k-device", metavar="DEVICE",
+                            device=True)}))
 register(Method("sum", "direct merge: the plain sum of both LoRAs (baseline)", needs_hypernet=False, run=_run_sum))
 
 METHODS = tuple(REGISTRY)
+
+
+def widgets() -> list[tuple[str, str, Param]]:
+    """(method, parameter, Param) of every setting the merge node shows, in the node's order."""
+    return [(method.name, name, param) for method in REGISTRY.values() for name, param in method.params.items()
+            if param.widget is not None]
 
 
 def method_spec(name: str) -> Method:

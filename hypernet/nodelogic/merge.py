@@ -15,7 +15,7 @@ import torch
 
 from .. import naming
 from ..errors import LoraRarError
-from ..merge import DORA_EXACT_IN_COMFYUI, merge
+from ..merge import DORA_EXACT_IN_COMFYUI, merge, method_spec, widgets
 from ..merged import CONTENT, STYLE, MergedLayer, MergedLora, restrict_rows
 from ..model import HyperNetwork
 from ..tooling.progress import Progress
@@ -32,23 +32,22 @@ log = logging.getLogger(__name__)
 # parameters. Four entries: the side-by-side workflow runs one pair through every method.
 _MERGES = IdentityCache(size=4)
 
-# The node's method-specific inputs: widget name → (method, library parameter), and their defaults.
-NODE_PARAMS = {
-    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
-    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
-}
+# The node's method-specific inputs: widget name → (method, library parameter) — from the
+# method registry (hypernet/merge.py), which also gives their order, defaults and tooltips.
+NODE_PARAMS = {param.widget.name: (method, name) for method, name, param in widgets()}
 
 
-def node_params(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The chosen method's parameters from the node's widgets. Only that method's: changing
-    another method's widget must not rerun (or re-key) this merge. np_rank 0 means "all"."""
+def node_params(method: str, inputs: Mapping[str, Any], device: str | None = None) -> dict[str, Any]:
+    """The chosen method's parameters from the node's widgets (and `device`, ComfyUI's compute
+    device, for the settings that take it). Only that method's: changing another method's widget
+    must not rerun (or re-key) this merge. np_rank 0 means "all"."""
     params = {}
-    for widget, (owner, name) in NODE_PARAMS.items():
-        if owner == method and inputs.get(widget) is not None:
-            value = inputs[widget]
-            if widget == "np_rank":
-                value = None if int(value) == 0 else str(int(value))
-            params[name] = value
+    for owner, name, param in widgets():
+        value = inputs.get(param.widget.name)
+        if owner == method and value is not None:
+            params[name] = param.widget.to_param(value) if param.widget.to_param else value
+    if device is not None:
+        params.update({name: device for name, param in method_spec(method).params.items() if param.device})
     return params
 
 
