@@ -595,9 +595,13 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
     if not layers:
         raise LoraFormatError(
             f"{source}: no LoRA layers found ({len(state_dict)} keys; read as {spec.name}, none is a layer of it)")
+    ambiguous = match is not None and len(match.candidates) > 1
+    # the raw tensors are kept only where the file may have to be read again for another family:
+    # otherwise a file whose slices were placed into fused weights would be held twice
     lora = LoraFile(layers, metadata, layouts, unrecognised, source, notes, dtypes, spec.id,
                     match.candidates if match is not None else (spec.id,),
-                    match.evidence if match is not None else f"read as {spec.name}, as asked", origin)
+                    match.evidence if match is not None else f"read as {spec.name}, as asked",
+                    origin if ambiguous else None)
     if check_values:
         check_finite(lora)
     return lora
