@@ -99,13 +99,15 @@ class LoraRarMerge(io.ComfyNode):
             node_id="LoraRarMerge",
             display_name="LoRA.rar Merge",
             category=CATEGORY,
-            description="Merge a subject (content) LoRA and a style LoRA for SDXL with one of four "
-                        "methods: LoRA.rar's hypernetwork, NP-LoRA, K-LoRA or the plain sum. Patches "
+            description="Merge a subject (content) LoRA and a style LoRA with one of four methods: "
+                        "LoRA.rar's hypernetwork, NP-LoRA, K-LoRA or the plain sum — SDXL, SD1.5/SD2, Flux, "
+                        "SD3.5, Qwen-Image, Z-Image or Wan (the family is read from the LoRAs). Patches "
                         "MODEL and CLIP.",
             # Saved workflows store widget values by position: new inputs go at the END only.
             inputs=[
                 io.Model.Input("model", optional=True,
-                               tooltip="The SDXL-family diffusion model to patch. Optional: without it the "
+                               tooltip="The diffusion model to patch — SDXL, SD1.5/SD2, Flux, SD3.5, Qwen-Image, "
+                                       "Z-Image or Wan; the LoRAs must be for it. Optional: without it the "
                                        "node only merges the two files (merged_lora, plot, report) — "
                                        "enough for Save Merged LoRA; k-lora needs it."),
                 io.Clip.Input("clip", optional=True,

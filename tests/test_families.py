@@ -324,3 +324,12 @@ def test_every_layout_of_the_flux_family_is_flux_by_name_and_proportion_at_any_w
     assert lora_from_state_dict(sd(64, 7)).family == "flux1"
     assert lora_from_state_dict(sd(64, 9)).family == "flux2"
     assert lora_from_state_dict(sd(64, 9)).layers["single_blocks.0.linear1"].shape == (9 * 64, 64)
+
+
+def test_the_readme_table_lists_every_family():
+    """Adding a family is a data file: its row in README's table must not be forgotten."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Model families", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| **")]
+    for spec in families.all_families():
+        assert any(f"**{spec.name}" in row for row in rows), spec.name
