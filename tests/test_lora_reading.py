@@ -1,4 +1,4 @@
-"""Reading: every naming family to one canonical form; adapter kinds; bad input."""
+"""Reading: every key layout to one canonical form; adapter kinds; bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypernet.tooling import synthetic
 from tests.support.files import write_lora
 from tests.support.loras import loha_lokr_full_dora, sample_lora, sd15_lora, sdxl_every_block_shapes, sdxl_sample_shapes
 
-# Layouts read in every naming family: by default one of each of SDXL's 11 transformer blocks'
+# Layers read in every key layout: by default one of each of SDXL's 11 transformer blocks'
 # names (proj_in/out + the last transformer block, every name the diffusers <-> LDM block mapping
 # translates) at real widths; the slow tier reads all 722 UNet targets. Both with two layers of
 # each text encoder.
@@ -40,10 +40,10 @@ def test_sdxl_layer_inventory():
     assert layers["output_blocks.5.1.transformer_blocks.1.ff.net.0.proj"] == (5120, 640)
 
 
-@pytest.mark.parametrize("family", synthetic.NAMING_FAMILIES)
-def test_every_naming_family_reads_to_the_same_canonical_form(family, layout, tmp_path):
+@pytest.mark.parametrize("key_layout", synthetic.KEY_LAYOUTS)
+def test_every_key_layout_reads_to_the_same_canonical_form(key_layout, layout, tmp_path):
     shapes, ranks, factors = layout
-    path = write_lora(tmp_path / f"{family}.safetensors", synthetic.to_state_dict(factors, family))
+    path = write_lora(tmp_path / f"{key_layout}.safetensors", synthetic.to_state_dict(factors, key_layout))
     lora = read_lora(path)
     assert not lora.unrecognised_keys
     assert set(lora.layers) == set(shapes)

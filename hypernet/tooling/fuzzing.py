@@ -152,11 +152,11 @@ class Seed:
 
 
 def seeds() -> list[Seed]:
-    """One small real-shaped file per naming family and adapter kind, and both hypernet formats."""
+    """One small real-shaped file per key layout and adapter kind, and both hypernet formats."""
     result = []
     factors = synthetic.random_factors(SEED_LAYERS, 2, seed=0)
-    for family in synthetic.NAMING_FAMILIES:
-        result.append(Seed(family, synthetic.to_state_dict(factors, family, alpha=1.0 if family.startswith("kohya") else None)))
+    for layout in synthetic.KEY_LAYOUTS:
+        result.append(Seed(layout, synthetic.to_state_dict(factors, layout, alpha=1.0 if layout.startswith("kohya") else None)))
     kohya = synthetic.to_state_dict(factors, "kohya", alpha=2.0)
     result.append(Seed("kohya_int64_alpha", {k: (torch.tensor(2) if k.endswith(".alpha") else v) for k, v in kohya.items()}))
     settings = {c: synthetic.peft_lora_config(r=2, lora_alpha=4, rank_pattern={"attn2.to_k": 2},
