@@ -24,7 +24,7 @@ from .merged import CONTENT, STYLE, Coefficients, MergedLayer, MergedLora, Side,
 from .methods import k_lora, np_lora
 from .methods.lorarar import WIDTH_POLICIES, lorarar_merge
 from .model import HyperNetwork
-from .tooling.progress import Progress
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 

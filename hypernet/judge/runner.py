@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import JudgeInputError
-from ..tooling.progress import Progress
+from ..progress import Progress
 from .backends import Backend
 from .cache import AnswerCache, cache_key
 from .images import images_from_array

@@ -39,7 +39,7 @@ from ..devices import resolve_device
 from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
-from ..tooling.progress import Progress
+from ..progress import Progress
 
 DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
 # Elements of ΔW formed at a time: 2^22 float32 = 16 MiB, a whole SDXL attention projection

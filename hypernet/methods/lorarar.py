@@ -27,7 +27,7 @@ from ..errors import HypernetError, LoraRarError
 from ..lora import LoraFile, LoraLayer
 from ..merged import Coefficients, MergedLora, assemble, check_same_shape
 from ..model import HyperNetwork
-from ..tooling.progress import Progress
+from ..progress import Progress
 from .lorarar_cpu import group_coefficients
 from .lorarar_diagnostics import MEASURE_ROWS, column_forms, column_forms_dense, measure_contribution
 

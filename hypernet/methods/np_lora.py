@@ -32,7 +32,7 @@ import torch
 from ..errors import LoraRarError
 from ..lora import FULL, LoraFile, LoraLayer
 from ..merged import MergedLora, Side, assemble
-from ..tooling.progress import Progress
+from ..progress import Progress
 
 SIDES = ("input", "output")
 DEFAULT_MU = 0.5

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import catalog
 from ..errors import HypernetError
 from ..model import HyperNetwork, is_hypernet_file
-from ..tooling.progress import Progress
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 

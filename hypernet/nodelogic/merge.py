@@ -18,7 +18,7 @@ from ..errors import LoraRarError
 from ..merge import DORA_EXACT_IN_COMFYUI, merge, method_spec, widgets
 from ..merged import CONTENT, STYLE, MergedLayer, MergedLora, restrict_rows
 from ..model import HyperNetwork
-from ..tooling.progress import Progress
+from ..progress import Progress
 from . import plot
 from .cache import IdentityCache
 from .lazy import LazyMergedLora, MergeProvenance

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-
-# What every long step of the library reports to: (done, total). The CLI passes a ProgressLine's
-# update, the nodes ComfyUI's progress bar; None reports nothing.
-Progress = Callable[[int, int], None]
 
 
 class ProgressLine:
