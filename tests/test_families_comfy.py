@@ -47,6 +47,13 @@ def _config_class(comfy, name: str):
     return name
 
 
+def _build(comfy, config_class: str, config: dict, device: str = "meta"):
+    try:
+        return build(comfy, _config_class(comfy, config_class), config, device=device)
+    except KeyError as exc:  # the 2024 core's SD1.x classes need a checkpoint's keys to build
+        pytest.skip(f"this ComfyUI cannot build {config_class} from a configuration alone ({exc!r})")
+
+
 _TINY_CACHE: dict = {}
 
 
@@ -62,10 +69,7 @@ def tiny(comfy, family: str):
     """(ModelPatcher, its weights' shapes) of the family's tiny model, random weights, float32."""
     if family not in _TINY_CACHE:
         config_class, config = TINY[family]
-        try:
-            model = build(comfy, _config_class(comfy, config_class), config, device="cpu")
-        except KeyError as exc:  # the 2024 core's SD1.x classes need a checkpoint's keys to build
-            pytest.skip(f"this ComfyUI cannot build {config_class} from a configuration alone ({exc!r})")
+        model = _build(comfy, config_class, config, device="cpu")
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for tensor in model.diffusion_model.state_dict().values():
@@ -160,7 +164,7 @@ def test_every_key_comfyui_maps_reads_to_the_same_weight_and_rows(comfy, variant
     against ComfyUI's, independently of our own naming code; and every weight's kohya key (what a
     merged file writes) maps to it."""
     family, config_class, config = FULL[variant]
-    model = build(comfy, _config_class(comfy, config_class), config)
+    model = _build(comfy, config_class, config)
     shapes = weights_of(model)
     assert _check_key_map(comfy, model, family) > len(shapes)  # every weight, in several key forms
     key_map = comfy.lora.model_lora_keys_unet(model, {})
