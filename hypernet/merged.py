@@ -40,7 +40,7 @@ import torch
 from . import naming
 from .errors import LoraMismatchError, LoraRarError
 from .factors import exact_factors, factored_rank
-from .lora import LOHA, LOKR, LoraFile, LoraLayer
+from .lora import FULL, LOHA, LOKR, LoraFile, LoraLayer
 
 CONTENT, STYLE = "content", "style"
 # name → (m_c, m_s): per-input-column coefficients of the layers a method scales column-wise
@@ -121,6 +121,25 @@ class Side:
                 delta = delta * _column_shape(self.columns.float(), delta)
             return delta
         return _product([(self, self.scale)])
+
+
+def restrict_rows(side: Side, start: int, stop: int, inside: bool) -> Side:
+    """The side's ΔW in rows [start, stop) only (inside) or everywhere but there: a LoRA whose up
+    has the other rows zeroed (exact, small), or a dense difference for sides without one."""
+    if side.is_low_rank:
+        up = side.up.clone()
+        mask = torch.zeros(up.shape[0], dtype=torch.bool)
+        mask[start:stop] = True
+        up[~mask if inside else mask] = 0
+        return Side(up, side.down, side.scale, side.columns)
+    delta = side.delta()
+    keep = torch.zeros_like(delta)
+    if inside:
+        keep[start:stop] = delta[start:stop]
+    else:
+        keep.copy_(delta)
+        keep[start:stop] = 0
+    return Side.of(LoraLayer(FULL, {"diff": keep}))
 
 
 def _product(scaled: list[tuple[Side, float]]) -> torch.Tensor:
@@ -285,7 +304,7 @@ class MergeReport:
         if self.width_fallback_layers:
             parts.append(f"{self.width_fallback_layers} summed because the hypernetwork has no input for their width")
         for role, count in self.left_out.items():
-            parts.append(f"{count} layer(s) of the {role} LoRA LEFT OUT (keys not recognised as SDXL LoRA layers)")
+            parts.append(f"{count} layer(s) of the {role} LoRA LEFT OUT (keys not recognised as layers of the model)")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -301,6 +320,9 @@ class MergedLora:
     style_strength: float = 1.0
     # name → p at which the layer switches from the content side to the style side (K-LoRA)
     switch_points: dict[str, float] = field(default_factory=dict)
+    # name → (start, stop): the rows of a switching layer that switch, where only some do (Flux's
+    # single-block linear1: q, k, v switch, its MLP-input rows stay the sum); absent = all rows
+    switch_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     # name → the one number per layer that a method reports for its picture (NP-LoRA: the share
     # of the content update it projected away); empty where a method has none
     layer_values: dict[str, float] = field(default_factory=dict)
@@ -308,6 +330,9 @@ class MergedLora:
     # (methods/lorarar_diagnostics.HypernetContribution: per width H(0), coefficient statistics,
     # |W1·x|/|b1|, distance from the H(0) merge); None for other methods
     contribution: Any = None
+    # the base-model family (hypernet/families) the merged layers belong to: decides the keys a
+    # file of the merge is written with
+    family: str | None = None
     # strength-free derived data shared by every `with_strengths` copy (ComfyUI patch dicts)
     _shared: dict = field(default_factory=dict, repr=False)
 
@@ -334,7 +359,15 @@ class MergedLora:
         sides = layer.sides()
         if name in self.switch_points:
             role = CONTENT if progress < self.switch_points[name] else STYLE
+            if name in self.switch_rows:  # only those rows switch; the others stay the sum
+                start, stop = self.switch_rows[name]
+                total = self._delta_of(layer, sides)
+                total[start:stop] = self._delta_of(layer, [(r, s) for r, s in sides if r == role])[start:stop]
+                return total
             sides = [(r, s) for r, s in sides if r == role]
+        return self._delta_of(layer, sides)
+
+    def _delta_of(self, layer: MergedLayer, sides: list[tuple[str, Side]]) -> torch.Tensor:
         shape = layer.shape  # (a flat conv LoHa side is reshaped to the other side's kernel)
         low_rank = [(side, side.scale * self.strength(role)) for role, side in sides if side.is_low_rank]
         total = _product(low_rank).reshape(shape) if low_rank else None
@@ -342,7 +375,7 @@ class MergedLora:
             if not side.is_low_rank:
                 part = (side.delta() * self.strength(role)).reshape(shape)
                 total = part if total is None else total.add_(part)
-        return total
+        return total if total is not None else torch.zeros(shape)
 
     def layer_patch(self, name: str) -> tuple[PatchSide, ...] | None:
         """What one ComfyUI patch needs to add this layer's merged ΔW: per side with a non-zero
@@ -412,7 +445,7 @@ class MergedLora:
 
         entries = []
         for name, layer in self.layers.items():
-            key = naming.ldm_to_kohya_key(name)
+            key = naming.kohya_key(name, self.family)
             rank = layer.factor_rank
             if rank is None:
                 entries.append((f"{key}.diff", dtype, tuple(layer.shape), lambda n=name: self.delta(n)))
@@ -435,7 +468,7 @@ class MergedLora:
         return entries
 
     def to_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Materialise as a kohya SDXL LoRA state dict (what ComfyUI's LORA_MODEL carries)."""
+        """Materialise as a kohya LoRA state dict (what ComfyUI's LORA_MODEL carries)."""
         return {key: make().to(kind).contiguous() for key, kind, _, make in self.kohya_entries(dtype)}
 
     def side_state_dicts(self, include_text_encoders: bool = True) -> dict[str, dict[str, torch.Tensor]]:
@@ -449,7 +482,7 @@ class MergedLora:
             fold_columns(side for layer in layers.values() for _, side in layer.sides())
             dicts: dict[str, dict[str, torch.Tensor]] = {CONTENT: {}, STYLE: {}}
             for name, layer in layers.items():
-                kohya = naming.ldm_to_kohya_key(name)
+                kohya = naming.kohya_key(name, self.family)
                 for role, side in layer.sides():
                     out = dicts[role]
                     if side.is_low_rank:
@@ -539,7 +572,8 @@ def assemble(content: LoraFile, style: LoraFile, coefficients: Coefficients | No
         report.dense_layers += not layer.is_low_rank
         layers[name] = layer
     describe_inputs(report, content, style)
-    return MergedLora(layers, report, dict(coefficients), float(content_strength), float(style_strength))
+    return MergedLora(layers, report, dict(coefficients), float(content_strength), float(style_strength),
+                      family=content.family or style.family)
 
 
 def describe_inputs(report: MergeReport, content: LoraFile, style: LoraFile) -> None:
@@ -565,6 +599,6 @@ def rank_summary(merged: MergedLora) -> dict[str, str]:
     if len(ranks) > 1:
         out["lorarar.rank_counts"] = json.dumps({str(r): n for r, n in sorted(ranks.items())})
         out["lorarar.other_ranks"] = json.dumps(
-            {naming.ldm_to_kohya_key(n): layer.rank for n, layer in merged.layers.items()
+            {naming.kohya_key(n, merged.family): layer.rank for n, layer in merged.layers.items()
              if layer.is_low_rank and layer.rank != common}, separators=(",", ":"))
     return out

@@ -230,7 +230,7 @@ def scheduled_model(model, plan):
     missing = sorted(set(plan.points) - set(keys))
     if missing:
         raise LoraMismatchError(f"model: the k-lora merge switches layers this model does not have, "
-                                f"e.g. {missing[0]}; is it an SDXL-family model?")
+                                f"e.g. {missing[0]}; are the LoRAs for this model's family?")
     patched = model.clone()
     mode = switch_mode(patched)
     if mode == PER_CAST and not hasattr(patched, "add_weight_wrapper"):

@@ -95,7 +95,7 @@ def patch_models(model, clip, merged, side_plan):
         if not layer.is_low_rank:
             rest.append(name)
             continue
-        kohya = naming.ldm_to_kohya_key(name)
+        kohya = naming.kohya_key(name, merged.family)
         target = key_map.get(kohya)
         if target is None:
             missing.append(name)
@@ -116,6 +116,33 @@ def patch_models(model, clip, merged, side_plan):
     return new_model, new_clip
 
 
+def model_family(model) -> str | None:
+    """The family (hypernet/families) of a ComfyUI MODEL, by its model-config class; None if
+    unknown or no model."""
+    from ..hypernet import families
+
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return families.for_comfy_model(type(config).__name__) if config is not None else None
+
+
+def _text_encoders_without_clip(merged, model, clip) -> None:
+    """Text-encoder layers need a CLIP: an error where they are all the merge has, a line on the
+    node where the model part is applied without them."""
+    from ..hypernet.errors import LoraRarError
+
+    text = [n for n in merged.layers if naming.is_text_encoder(n)]
+    if not text or clip is not None:
+        return
+    if len(text) == len(merged.layers):
+        raise LoraRarError(f"clip: the two LoRAs have only text-encoder layers ({len(text)}, e.g. {text[0]}), which "
+                           "patch a CLIP; connect the CLIP input (or load the LoRAs into your CLIP with core's LoRA nodes)")
+    if model is not None:
+        alert = (f"{len(text)} text-encoder layer(s) of the LoRAs were NOT applied: no CLIP connected (connect "
+                 "the CLIP input to apply them)")
+        merged.report.notes.append(alert)
+        merged.report.alerts.append(alert)
+
+
 def apply_merged(model, clip, merged):
     """(model, clip) with a merge applied — the one patching path of every node that merges
     (LoRA.rar Merge, ZipLoRA Merge). Either input may be None (then None comes back for it); text-
@@ -130,6 +157,7 @@ def apply_merged(model, clip, merged):
     active = bool(merged.layers) and (merged.content_strength != 0 or merged.style_strength != 0)
     if not active or (model is None and clip is None):
         return model, clip
+    _text_encoders_without_clip(merged, model, clip)
     include_text_encoders = clip is not None
     if merged.switch_points:
         switching = merge_logic.switch_plan(merged, include_text_encoders)

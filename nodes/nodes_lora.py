@@ -32,8 +32,8 @@ class LoraRarLoadLora(io.ComfyNode):
             node_id="LoraRarLoadLora",
             display_name="Load LoRA (LoRA.rar)",
             category=CATEGORY,
-            description="Read a LoRA file from models/loras as a LORA_MODEL (any SDXL naming: "
-                        "kohya, diffusers, peft, ComfyUI) for LoRA.rar Merge or core's LoRA nodes.",
+            description="Read a LoRA file from models/loras as a LORA_MODEL (any family this pack knows, any "
+                        "key layout: kohya, diffusers, peft, ComfyUI, …) for LoRA.rar Merge or core's LoRA nodes.",
             inputs=[
                 io.Combo.Input("lora_name", options=_lora_files(),
                                tooltip="A .safetensors LoRA from models/loras (pickled .pt/.ckpt "

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ..hypernet.errors import LoraRarError
-from ..hypernet.merge import METHODS, REGISTRY
+from ..hypernet.merge import REGISTRY, widgets
 from ..hypernet.nodelogic import hypernet as hypernet_logic
 from ..hypernet.nodelogic import merge as merge_logic
 from . import merge_patches, paths
@@ -71,6 +71,18 @@ class LoraRarLoadHypernet(io.ComfyNode):
         return io.NodeOutput(model)  # (the loader logs a checkpoint's license once, when it reads the file)
 
 
+def _widget(widget):
+    """A method setting's widget, as the registry describes it (optional: a workflow saved before
+    the widget existed still loads, with its default)."""
+    common = dict(default=widget.default, optional=True, tooltip=widget.tooltip)
+    if widget.kind == "combo":
+        choices = next(p.choices for _, _, p in widgets() if p.widget is widget)
+        return io.Combo.Input(widget.name, options=list(choices), **common)
+    bounds = {k: v for k, v in (("min", widget.min), ("max", widget.max), ("step", widget.step)) if v is not None}
+    kind = io.Float if widget.kind == "float" else io.Int
+    return kind.Input(widget.name, **common, **bounds)
+
+
 def _method_tooltip() -> str:
     return ("lorarar: hypernetwork coefficients on to_q/to_out.0 of every attention layer (needs the "
             "hypernetwork). np-lora: the subject LoRA is projected away from the style LoRA's main "
@@ -83,18 +95,19 @@ class LoraRarMerge(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         strength = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
-        np_params, k_params = REGISTRY["np-lora"].params, REGISTRY["k-lora"].params
         return io.Schema(
             node_id="LoraRarMerge",
             display_name="LoRA.rar Merge",
             category=CATEGORY,
-            description="Merge a subject (content) LoRA and a style LoRA for SDXL with one of four "
-                        "methods: LoRA.rar's hypernetwork, NP-LoRA, K-LoRA or the plain sum. Patches "
+            description="Merge a subject (content) LoRA and a style LoRA with one of four methods: "
+                        "LoRA.rar's hypernetwork, NP-LoRA, K-LoRA or the plain sum — SDXL, SD1.5/SD2, Flux, "
+                        "SD3.5, Qwen-Image, Z-Image or Wan (the family is read from the LoRAs). Patches "
                         "MODEL and CLIP.",
             # Saved workflows store widget values by position: new inputs go at the END only.
             inputs=[
                 io.Model.Input("model", optional=True,
-                               tooltip="The SDXL-family diffusion model to patch. Optional: without it the "
+                               tooltip="The diffusion model to patch — SDXL, SD1.5/SD2, Flux, SD3.5, Qwen-Image, "
+                                       "Z-Image or Wan; the LoRAs must be for it. Optional: without it the "
                                        "node only merges the two files (merged_lora, plot, report) — "
                                        "enough for Save Merged LoRA; k-lora needs it."),
                 io.Clip.Input("clip", optional=True,
@@ -111,28 +124,9 @@ class LoraRarMerge(io.ComfyNode):
                                        "(changing it does not rerun the method)."),
                 io.Float.Input("style_strength", **strength,
                                tooltip="Multiplies the style LoRA's contribution after the method."),
-                io.Combo.Input("method", options=list(METHODS), default="lorarar", tooltip=_method_tooltip()),
-                io.Float.Input("mu", default=np_params["mu"].default, min=0.0, max=1000.0, step=0.05, optional=True,
-                               tooltip="np-lora only: projection strength. 0 = plain sum; 0.5 = the paper's "
-                                       "default; larger removes more of the subject LoRA along the style's "
-                                       "directions (c = mu/(1+mu))."),
-                io.Int.Input("np_rank", default=0, min=0, max=4096, optional=True,
-                             tooltip="np-lora only: how many of the style LoRA's strongest directions to "
-                                     "project out per layer; 0 = all of them (the style LoRA's rank)."),
-                io.Combo.Input("np_side", options=list(np_params["side"].choices), default="input", optional=True,
-                               tooltip="np-lora only: 'input' projects what the subject LoRA reads "
-                                       "(the paper's Eq. 11, default); 'output' what it writes (Eq. 21)."),
-                io.Int.Input("k_top_k", default=k_params["top_k"].default, min=1, max=1 << 20, optional=True,
-                             tooltip="k-lora only: how many of each layer's largest LoRA entries are summed "
-                                     "to compare the two LoRAs (official: 64)."),
-                io.Float.Input("k_alpha", default=k_params["alpha"].default, min=0.01, max=100.0, step=0.05,
-                               optional=True,
-                               tooltip="k-lora only: how fast the style LoRA takes over as sampling "
-                                       "progresses (official: 1.5; larger = earlier)."),
-                io.Float.Input("k_beta", default=k_params["beta"].default, min=-10.0, max=10.0, step=0.05,
-                               optional=True,
-                               tooltip="k-lora only: the style LoRA's weight at the start of sampling "
-                                       "(official: 0.5; larger = style takes over earlier)."),
+                io.Combo.Input("method", options=list(REGISTRY), default="lorarar", tooltip=_method_tooltip()),
+                # every method's settings, in the registry's order (hypernet/merge.py)
+                *(_widget(param.widget) for _, _, param in widgets()),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model",
@@ -166,12 +160,11 @@ class LoraRarMerge(io.ComfyNode):
                                "needs a MODEL; connect one, or choose lorarar, np-lora or sum to make a "
                                "merged LoRA file without a model")
         bar = comfy.utils.ProgressBar(1)
-        params = merge_logic.node_params(method, method_inputs)
-        if method in ("k-lora", "lorarar"):  # H / k-lora's dense products run where ComfyUI computes
-            params["device"] = str(comfy.model_management.get_torch_device())
+        # H / k-lora's dense products run where ComfyUI computes
+        params = merge_logic.node_params(method, method_inputs, str(comfy.model_management.get_torch_device()))
         merged = merge_logic.run_merge(
             content_lora, style_lora, hypernetwork, content_strength, style_strength, method,
-            params=params,
+            params=params, model_family=merge_patches.model_family(model),
             progress=lambda done, total: bar.update_absolute(done, total))
         new_model, new_clip = merge_patches.apply_merged(model, clip, merged)
 

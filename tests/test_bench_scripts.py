@@ -80,3 +80,11 @@ def test_gpu_check_comparison_counts_roundings_of_the_storage_dtype():
     unpatched = check.compare([(0.2, {name: base[f"unet.{name}.weight"]})], merged, base, "fp16")
     assert not unpatched["ok"]
     assert check.compare([(0.2, {})], merged, base, "fp16") == {"ok": False, "why": f"layer {name} not recorded"}
+
+
+@pytest.mark.slow
+def test_families_bench_prints_sdxl_and_flux_side_by_side(capsys):
+    bench = _load("bench_families")
+    assert bench.main(["--rounds", "1", "--cases", "sdxl-r64-kohya,flux1-r16-kohya"]) == 0
+    out = capsys.readouterr().out
+    assert "sdxl-r64-kohya" in out and "flux1-r16-kohya" in out and "vs SDXL" in out and "vs files" in out

@@ -88,7 +88,7 @@ def test_inspect_command(sample_lora_pair, capsys):
     assert main(["inspect", str(sample_lora_pair[1]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["base_family"] == "sdxl" and info["ranks"] == {"16": info["layers"]} == {"16": 40}
-    assert info["naming"] == {"kohya": 3 * info["layers"]}
+    assert info["key_layouts"] == {"kohya": 3 * info["layers"]}
     assert main(["inspect", str(sample_lora_pair[1])]) == 0
     assert "layers_per_block:" in capsys.readouterr().out
 

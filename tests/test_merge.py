@@ -241,7 +241,10 @@ def test_width_without_an_input_layer_errors_or_falls_back():
               "input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640)}
     c = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0)))
     s = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1)))
-    hypernet = HyperNetwork(HypernetConfig())
+    assert c.family == s.family == "sd15"
+    with pytest.raises(LoraFormatError, match=r"looks like SD1\.5 .*this hypernetwork is for SDXL"):
+        merge(c, s, HyperNetwork(HypernetConfig()))  # the official checkpoint's family
+    hypernet = HyperNetwork(HypernetConfig(base_family="sd15"))  # an SD1.5 H that lacks the 320 width
     with pytest.raises(HypernetError, match="320 wide; this hypernetwork supports widths 640/1280"):
         merge(c, s, hypernet)
     merged = merge(c, s, hypernet, unsupported_width="sum")

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypernet import catalog, naming
-from hypernet.errors import HypernetError, LoraFormatError, LoraRarError
+from hypernet.errors import HypernetError, LoraFormatError, LoraMismatchError, LoraRarError
 from hypernet.lora import read_lora
 from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
 from hypernet.nodelogic import cache as cache_logic
@@ -32,7 +32,7 @@ from tests.support.files import OFFICIAL_SDXL
 
 def tiny_sdxl_shapes(te_layers: int = 1) -> dict[str, tuple[int, int]]:
     """SDXL's layer names (all 11 transformer blocks, depth 1) at widths 64/128 and SDXL's
-    2048-wide context: fast, and still SDXL to `require_family`."""
+    2048-wide context: fast, and still SDXL to the family detection."""
     shapes = {}
     for block, width, _ in naming.SDXL_TRANSFORMER_BLOCKS:
         w = width // 10
@@ -235,7 +235,7 @@ def test_a_non_sdxl_lora_is_refused_naming_the_input_and_the_hypernetwork_widths
     message = str(info.value)
     assert message.startswith("style LoRA") and "SD1.5" in message and "320" in message
     assert "widths 64/128" in message
-    with pytest.raises(LoraFormatError, match=r"^content LoRA.*SD1\.5"):
+    with pytest.raises(LoraMismatchError, match=r"^content LoRA.*SD1\.5.* but style LoRA.*SDXL.*one base model"):
         merge_logic.run_merge(sd15_like_lora(), tiny_lora(1), None, 1, 1, "sum")
 
 

@@ -108,7 +108,7 @@ def test_a_file_with_no_alpha_anywhere_says_scale_1_is_assumed(tmp_path):
 def test_inspect_shows_the_header_alpha_names_the_writer_and_counts_every_dtype(tmp_path):
     path, _, _ = _diffusers_file(tmp_path, _settings())
     info = describe_lora(path)
-    assert info["naming"] == {lora_mod.FAMILY_DIFFUSERS: 2 * len(SHAPES)}
+    assert info["key_layouts"] == {lora_mod.LAYOUT_DIFFUSERS: 2 * len(SHAPES)}
     assert info["alphas"] == {"8.0": len(UNET), "2.0": len(CLIP_L_ATTENTION), "16.0": len(CLIP_G)}
     assert info["alpha_sources"] == {"lora_adapter_metadata": len(SHAPES)}
     kohya = synthetic.diffusers_kohya_lora(UNET)  # int64 alphas
@@ -172,7 +172,7 @@ def test_peft_adapter_config_beside_the_file_gives_alpha(tmp_path):
     folder, sd, scales = _peft_folder(tmp_path, config)
     for path in (folder, folder / "adapter_model.safetensors"):
         lora = read_lora(path)
-        assert lora.naming_families == {lora_mod.FAMILY_PEFT: len(sd)}
+        assert lora.key_layouts == {lora_mod.LAYOUT_PEFT: len(sd)}
         assert lora.alpha_sources == {lora_mod.ALPHA_FROM_ADAPTER_CONFIG: len(UNET)}
         for canonical, scale in scales.items():
             assert lora.layers[canonical].scale == pytest.approx(scale), canonical
@@ -243,7 +243,7 @@ def test_old_diffusers_text_encoder_processor_names():
     lora = lora_mod.lora_from_state_dict(sd, source="old te")
     assert set(lora.layers) == {"te1.text_model.encoder.layers.0.self_attn.q_proj",
                                 "te1.text_model.encoder.layers.0.self_attn.out_proj"}
-    assert lora.naming_families == {lora_mod.FAMILY_DIFFUSERS_PROCESSOR: 4}
+    assert lora.key_layouts == {lora_mod.LAYOUT_DIFFUSERS_PROCESSOR: 4}
 
 
 # ------------------------------------------------------------------ the real packages
@@ -348,7 +348,7 @@ def test_real_diffusers_save_lora_weights_reads_as_peft_computes_it(thirdparty, 
     for name, delta in expected.items():
         torch.testing.assert_close(lora.layers[name].delta(), delta, rtol=1e-5, atol=1e-7, msg=name)
     assert lora.alpha_sources == {lora_mod.ALPHA_FROM_HEADER: len(expected)}
-    assert describe_lora(path)["naming"] == {lora_mod.FAMILY_DIFFUSERS: 2 * len(expected)}
+    assert describe_lora(path)["key_layouts"] == {lora_mod.LAYOUT_DIFFUSERS: 2 * len(expected)}
 
     # its kohya exporter (--output_kohya_format): transformers-5 te1 names, int64 alpha = rank
     from safetensors.torch import load_file
@@ -378,7 +378,7 @@ def test_real_peft_save_pretrained_reads_as_peft_computes_it(thirdparty, tmp_pat
         model.save_pretrained(folder)
         lora = read_lora(folder)
         expected = _peft_deltas(model.base_model.model, naming.diffusers_to_ldm)
-        assert set(lora.layers) == set(expected) and lora.naming_families.keys() == {lora_mod.FAMILY_PEFT}
+        assert set(lora.layers) == set(expected) and lora.key_layouts.keys() == {lora_mod.LAYOUT_PEFT}
         for name, delta in expected.items():
             torch.testing.assert_close(lora.layers[name].delta(), delta, rtol=1e-5, atol=1e-7, msg=name)
 

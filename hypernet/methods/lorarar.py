@@ -17,12 +17,11 @@ column and the column forms of ΔW_c, ΔW_s — and `lorarar_merge` turns them i
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 
 import torch
 
-from .. import naming
+from .. import families, naming
 from ..devices import full_float32_matmuls, resolve_device
 from ..errors import HypernetError, LoraRarError
 from ..lora import LoraFile, LoraLayer
@@ -35,10 +34,22 @@ from .lorarar_diagnostics import MEASURE_ROWS, column_forms, column_forms_dense,
 WIDTH_POLICIES = ("error", "sum")
 
 
-def is_hypernet_target(name: str, targets: tuple[str, ...]) -> bool:
+# A hypernetwork's targets name attention projections the way SDXL's modules do (`to_q`,
+# `to_out.0`); in a family they are roles, which its data gives every weight.
+TARGET_ROLES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "to_out": "out"}
+
+
+def is_hypernet_target(name: str, targets: tuple[str, ...], family: str | None = None) -> bool:
+    """Whether H merges the layer: an attention weight (of the model, not a text encoder) with one
+    of H's target roles. On a fused weight (Flux's `img_attn.qkv`) that holds a target role, H
+    merges the whole weight — its columns are the input columns of q, k and v alike."""
     if naming.is_text_encoder(name):
         return False
-    return any(re.search(rf"\.attn[12]\.{re.escape(t)}$", name) for t in targets)
+    spec = families.get(family or "sdxl")
+    if spec.attention_of(name) is None:
+        return False
+    wanted = {TARGET_ROLES.get(t, t) for t in targets}
+    return bool(spec.roles_of(name) & wanted)
 
 
 def _factored(layer: LoraLayer) -> bool:
@@ -96,7 +107,8 @@ class CoefficientPass:
 def hypernet_layers(content: LoraFile, style: LoraFile, hypernet: HyperNetwork) -> list[str]:
     """The layers H merges: `to_q`/`to_out.0` (its targets) of attention modules both LoRAs have."""
     targets = hypernet.config.targets
-    return [n for n in content.layers if n in style.layers and is_hypernet_target(n, targets)]
+    family = content.family or style.family
+    return [n for n in content.layers if n in style.layers and is_hypernet_target(n, targets, family)]
 
 
 def compute_coefficients(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
@@ -200,8 +212,8 @@ def lorarar_merge(content: LoraFile, style: LoraFile, hypernet: HyperNetwork, un
                       method_label="merged by the hypernetwork")
     merged.report.width_fallback_layers = passed.fallback
     if not passed.coefficients:
-        merged.report.notes.append("no layer was merged by the hypernetwork: the two LoRAs share "
-                                   "no to_q/to_out.0 attention layer")
+        merged.report.notes.append("no layer was merged by the hypernetwork: the two LoRAs share no attention "
+                                   f"layer with its target roles ({'/'.join(hypernet.config.targets)})")
         return merged
     contribution = measure_contribution(hypernet, passed.coefficients, passed.measures, passed.widths)
     merged.contribution = contribution

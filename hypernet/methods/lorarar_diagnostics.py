@@ -90,9 +90,7 @@ def block_of(name: str) -> str:
 
 def block_label(block: str) -> str:
     """`input_blocks.4.1` → `in 4`, `middle_block.1` → `mid`, `output_blocks.3.1` → `out 3`."""
-    kind, _, rest = block.partition(".")
-    index = rest.split(".")[0]
-    return {"input_blocks": f"in {index}", "middle_block": "mid", "output_blocks": f"out {index}"}.get(kind, block)
+    return naming.block_label(block)
 
 
 def _block_sort_key(block: str):

@@ -15,8 +15,8 @@ import torch
 
 from .. import naming
 from ..errors import LoraRarError
-from ..merge import DORA_EXACT_IN_COMFYUI, merge
-from ..merged import CONTENT, STYLE, MergedLayer, MergedLora
+from ..merge import DORA_EXACT_IN_COMFYUI, merge, method_spec, widgets
+from ..merged import CONTENT, STYLE, MergedLayer, MergedLora, restrict_rows
 from ..model import HyperNetwork
 from ..progress import Progress
 from . import plot
@@ -32,35 +32,36 @@ log = logging.getLogger(__name__)
 # parameters. Four entries: the side-by-side workflow runs one pair through every method.
 _MERGES = IdentityCache(size=4)
 
-# The node's method-specific inputs: widget name → (method, library parameter), and their defaults.
-NODE_PARAMS = {
-    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
-    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
-}
+# The node's method-specific inputs: widget name → (method, library parameter) — from the
+# method registry (hypernet/merge.py), which also gives their order, defaults and tooltips.
+NODE_PARAMS = {param.widget.name: (method, name) for method, name, param in widgets()}
 
 
-def node_params(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The chosen method's parameters from the node's widgets. Only that method's: changing
-    another method's widget must not rerun (or re-key) this merge. np_rank 0 means "all"."""
+def node_params(method: str, inputs: Mapping[str, Any], device: str | None = None) -> dict[str, Any]:
+    """The chosen method's parameters from the node's widgets (and `device`, ComfyUI's compute
+    device, for the settings that take it). Only that method's: changing another method's widget
+    must not rerun (or re-key) this merge. np_rank 0 means "all"."""
     params = {}
-    for widget, (owner, name) in NODE_PARAMS.items():
-        if owner == method and inputs.get(widget) is not None:
-            value = inputs[widget]
-            if widget == "np_rank":
-                value = None if int(value) == 0 else str(int(value))
-            params[name] = value
+    for owner, name, param in widgets():
+        value = inputs.get(param.widget.name)
+        if owner == method and value is not None:
+            params[name] = param.widget.to_param(value) if param.widget.to_param else value
+    if device is not None:
+        params.update({name: device for name, param in method_spec(method).params.items() if param.device})
     return params
 
 
 def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
               content_strength: float, style_strength: float, method: str,
-              params: Mapping[str, Any] | None = None, progress: Progress | None = None) -> MergedLora:
-    """Everything the merge node computes, before touching the model."""
+              params: Mapping[str, Any] | None = None, progress: Progress | None = None,
+              model_family: str | None = None) -> MergedLora:
+    """Everything the merge node computes, before touching the model. The family comes from the
+    two LoRAs (and the hypernetwork); `model_family`, the connected MODEL's, narrows it."""
     content = lora_file_of(content_sd, "content LoRA")
     style = lora_file_of(style_sd, "style LoRA")
     # the node patches DoRA layers with ComfyUI's own DoRA, which has the model's weights
     return merge(content, style, hypernet, content_strength, style_strength, method, params=params,
-                 expected_family="sdxl", progress=progress, cache=_MERGES, dora=DORA_EXACT_IN_COMFYUI)
+                 expected_family=model_family, progress=progress, cache=_MERGES, dora=DORA_EXACT_IN_COMFYUI)
 
 
 class NotOneLora(dict):
@@ -158,8 +159,23 @@ class SwitchPlan:
 def _sides_subset(merged: MergedLora, layers: dict[str, MergedLayer], include_text_encoders: bool) -> dict:
     """role → kohya dict of the given layers' sides (a single-LoRA view, so the library's one
     fold and export code is used)."""
-    view = MergedLora(layers, merged.report)
+    view = MergedLora(layers, merged.report, family=merged.family)
     return view.side_state_dicts(include_text_encoders)
+
+
+def _split_rows(layer: MergedLayer, rows: tuple[int, int] | None) -> tuple[MergedLayer, MergedLayer]:
+    """(the switching rows' layer, the other rows' layer) of a layer of which only `rows` switch;
+    (the layer, an empty one) where all of it does. Cached on the layer (strength-free)."""
+    if rows is None:
+        return layer, MergedLayer()
+    cached = getattr(layer, "_split", None)
+    if cached is None or cached[0] != rows:
+        start, stop = rows
+        halves = tuple(MergedLayer(*(restrict_rows(side, start, stop, inside) if side is not None else None
+                                     for side in (layer.content, layer.style)))
+                       for inside in (True, False))
+        cached = layer._split = (rows, halves)
+    return cached[1]
 
 
 def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> SwitchPlan:
@@ -173,21 +189,26 @@ def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> Switc
             point = merged.switch_points.get(name)
             if point is None:
                 fixed[name] = layer
-            elif point <= 0:
-                fixed[name] = MergedLayer(style=layer.style)
+                continue
+            # where only some rows switch, the others are the sum at every step: a static patch
+            inside, outside = _split_rows(layer, merged.switch_rows.get(name))
+            if point <= 0:
+                fixed[name] = MergedLayer(outside.content, layer.style)
             elif point >= 1:
-                fixed[name] = MergedLayer(content=layer.content)
+                fixed[name] = MergedLayer(layer.content, outside.style)
             else:
-                moving[name] = layer
-                points[naming.ldm_to_kohya_key(name)] = point
+                if outside.content is not None:
+                    fixed[name] = outside
+                moving[name] = inside
+                points[naming.kohya_key(name, merged.family)] = point
         merged._shared[key] = (_sides_subset(merged, fixed, include_text_encoders),
                                _sides_subset(merged, moving, include_text_encoders), points)
     static, dynamic, points = merged._shared[key]
     sides = {}
     for name, point in merged.switch_points.items():
         if 0 < point < 1 and (include_text_encoders or not naming.is_text_encoder(name)):
-            layer = merged.layers[name]
-            sides[naming.ldm_to_kohya_key(name)] = tuple(
+            layer = _split_rows(merged.layers[name], merged.switch_rows.get(name))[0]
+            sides[naming.kohya_key(name, merged.family)] = tuple(
                 tuple((s, merged.strength(role)) for role, s in layer.sides() if role == wanted)
                 for wanted in (CONTENT, STYLE))
     return SwitchPlan([(static[role], merged.strength(role)) for role in (CONTENT, STYLE)

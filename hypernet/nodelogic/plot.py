@@ -52,6 +52,8 @@ def _transformer_block(name: str) -> tuple[str, int] | None:
     if block is None:
         return None
     rest = name[len(block) + 1:]
+    if not naming.is_unet_block(block):
+        return block, 0  # a DiT block is one transformer block
     if not rest.startswith("transformer_blocks."):
         return None
     return block, int(rest.split(".")[1])
