@@ -16,7 +16,9 @@ How a file is read:
 4. the tensors of one weight become one layer: a slice is placed into its rows of the fused weight,
    a block-sparse LoRA of it (up has zeros outside those rows; several slices side by side), so
    one name is always one whole weight and a kohya LoRA on `qkv` and a diffusers LoRA on `to_q`
-   merge in the same space.
+   merge in the same space. Neither the zeros nor a stacked copy are held: such a layer's up is
+   a `RowBlocks` and its down a `Stacked` (hypernet/row_blocks.py: the pieces' own tensors with
+   their rows and ranks), and the merges work on the pieces.
 Tensors keep the file's dtype; maths happens in float32 on demand.
 
 Where alpha comes from, first found wins (per layer):
@@ -53,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from . import families, naming
+from . import families, naming, row_blocks
 from .errors import LoraFormatError
 from .families import cloneofsimo
 from .families.detect import Module, detect, read_module
@@ -87,6 +89,7 @@ from .peft_settings import (
     header_settings,
     peft_settings_of,
 )
+from .row_blocks import RowBlocks, Stacked
 from .safetensors_io import load_safetensors
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,11 @@ def _lokr_w2_shape(t: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 @dataclass
 class LoraLayer:
-    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …).
+    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …);
+    for a LoRA made of pieces of a fused weight, "up" is a `RowBlocks` (the pieces' ups without
+    the zeros between them) and "down" a `Stacked` (the pieces' downs): `up_factor` and
+    `down_factor` give the factors as held, `up` and `down` dense tensors (formed at each call
+    for such a layer — for consumers that need one, a layer at a time).
 
     `alpha` is the kohya-equivalent alpha (scale = alpha / rank) wherever it was found;
     `alpha_source` says where (ALPHA_FROM_TENSOR, ALPHA_FROM_HEADER, ALPHA_FROM_ADAPTER_CONFIG,
@@ -155,10 +162,26 @@ class LoraLayer:
 
     @property
     def up(self) -> torch.Tensor:
+        """up as a dense tensor (out, rank[, 1, 1])."""
+        return row_blocks.dense(self.tensors["up"])
+
+    @property
+    def up_factor(self) -> torch.Tensor | RowBlocks:
+        """up as held: a tensor, or a `RowBlocks` for a layer made of pieces of a fused weight."""
         return self.tensors["up"]
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (a `RowBlocks`' pieces, not its dense form)."""
+        return [t for v in self.tensors.values() for t in ((v,) if isinstance(v, torch.Tensor) else v.pieces)]
 
     @property
     def down(self) -> torch.Tensor:
+        """down as a dense tensor (rank, in[, k, k])."""
+        return row_blocks.dense(self.tensors["down"])
+
+    @property
+    def down_factor(self) -> torch.Tensor | Stacked:
+        """down as held: a tensor, or a `Stacked` for a layer made of pieces of a fused weight."""
         return self.tensors["down"]
 
     @property
@@ -177,7 +200,7 @@ class LoraLayer:
     @property
     def rank(self) -> int:
         if self.kind == LOW_RANK:
-            return self.down.shape[0]
+            return self.tensors["down"].shape[0]
         if self.kind == LOHA:
             return self.tensors["hada_w1_b"].shape[0]
         if self.kind == LOKR:
@@ -219,6 +242,10 @@ class LoraLayer:
 
     def delta(self) -> torch.Tensor:
         """Dense float32 ΔW including the alpha/rank scale. Only for layers that need it."""
+        if isinstance(self.tensors.get("up"), RowBlocks):  # the pieces' products, into their rows
+            down = self.down.float().flatten(1)
+            w = down.new_zeros(self.shape[0], down.shape[1])
+            return row_blocks.add_product(w, self.up_factor, down, self.scale).reshape(self.shape)
         t = {k: v.float() for k, v in self.tensors.items()}
         if self.kind == LOW_RANK:
             if self.mid is not None:  # LoCon Tucker: up (o,r,1,1), mid (r,r,k,k), down (r,i,1,1)
@@ -653,7 +680,8 @@ def _place(source: str, spec: families.FamilySpec, name: str, group: list[_Piece
     file has it (no copy). Pieces for parts of a fused weight (diffusers' to_q/to_k/to_v of Flux's
     qkv) become one block-sparse layer of the whole weight: for low-rank pieces a LoRA whose up has
     each piece's up in that piece's rows and zeros elsewhere and whose down stacks the pieces'
-    downs (rank = the sum of theirs, exact); other adapters as one dense difference."""
+    downs (rank = the sum of theirs, exact; held as the pieces themselves, hypernet/row_blocks.py);
+    other adapters as one dense difference."""
     if len(group) == 1 and not group[0].parts:
         return group[0].layer
     first = group[0].layer
@@ -684,34 +712,33 @@ def _place(source: str, spec: families.FamilySpec, name: str, group: list[_Piece
                 raise LoraFormatError(f"{source}: layer {name}: {piece.module.key} has {piece.layer.shape[0]} rows; "
                                       f"the fused weight has {total} at input width {width[0]}")
             total = piece.layer.shape[0]
-        rows_of.append(torch.tensor(rows))
+        rows_of.append(rows)
     if total is None:
         raise LoraFormatError(f"{source}: layer {name}: its parts do not say how large the fused weight is")
     if all(p.layer.is_low_rank and p.layer.mid is None for p in group):
         return _place_low_rank(group, rows_of, total)
     delta = torch.zeros((total, *width), dtype=torch.float32)
     for piece, rows in zip(group, rows_of):
-        delta.index_add_(0, rows, piece.layer.delta().reshape(len(rows), *width))
+        delta.index_add_(0, torch.tensor(rows), piece.layer.delta().reshape(len(rows), *width))
     return LoraLayer(FULL, {"diff": delta})
 
 
-def _place_low_rank(group: list[_Piece], rows_of: list[torch.Tensor], total: int) -> LoraLayer:
+def _place_low_rank(group: list[_Piece], rows_of: list[list[int]], total: int) -> LoraLayer:
+    """The block-sparse LoRA of the whole weight from low-rank pieces: its up a `RowBlocks` of the
+    pieces' ups (no zeros held), its down a `Stacked` of their downs (no copy)."""
     layers = [p.layer for p in group]
     ranks = [layer.rank for layer in layers]
     scales = {layer.scale for layer in layers}
     no_alpha = all(layer.alpha is None for layer in layers)
     # one shared scale (the common case: one trainer, one alpha) stays in alpha and the factors keep
-    # their dtype; different scales go into each piece's rows of up, in float32
+    # their dtype (the pieces' ups are the file's tensors, not copies); different scales go into
+    # each piece's up, in float32
     shared = len(scales) == 1
     dtypes = {layer.up.dtype for layer in layers} | {layer.down.dtype for layer in layers}
     dtype = dtypes.pop() if shared and len(dtypes) == 1 else torch.float32
-    up = torch.zeros((total, sum(ranks), *layers[0].up.shape[2:]), dtype=dtype)
-    column = 0
-    for layer, rows, rank in zip(layers, rows_of, ranks):
-        block = layer.up.to(dtype) if shared else layer.up.float() * layer.scale
-        up[rows, column:column + rank] = block
-        column += rank
-    down = torch.cat([layer.down.to(dtype) for layer in layers])
+    ups = [layer.up.to(dtype) if shared else layer.up.float() * layer.scale for layer in layers]
+    up = row_blocks.of_pieces(ups, rows_of, total)
+    down = Stacked(tuple(layer.down.to(dtype) for layer in layers))
     if no_alpha:
         return LoraLayer(LOW_RANK, {"up": up, "down": down})
     sources = {layer.alpha_source for layer in layers}
@@ -773,7 +800,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def non_finite_layers(lora: LoraFile) -> list[str]:
     """Layers with a NaN or Inf anywhere in their tensors (alpha is checked when read)."""
     return [name for name, layer in lora.layers.items()
-            if not all(all_finite(t) for t in layer.tensors.values())]
+            if not all(all_finite(t) for t in layer.held_tensors())]
 
 
 def check_finite(lora: LoraFile) -> None:

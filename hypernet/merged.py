@@ -41,6 +41,7 @@ from . import naming
 from .errors import LoraMismatchError, LoraRarError
 from .factors import exact_factors, factored_rank
 from .lora import FULL, LOHA, LOKR, LoraFile, LoraLayer
+from .row_blocks import RowBlocks, Stacked, add_product, dense
 
 CONTENT, STYLE = "content", "style"
 # name → (m_c, m_s): per-input-column coefficients of the layers a method scales column-wise
@@ -56,8 +57,10 @@ def _column_shape(columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class Side:
     """One LoRA's contribution to one layer, before its strength."""
 
-    up: torch.Tensor | None = None        # (out, r) or (out, r, 1, 1); the file's tensor unless a method changed it
-    down: torch.Tensor | None = None      # (r, in) or (r, in, k, k)
+    # (out, r) or (out, r, 1, 1); the file's tensor unless a method changed it — a RowBlocks (the
+    # pieces' ups, hypernet/row_blocks.py) for a LoRA made of pieces of a fused weight
+    up: torch.Tensor | RowBlocks | None = None
+    down: torch.Tensor | Stacked | None = None  # (r, in) or (r, in, k, k); Stacked beside a RowBlocks up
     scale: float = 1.0                    # alpha/rank as the file defines it
     columns: torch.Tensor | None = None   # one coefficient per input column, or None (= ones)
     dense: LoraLayer | None = None        # an adapter without a plain low-rank form: ΔW comes from here
@@ -66,7 +69,7 @@ class Side:
     @classmethod
     def of(cls, layer: LoraLayer, columns: torch.Tensor | None = None) -> Side:
         if layer.is_low_rank and layer.mid is None:
-            return cls(layer.up, layer.down, layer.scale, columns)
+            return cls(layer.up_factor, layer.down_factor, layer.scale, columns)
         return cls(scale=1.0, columns=columns, dense=layer)
 
     @property
@@ -79,11 +82,11 @@ class Side:
 
     def folded_down(self) -> torch.Tensor:
         """down · diag(columns), float32 when columns apply (ComfyUI computes patches in float32
-        anyway); the file's own tensor when they do not (no copy)."""
+        anyway); the file's own tensor when they do not (no copy; a `Stacked` down is formed)."""
         if self.columns is None:
-            return self.down
+            return dense(self.down)
         if self._folded is None:
-            self._folded = self.down.float() * _column_shape(self.columns.float(), self.down)
+            self._folded = dense(self.down, torch.float32) * _column_shape(self.columns.float(), self.down)
         return self._folded
 
     @property
@@ -103,7 +106,7 @@ class Side:
         — for any adapter kind, without forming ΔW (hypernet/factors.py); None for a full diff.
         A DoRA side's magnitude is not in them (see hypernet/merge.py's `dora`)."""
         if self.is_low_rank:
-            return self.up.float().flatten(1) * self.scale, self.folded_down().float().flatten(1)
+            return dense(self.up, torch.float32).flatten(1) * self.scale, self.folded_down().float().flatten(1)
         found = exact_factors(self.dense)
         if found is None:
             return None
@@ -127,7 +130,7 @@ def restrict_rows(side: Side, start: int, stop: int, inside: bool) -> Side:
     """The side's ΔW in rows [start, stop) only (inside) or everywhere but there: a LoRA whose up
     has the other rows zeroed (exact, small), or a dense difference for sides without one."""
     if side.is_low_rank:
-        up = side.up.clone()
+        up = dense(side.up).clone()
         mask = torch.zeros(up.shape[0], dtype=torch.bool)
         mask[start:stop] = True
         up[~mask if inside else mask] = 0
@@ -145,11 +148,21 @@ def restrict_rows(side: Side, start: int, stop: int, inside: bool) -> Side:
 def _product(scaled: list[tuple[Side, float]]) -> torch.Tensor:
     """Σ factor · ΔW of low-rank sides as ONE matrix product [f·up …] @ [folded_down; …]: the scale
     goes into the small up factor, never into an out×in pass (dense views of SDXL's large layers
-    are memory-bound; every extra elementwise pass over them cost as much as the product)."""
-    up = torch.cat([side.up.float().flatten(1) * factor for side, factor in scaled], dim=1)
-    down = torch.cat([side.folded_down().float().flatten(1) for side, _ in scaled], dim=0)
+    are memory-bound; every extra elementwise pass over them cost as much as the product). Sides
+    whose up is a `RowBlocks` add their pieces' products into that result's rows."""
     first = scaled[0][0]
-    return (up @ down).reshape(first.up.shape[0], *first.down.shape[1:])
+    shape = (first.up.shape[0], *first.down.shape[1:])
+    plain = [(side, factor) for side, factor in scaled if isinstance(side.up, torch.Tensor)]
+    if plain:
+        up = torch.cat([side.up.float().flatten(1) * factor for side, factor in plain], dim=1)
+        down = torch.cat([side.folded_down().float().flatten(1) for side, _ in plain], dim=0)
+        total = up @ down
+    else:
+        total = torch.zeros(shape[0], math.prod(shape[1:]))
+    for side, factor in scaled:
+        if not isinstance(side.up, torch.Tensor):
+            add_product(total, side.up, side.folded_down().float().flatten(1), factor)
+    return total.reshape(shape)
 
 
 # One side of a one-patch-per-weight layer: (up, down, columns or None, scale · strength).
@@ -160,11 +173,12 @@ def patch_factors(sides: Iterable[PatchSide], device: torch.device | str | None 
                   dtype: torch.dtype = torch.float32, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down), flattened to 2-D, with up @ down = Σ factor · up · down · diag(columns), built on
     `device` in `dtype`: the factors and strengths go into the small `up`, the column fold into the
-    small `down` — never a pass over the out×in result."""
+    small `down` — never a pass over the out×in result. (An up held as `RowBlocks` is formed
+    densely here, on `device`: one layer's, at patch time.)"""
     ups, downs = [], []
     for up, down, columns, factor in sides:
-        ups.append(up.to(device, dtype).flatten(1) * (factor * multiplier))
-        down = down.to(device, dtype)
+        ups.append(dense(up, dtype, device).flatten(1) * (factor * multiplier))
+        down = dense(down, dtype, device)
         if columns is not None:
             down = down * _column_shape(columns.to(device, dtype), down)
         downs.append(down.flatten(1))
@@ -241,7 +255,7 @@ def fold_columns(sides: Iterable[Side]) -> None:
             groups.setdefault((tuple(side.down.shape), side.down.dtype), []).append(side)
     with torch.no_grad():
         for group in groups.values():
-            downs = torch.stack([s.down for s in group]).float()
+            downs = torch.stack([dense(s.down) for s in group]).float()
             columns = torch.stack([s.columns for s in group]).float()
             folded = downs.mul_(columns.reshape(len(group), 1, -1, *([1] * (downs.dim() - 3))))
             for side, tensor in zip(group, folded.unbind(0)):
@@ -456,7 +470,7 @@ class MergedLora:
             down_shape = (rank, *shape[1:])
             if layer.is_low_rank:
                 entries.append((f"{key}.lora_up.weight", dtype, up_shape, lambda s=sides: torch.cat(
-                    [side.up.float() * (side.scale * self.strength(role)) for role, side in s], dim=1)))
+                    [dense(side.up, torch.float32) * (side.scale * self.strength(role)) for role, side in s], dim=1)))
                 entries.append((f"{key}.lora_down.weight", dtype, down_shape, lambda s=sides: down_of(s)))
             else:
                 entries.append((f"{key}.lora_up.weight", dtype, up_shape,
@@ -486,7 +500,7 @@ class MergedLora:
                 for role, side in layer.sides():
                     out = dicts[role]
                     if side.is_low_rank:
-                        out[f"{kohya}.lora_up.weight"] = side.up
+                        out[f"{kohya}.lora_up.weight"] = dense(side.up)
                         out[f"{kohya}.lora_down.weight"] = side.folded_down()
                         # alpha such that ComfyUI's alpha/rank is exactly this side's scale, however
                         # the file defined it (tensor, header metadata, rsLoRA)

@@ -40,6 +40,7 @@ from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
 from ..progress import Progress
+from ..row_blocks import rows_of
 
 DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
 # Elements of ΔW formed at a time: 2^22 float32 = 16 MiB, a whole SDXL attention projection
@@ -84,7 +85,7 @@ def magnitude(side: Side, top_k: int, device: torch.device | None = None,
     formed a chunk of rows at a time on `device` (default: where the factors are)."""
     start, stop = rows if rows else (0, None)
     if side.is_low_rank:
-        up = side.up[start:stop].to(device, torch.float32).reshape(-1, side.up.shape[1])
+        up = rows_of(side.up, start, stop).to(device)
         down = side.folded_down().to(device, torch.float32).reshape(side.down.shape[0], -1)
         scale = abs(side.scale)
     else:

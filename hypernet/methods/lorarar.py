@@ -17,6 +17,7 @@ column and the column forms of ΔW_c, ΔW_s — and `lorarar_merge` turns them i
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +87,7 @@ def shape_groups(content: LoraFile, style: LoraFile, names: list[str]) -> tuple[
     for name in names:
         c, s = content.layers[name], style.layers[name]
         if _factored(c) and _factored(s):
-            groups.setdefault((c.up.shape[0], c.down.shape[1], c.rank, s.rank, c.dtype, s.dtype), []).append(name)
+            groups.setdefault((c.shape[0], c.shape[1], c.rank, s.rank, c.dtype, s.dtype), []).append(name)
         else:
             dense.append(name)
     return groups, dense
@@ -161,7 +162,7 @@ def coefficient_pass(content: LoraFile, style: LoraFile, hypernet: HyperNetwork,
         for group in groups.values():
             contents, styles = [content.layers[n] for n in group], [style.layers[n] for n in group]
             if on_cpu:
-                in_width = contents[0].down.reshape(contents[0].rank, -1).shape[1]
+                in_width = math.prod(contents[0].shape[1:])
                 measures = torch.empty(len(group), len(MEASURE_ROWS), in_width) if measure else None
                 m = group_coefficients(net, contents, styles, progress=advance, measures=measures)
                 results.append((group, m[:, 0], m[:, 1], measures))

@@ -18,6 +18,7 @@ On the idle 2-core CPU this took SDXL's 280 rank-64 matrices from 0.33–0.37 s 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,8 +55,8 @@ def group_coefficients(hypernet: HyperNetwork, contents: list[LoraLayer], styles
     diagnostics need (lorarar_diagnostics.MEASURE_ROWS): |W1·x_j| from the activations while
     they are in cache, and the three column forms from the factors already in the buffers."""
     count = len(contents)
-    out_width, rank_c = contents[0].up.shape[0], contents[0].rank
-    in_width, rank_s = contents[0].down.reshape(rank_c, -1).shape[1], styles[0].rank
+    out_width, rank_c = contents[0].shape[0], contents[0].rank
+    in_width, rank_s = math.prod(contents[0].shape[1:]), styles[0].rank
     rank = rank_c + rank_s
     first, head = hypernet.input_layer(out_width), hypernet.output[1]
     hidden = first.weight.shape[0]

@@ -33,6 +33,7 @@ from ..errors import LoraRarError
 from ..lora import FULL, LoraFile, LoraLayer
 from ..merged import MergedLora, Side, assemble
 from ..progress import Progress
+from ..row_blocks import RowBlocks, cross, dense, matrix, times
 
 SIDES = ("input", "output")
 DEFAULT_MU = 0.5
@@ -98,9 +99,10 @@ def right_singular(h: torch.Tensor, g: torch.Tensor, k: int | None) -> tuple[tor
 def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side, out=None):
     """float32 factor matrices of both sides → (the new content factor, the removed share).
     Only r×r matrices and products with the factors: no out×in matrix. The style's Grams are
-    float64 (they carry its small singular values); the rest is float32."""
-    h_s, g_s = _gram(s_down), _gram(s_up.T)
-    h_c, g_c = c_down @ c_down.T, c_up.T @ c_up                        # for the report only
+    float64 (they carry its small singular values); the rest is float32. An up may be a
+    `RowBlocks` (pieces of a fused weight): its products are taken piece by piece."""
+    h_s, g_s = _gram(s_down), cross(s_up, s_up, torch.float64)
+    h_c, g_c = c_down @ c_down.T, cross(c_up, c_up)                    # for the report only
     norm = float((g_c * h_c).sum().clamp_min(0).sqrt())               # ‖B_c·A_c‖ / s_c
     if side == "input":
         x, _ = right_singular(h_s, g_s, k)                              # V = A_sᵀ·x
@@ -111,8 +113,9 @@ def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side, out=None):
     else:
         x, _ = right_singular(g_s, h_s, k)                              # U = B_s·x (ΔWᵀ = A_sᵀ·B_sᵀ)
         x = x.float()
-        coords = x.T @ (s_up.T @ c_up)                                  # Uᵀ·B_c
-        new = torch.sub(c_up, s_up @ (x @ coords), alpha=strength, out=_out(out, c_up))
+        coords = x.T @ cross(s_up, c_up)                                # Uᵀ·B_c
+        c_up = matrix(c_up)                                             # the new up is dense
+        new = torch.sub(c_up, times(s_up, x @ coords), alpha=strength, out=_out(out, c_up))
         removed = float((coords * (coords @ h_c)).sum())               # ‖Uᵀ·B_c·A_c‖²
     return new, (strength * math.sqrt(max(removed, 0.0)) / norm if norm > 0 else 0.0)
 
@@ -124,11 +127,11 @@ def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
     if factors is not None:
         up, down = factors
         if side == "input":
-            x, sigma = right_singular(_gram(down), _gram(up.T), k)
+            x, sigma = right_singular(_gram(down), cross(up, up, torch.float64), k)
             vectors = down.T.double() @ x
         else:
-            x, sigma = right_singular(_gram(up.T), _gram(down), k)
-            vectors = up.double() @ x
+            x, sigma = right_singular(cross(up, up, torch.float64), _gram(down), k)
+            vectors = times(up, x)
     else:
         u, sigma, vh = torch.linalg.svd(_matrix(style.delta()).double(), full_matrices=False)
         vectors = vh.T if side == "input" else u
@@ -141,10 +144,10 @@ def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
 
 def _factor_matrices(side: Side) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(up, down) as float32 matrices whose product is the side's ΔW up to its scale: a LoRA's own
-    factors (scale outside), any other adapter's exact factors (hypernet/factors.py: LoHa, LoKr,
-    Tucker; scale inside); None for a full difference."""
+    factors (scale outside; an up held as `RowBlocks` stays so), any other adapter's exact
+    factors (hypernet/factors.py: LoHa, LoKr, Tucker; scale inside); None for a full difference."""
     if side.is_low_rank:
-        return _matrix(side.up), _matrix(side.down)
+        return (side.up if isinstance(side.up, RowBlocks) else _matrix(side.up)), _matrix(dense(side.down))
     return side.factors()
 
 
@@ -184,7 +187,7 @@ def _new_factor_size(content: Side, side: str) -> int:
     side, up for the output side); 0 for other sides (their new factors are made as they are)."""
     if not content.is_low_rank:
         return 0
-    return (content.down if side == "input" else content.up).numel()
+    return math.prod((content.down if side == "input" else content.up).shape)
 
 
 def np_lora_merge(content: LoraFile, style: LoraFile, mu: float = DEFAULT_MU, rank=None, side: str = "input",

@@ -8,6 +8,7 @@ ratio, the largest coefficient difference between them and peak memory.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -49,7 +50,7 @@ def coefficient_flops(content, style, hypernet, names) -> float:
     hidden, total = hypernet.config.hidden, 0
     for name in names:
         c, s = content.layers[name], style.layers[name]
-        out_width, in_width, rank = c.up.shape[0], c.down.reshape(c.rank, -1).shape[1], c.rank + s.rank
+        out_width, in_width, rank = c.shape[0], math.prod(c.shape[1:]), c.rank + s.rank
         total += 2 * hidden * out_width * rank + 2 * hidden * rank * in_width + 4 * hidden * in_width
     return float(total)
 
