@@ -88,3 +88,7 @@ def test_families_bench_prints_sdxl_and_flux_side_by_side(capsys):
     assert bench.main(["--rounds", "1", "--cases", "sdxl-r64-kohya,flux1-r16-kohya"]) == 0
     out = capsys.readouterr().out
     assert "sdxl-r64-kohya" in out and "flux1-r16-kohya" in out and "vs SDXL" in out and "vs files" in out
+    assert "warm +" in out
+    row = next(line for line in out.splitlines() if line.startswith("flux1-r16-kohya")).split()
+    cold, warm = float(row[-4].removesuffix("MB")), float(row[-2].removesuffix("MB"))
+    assert 0 < warm <= cold + 5  # the warm process does not pay the one-time set-up again
