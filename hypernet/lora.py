@@ -242,7 +242,7 @@ class LoraLayer:
 
     def delta(self) -> torch.Tensor:
         """Dense float32 ΔW including the alpha/rank scale. Only for layers that need it."""
-        if isinstance(self.tensors.get("up"), RowBlocks):  # the pieces' products, into their rows
+        if row_blocks.is_row_blocks(self.tensors.get("up")):  # the pieces' products, into their rows
             down = self.down.float().flatten(1)
             w = down.new_zeros(self.shape[0], down.shape[1])
             return row_blocks.add_product(w, self.up_factor, down, self.scale).reshape(self.shape)

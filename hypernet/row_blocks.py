@@ -111,11 +111,23 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def is_row_blocks(factor) -> bool:
+    """Whether a factor is a `RowBlocks`. Asked by what it holds, not by class: inside ComfyUI the
+    pack's modules may be loaded twice (as `hypernet` by a caller and under the custom node's
+    package name), and a factor made by one copy reaches the other's functions."""
+    return not isinstance(factor, torch.Tensor) and hasattr(factor, "blocks")
+
+
+def is_stacked(factor) -> bool:
+    """Whether a factor is a `Stacked` down (asked as `is_row_blocks` asks)."""
+    return not isinstance(factor, torch.Tensor) and hasattr(factor, "pieces") and not hasattr(factor, "blocks")
+
+
 def dense(up, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     """An up (or a down) as a dense tensor of its own shape (a plain tensor: itself, or converted)."""
     if isinstance(up, torch.Tensor):
         return up if dtype is None and device is None else up.to(device, dtype or up.dtype)
-    if isinstance(up, Stacked):
+    if is_stacked(up):
         return torch.cat([p.to(device, dtype or p.dtype) for p in up.pieces])
     out = torch.zeros(up.shape[:2], dtype=dtype or up.dtype, device=device)
     for block, (r0, r1), (c0, c1) in up.parts(out.dtype, device):

@@ -33,7 +33,7 @@ from ..errors import LoraRarError
 from ..lora import FULL, LoraFile, LoraLayer
 from ..merged import MergedLora, Side, assemble
 from ..progress import Progress
-from ..row_blocks import RowBlocks, cross, dense, matrix, times
+from ..row_blocks import cross, dense, is_row_blocks, matrix, times
 
 SIDES = ("input", "output")
 DEFAULT_MU = 0.5
@@ -147,7 +147,7 @@ def _factor_matrices(side: Side) -> tuple[torch.Tensor, torch.Tensor] | None:
     factors (scale outside; an up held as `RowBlocks` stays so), any other adapter's exact
     factors (hypernet/factors.py: LoHa, LoKr, Tucker; scale inside); None for a full difference."""
     if side.is_low_rank:
-        return (side.up if isinstance(side.up, RowBlocks) else _matrix(side.up)), _matrix(dense(side.down))
+        return (side.up if is_row_blocks(side.up) else _matrix(side.up)), _matrix(dense(side.down))
     return side.factors()
 
 
