@@ -194,3 +194,35 @@ def rows_of(up, start: int, stop: int | None, dtype: torch.dtype = torch.float32
         if low < high:
             out[low - start:high - start, c0:c1] = block[low - r0:high - r0]
     return out
+
+
+# The tags of `packed` forms: what a factor held as pieces becomes inside a container that walks
+# tuples and copies each tensor it finds (ComfyUI's dynamic-VRAM prefetch rebuilds a weight adapter
+# as `type(a)(a.loaded_keys, <a.weights with every tensor copied into one VRAM buffer>)` and passes
+# anything else through unchanged — a `RowBlocks` object would stay behind in CPU memory).
+PACKED_ROW_BLOCKS, PACKED_STACKED = "lorarar.row_blocks", "lorarar.stacked"
+
+
+def packed(factor):
+    """A factor as nested tuples of tensors, ints and one tag (a plain tensor stays itself);
+    `unpacked` gives it back."""
+    if isinstance(factor, torch.Tensor):
+        return factor
+    if is_row_blocks(factor):
+        return (PACKED_ROW_BLOCKS, tuple(factor.blocks), factor.rows, factor.columns, tuple(factor.shape))
+    if is_stacked(factor):
+        return (PACKED_STACKED, tuple(factor.pieces))
+    raise TypeError(f"not a LoRA factor: {type(factor).__name__}")
+
+
+def unpacked(value):
+    """The factor a `packed` value stands for (its tensors wherever the container put them)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and value[0] == PACKED_ROW_BLOCKS:
+        _, blocks, rows, columns, shape = value
+        blocks = tuple(blocks)
+        return RowBlocks(blocks, tuple(map(tuple, rows)), tuple(map(tuple, columns)), tuple(shape), blocks)
+    if isinstance(value, (tuple, list)) and value and value[0] == PACKED_STACKED:
+        return Stacked(tuple(value[1]))
+    raise TypeError(f"not a packed LoRA factor: {type(value).__name__}")

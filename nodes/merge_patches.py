@@ -12,8 +12,9 @@ time.
 The adapter keeps ComfyUI's weight-adapter contract of 2026 (dynamic VRAM, ComfyUI ≥ 0.15):
 `comfy.lora.prefetch_prepared_value` rebuilds an adapter as `type(a)(a.loaded_keys, <a.weights
 copied into one VRAM buffer>)`, so the constructor is exactly `(loaded_keys, weights)`, every tensor
-the maths needs is inside `weights` (a tuple of per-side tuples, which that copy walks), and nothing
-is read in `__init__`. ComfyUI's low-VRAM path calls it with `intermediate_dtype` = the weight's
+the maths needs is inside `weights` (a tuple of per-side tuples, which that copy walks; a factor
+held as pieces of a fused weight is `packed` into tuples of its tensors so the copy moves them too),
+and nothing is read in `__init__`. ComfyUI's low-VRAM path calls it with `intermediate_dtype` = the weight's
 fp16/bf16 dtype and no original weight; the maths runs in float32 anyway and the result is cast back
 to the weight's dtype once.
 
@@ -31,6 +32,7 @@ import torch
 
 from ..hypernet import naming
 from ..hypernet.merged import add_merged_delta
+from ..hypernet.row_blocks import packed, unpacked
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def patch_class():
 
     class MergedLayerPatch(base):
         """ComfyUI weight adapter for one merged layer (see the module docstring).
-        `weights`: per side with a non-zero factor, (up, down, columns or None, scale · strength)."""
+        `weights`: per side with a non-zero factor, (up, down, columns or None, scale · strength),
+        up and down `packed` (a fused weight's pieces as tuples of tensors the prefetch copies)."""
 
         name = "lorarar_merged_layer"
 
@@ -68,7 +71,8 @@ def patch_class():
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
             # float32 whatever `intermediate_dtype` says (the low-VRAM path passes fp16/bf16)
-            return add_merged_delta(weight, self.weights, strength, function)
+            sides = tuple((unpacked(up), unpacked(down), columns, factor) for up, down, columns, factor in self.weights)
+            return add_merged_delta(weight, sides, strength, function)
 
     return MergedLayerPatch
 
@@ -102,7 +106,8 @@ def patch_models(model, clip, merged, side_plan):
             continue
         sides = merged.layer_patch(name)
         if sides is not None:
-            patches[target] = cls({kohya}, sides)
+            patches[target] = cls({kohya}, tuple((packed(up), packed(down), columns, factor)
+                                                 for up, down, columns, factor in sides))
     if missing:  # as core's loader says for keys the model lacks
         log.warning("LoRA.rar Merge: %d merged layer(s) have no weight in this model, e.g. %s", len(missing), missing[0])
     new_model = model.clone() if model is not None else None

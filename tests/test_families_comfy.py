@@ -281,6 +281,53 @@ def test_the_merge_node_patches_every_family_exactly(comfy, pack, family, method
     assert all(torch.equal(v, base[k]) for k, v in patcher.model.diffusion_model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["sum", "np-lora"])
+def test_sliced_layers_survive_the_dynamic_vram_prefetch(comfy, pack, method):
+    """Flux layers read from a diffusers-form file are held as their pieces (hypernet/row_blocks.py).
+    The merge node's adapter for such a layer, rebuilt the way dynamic VRAM's prefetch rebuilds it
+    (core's `prefetch_prepared_value` where this ComfyUI has it: every tensor copied into one
+    buffer, the rest passed through), has every piece moved and patches base + the merged ΔW."""
+    import comfy.lora
+
+    if not hasattr(comfy, "weight_adapter"):
+        pytest.skip("this ComfyUI (2024) has no weight adapters: merged layers are patched per side")
+    patcher, shapes = tiny(comfy, "flux1")
+    content = _lora_for(patcher, shapes, "flux1", 5, "kohya", 2)
+    style = _lora_for(patcher, shapes, "flux1", 6, "diffusers", 3)
+    merged = merge_logic.run_merge(content, style, None, 0.7, 1.1, method, model_family="flux1")
+    model, _ = pack.merge_patches.apply_merged(patcher, None, merged)
+    base = _base(patcher)
+    sliced = 0
+    for name in merged.layers:
+        key = f"diffusion_model.{name}.weight"
+        (strength, adapter, strength_model, offset, function), = model.patches[key]
+        if hasattr(comfy.lora, "prefetch_prepared_value"):
+            counter = [0]
+            comfy.lora.prefetch_prepared_value(adapter, counter, None, None, False)
+            buffer = torch.empty(counter[0], dtype=torch.uint8)
+            rebuilt = comfy.lora.prefetch_prepared_value(adapter, [0], buffer, None, True)
+            tensors = _tensors_in(rebuilt.weights)
+            assert tensors and all(t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                                   for t in tensors), name  # nothing left behind in the pieces' memory
+        else:
+            rebuilt = type(adapter)(adapter.loaded_keys, adapter.weights)
+        sliced += any(isinstance(up, tuple) for up, *_ in rebuilt.weights)
+        weight = base[key[len("diffusion_model."):]]
+        patched = comfy.lora.calculate_weight([(strength, rebuilt, strength_model, offset, function)],
+                                              weight.clone(), key)
+        expected = weight + merged.delta(name).reshape(weight.shape)
+        assert (patched - expected).abs().max() <= 1e-6 + 1e-5 * expected.abs().max(), name
+    assert sliced >= 2  # the fused weights' layers (qkv, linear1) were held as pieces
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
 def _callback_form(model):
     return len(inspect.signature(model.prepare_state).parameters)
 

@@ -17,7 +17,18 @@ from hypernet.errors import LoraFormatError
 from hypernet.lora import lora_from_state_dict, read_lora
 from hypernet.merge import merge
 from hypernet.merged import add_merged_delta
-from hypernet.row_blocks import RowBlocks, Stacked, add_product, cross, dense, of_pieces, rows_of, times
+from hypernet.row_blocks import (
+    RowBlocks,
+    Stacked,
+    add_product,
+    cross,
+    dense,
+    of_pieces,
+    packed,
+    rows_of,
+    times,
+    unpacked,
+)
 from hypernet.writer import save_merged
 from tests.support.files import write_lora
 
@@ -158,6 +169,39 @@ def test_the_block_algebra_equals_the_dense_up():
     torch.testing.assert_close(add_product(out.clone(), blocks, x, 0.5), out + 0.5 * up @ x)
     torch.testing.assert_close(rows_of(blocks, 3, 9, torch.float64), up[3:9])
     torch.testing.assert_close(rows_of(blocks, 10, None, torch.float64), up[10:])
+
+
+def _copy_tensors(value):
+    """What a container that walks tuples does to them (ComfyUI's dynamic-VRAM prefetch): every
+    tensor copied elsewhere, everything else passed through as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy_tensors(v) for v in value)
+    return value
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def test_a_packed_factor_is_moved_whole_by_a_copy_that_walks_tuples():
+    blocks, up = _blocks()
+    down = Stacked((torch.randn(2, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)))
+    for factor, expected in ((blocks, up), (down, torch.cat(down.pieces)), (up, up)):
+        moved = _copy_tensors(packed(factor))
+        originals = {t.untyped_storage().data_ptr() for t in _tensors_in(packed(factor))}
+        assert _tensors_in(moved) and not {t.untyped_storage().data_ptr() for t in _tensors_in(moved)} & originals
+        assert torch.equal(dense(unpacked(moved)), expected)
+    assert packed(up) is up and unpacked(up) is up
+    with pytest.raises(TypeError):
+        packed("up")
+    with pytest.raises(TypeError):
+        unpacked(("something else", ()))
 
 
 # ----------------------------------------------------------------------------- merging
