@@ -17,8 +17,8 @@ median of the rounds, cases interleaved round by round so a busy machine slows a
 memory = the process's peak RSS growth over the read + merge (the kernel's VmHWM, reset before
 reading), compared with the two files' size — once in a cold process, and once "warm": after
 one small merge in the same process, as a running ComfyUI has done, so that the one-time set-up
-of the code and linear-algebra routines (about 7-15 MB) is not counted as the merge's. Figures go to stdout; quote them with the date and
-machine (docs/performance.md).
+of the code and linear-algebra routines (about 7-15 MB) is not counted as the merge's. Figures go
+to stdout; quote them with the date and machine (docs/performance.md).
 """
 
 from __future__ import annotations
