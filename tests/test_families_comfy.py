@@ -22,6 +22,7 @@ from hypernet.model import HypernetConfig, HyperNetwork
 from hypernet.nodelogic import merge as merge_logic
 from tests.support.comfy_core import load_comfy
 from tests.support.family_models import FULL, TINY, build, weights_of
+from tests.support.tensors import tensors_in
 
 pytestmark = pytest.mark.comfyui
 
@@ -306,7 +307,7 @@ def test_sliced_layers_survive_the_dynamic_vram_prefetch(comfy, pack, method):
             comfy.lora.prefetch_prepared_value(adapter, counter, None, None, False)
             buffer = torch.empty(counter[0], dtype=torch.uint8)
             rebuilt = comfy.lora.prefetch_prepared_value(adapter, [0], buffer, None, True)
-            tensors = _tensors_in(rebuilt.weights)
+            tensors = tensors_in(rebuilt.weights)
             assert tensors and all(t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
                                    for t in tensors), name  # nothing left behind in the pieces' memory
         else:
@@ -318,14 +319,6 @@ def test_sliced_layers_survive_the_dynamic_vram_prefetch(comfy, pack, method):
         expected = weight + merged.delta(name).reshape(weight.shape)
         assert (patched - expected).abs().max() <= 1e-6 + 1e-5 * expected.abs().max(), name
     assert sliced >= 2  # the fused weights' layers (qkv, linear1) were held as pieces
-
-
-def _tensors_in(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
-    return []
 
 
 def _callback_form(model):

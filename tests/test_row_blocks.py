@@ -31,6 +31,7 @@ from hypernet.row_blocks import (
 )
 from hypernet.writer import save_merged
 from tests.support.files import write_lora
+from tests.support.tensors import tensors_in
 
 H = 64  # a tiny Flux's width (ComfyUI's test model's): the parts' rows scale with it
 
@@ -181,21 +182,13 @@ def _copy_tensors(value):
     return value
 
 
-def _tensors_in(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
-    return []
-
-
 def test_a_packed_factor_is_moved_whole_by_a_copy_that_walks_tuples():
     blocks, up = _blocks()
     down = Stacked((torch.randn(2, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)))
     for factor, expected in ((blocks, up), (down, torch.cat(down.pieces)), (up, up)):
         moved = _copy_tensors(packed(factor))
-        originals = {t.untyped_storage().data_ptr() for t in _tensors_in(packed(factor))}
-        assert _tensors_in(moved) and not {t.untyped_storage().data_ptr() for t in _tensors_in(moved)} & originals
+        originals = {t.untyped_storage().data_ptr() for t in tensors_in(packed(factor))}
+        assert tensors_in(moved) and not {t.untyped_storage().data_ptr() for t in tensors_in(moved)} & originals
         assert torch.equal(dense(unpacked(moved)), expected)
     assert packed(up) is up and unpacked(up) is up
     with pytest.raises(TypeError):
