@@ -10,7 +10,9 @@ neighbouring matmuls):
   tensors, 4 layers per call of `HyperNetwork.coefficients_factored`;
 - "stacked per group": the same with each group of equal shapes in one call (what a GPU runs);
 - "buffered C/B": the shipped pass (hypernet/methods/lorarar_cpu.py) with chunks of C layers and
-  activation blocks of B layers (the default is 16/4).
+  activation blocks of B layers (the default is 16/4);
+- "shipped + diagnostics": what a merge runs — the shipped pass with the measures of the merge's
+  own diagnostics (hypernet/methods/lorarar_diagnostics.py) and their reduction to the figures.
 
     python benchmarks/bench_coefficient_pass.py [--rounds 11] [--arrangements 4/2,8/4,16/4,32/4,80/4]
 
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 
 from hypernet.catalog import find_checkpoint  # noqa: E402
 from hypernet.lora import lora_from_state_dict  # noqa: E402
-from hypernet.methods import lorarar, lorarar_cpu  # noqa: E402
+from hypernet.methods import lorarar, lorarar_cpu, lorarar_diagnostics  # noqa: E402
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet  # noqa: E402
 from hypernet.tooling import synthetic  # noqa: E402
 from hypernet.tooling.bench import coefficient_flops, matmul_rate, stacked_pass  # noqa: E402
@@ -52,6 +54,13 @@ def _buffered(chunk: int, block: int):
         finally:
             lorarar_cpu.CHUNK, lorarar_cpu.BLOCK = default_chunk, default_block
     return run
+
+
+def _with_diagnostics(content, style, hypernet, names):
+    """What a merge runs: the shipped pass plus the measures of its diagnostics (issue 17) and
+    their reduction to the per-width figures."""
+    passed = lorarar.coefficient_pass(content, style, hypernet)
+    lorarar_diagnostics.measure_contribution(hypernet, passed.coefficients, passed.measures, passed.widths)
 
 
 default_chunk, default_block = lorarar_cpu.CHUNK, lorarar_cpu.BLOCK
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     arrangements = {"before (batches of 4, stacked)": _before, "stacked per group": stacked_pass}
     arrangements.update({f"buffered {c}/{b}" + (" (shipped)" if (c, b) == (default_chunk, default_block) else ""):
                          _buffered(c, b) for c, b in pairs})
+    arrangements["shipped + diagnostics (a merge)"] = _with_diagnostics
 
     print(f"{len(names)} matrices, {flops / 1e9:.1f} GFLOP per pass; hypernetwork "
           f"{Path(path).name if path else 'random weights'}; torch {torch.__version__}, "

@@ -186,7 +186,8 @@ def lora_shapes(patcher) -> dict[str, tuple[int, int]]:
 
 
 def merge_node(lib, model, content, style, method):
-    return lib.nodes_merge.LoraRarMerge.execute(model, content, style, 1.0, 1.0, method).args[0]
+    return lib.nodes_merge.LoraRarMerge.execute(content_lora=content, style_lora=style, content_strength=1.0,
+                                                 style_strength=1.0, method=method, model=model).args[0]
 
 
 def bench_switching(comfy, lib, steps: int, rank: int) -> None:

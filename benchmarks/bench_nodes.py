@@ -172,8 +172,9 @@ class Ours:
     def merge(self, model, strengths):
         (content, style), hypernet = self.inputs
         if self.nodes:
-            out = self.nodes[1].LoraRarMerge.execute(model, content, style, strengths[0], strengths[1],
-                                                     "lorarar", clip=None, hypernetwork=hypernet)
+            out = self.nodes[1].LoraRarMerge.execute(
+                content_lora=content, style_lora=style, content_strength=strengths[0], style_strength=strengths[1],
+                method="lorarar", model=model, clip=None, hypernetwork=hypernet)
             return out.args[0]
         nodelogic = self.lib.nodelogic
         result = nodelogic.run_merge(content, style, hypernet, strengths[0], strengths[1], "lorarar")

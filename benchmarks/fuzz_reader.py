@@ -1,5 +1,5 @@
 """Mutation fuzzing of the LoRA and hypernetwork readers (issue 9): >= 10,000 mutated files of
-every naming family and adapter kind; prints cases, clean errors, other exceptions (must be 0),
+every key layout, model family and adapter kind; prints cases, clean errors, other exceptions (must be 0),
 peak memory and the slowest case.
 
     python benchmarks/fuzz_reader.py [--cases 10000] [--seed 0] [--json]

@@ -1,4 +1,5 @@
-"""LoRA.rar: merge a subject LoRA and a style LoRA (SDXL) — the library behind the ComfyUI nodes.
+"""LoRA.rar: merge a subject LoRA and a style LoRA — the library behind the ComfyUI nodes. SDXL with
+the paper's hypernetwork; SD1.5/SD2, Flux, SD3.5, Qwen-Image, Z-Image and Wan too (hypernet/families).
 
     from hypernet import read_lora, resolve_hypernet, save_merged
     from hypernet.merge import merge

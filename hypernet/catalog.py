@@ -165,10 +165,18 @@ def download(entry: CatalogEntry, dest_dir: Path, accept_license: bool = False,
     except LoraRarError:
         raise  # already says what went wrong (size, sha256, deadline)
     except urllib.error.HTTPError as exc:
-        raise HypernetError(f"{url}: the server answered {exc.code} {exc.reason}; cannot download {entry.file}") from None
+        raise HypernetError(f"{url}: the server answered {exc.code} {exc.reason}; cannot download {entry.file}. "
+                            f"{_by_hand(entry, dest_dir)}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise HypernetError(f"{url}: download of {entry.file} failed ({type(exc).__name__}: {reason})") from None
+        raise HypernetError(f"{url}: download of {entry.file} failed ({type(exc).__name__}: {reason}). "
+                            f"{_by_hand(entry, dest_dir)}") from None
+
+
+def _by_hand(entry: CatalogEntry, dest_dir: Path) -> str:
+    """What to do when this machine cannot download (offline, a proxy, a firewall)."""
+    return (f"To install it by hand, download {entry.url} on a machine that can ({entry.bytes:,} bytes, "
+            f"sha256 {entry.sha256}) and save it as {dest_dir / entry.file}")
 
 
 def resolve_hypernet(spec: str | Path, search_dirs: Iterable[Path] = (), allow_download: bool = False,

@@ -37,3 +37,13 @@ class TrainingError(LoraRarError, ValueError):
 
 class ManifestError(TrainingError):
     """A training manifest with bad entries; the message lists every problem, one per line."""
+
+
+# ComfyUI shows an error's type as `<class.__module__>.<class name>`, and it imports this pack
+# under its folder path, so users read "/…/custom_nodes/ComfyUI-LoRA-rar.hypernet.errors.
+# HypernetError" before the message. There the types carry a short module name instead
+# ("LoRA.rar.HypernetError"); imported as the `hypernet` library they keep their real one
+# (pickling and tracebacks find them).
+if not __name__.startswith("hypernet."):
+    for _error in [v for v in globals().values() if isinstance(v, type) and issubclass(v, LoraRarError)]:
+        _error.__module__ = "LoRA.rar"

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import naming
-from .lora import guess_family, non_finite_layers, read_lora
+from .lora import non_finite_layers, read_lora
 
 # What inspect reads, said plainly (also printed): it scans every value of the layers it
 # recognises and reports what it finds; it does not judge what the values mean.
@@ -21,17 +21,15 @@ NOT_SCANNED = ("values of unrecognised keys (only counted); whether the values a
 def describe_lora(path) -> dict:
     """The facts `inspect` prints, as a dict."""
     lora = read_lora(path, check_values=False)
-    family = guess_family(lora)
     blocks: Counter = Counter()
     for name in lora.layers:
         if naming.is_text_encoder(name):
             blocks[name.split(".")[0]] += 1
         else:
             blocks[naming.transformer_block_of(name) or ".".join(name.split(".")[:2])] += 1
-    te_order = ("te1", "te2")
+    te_order = ("te1", "te2", "te3")
     order = sorted((b for b in blocks if b not in te_order),
-                   key=lambda b: naming.unet_block_order_key(b) if b.split(".")[0] in
-                   ("input_blocks", "middle_block", "output_blocks") else (3, 0))
+                   key=lambda b: (0, naming.unet_block_order_key(b)) if naming.transformer_block_of(b + ".x") else (1, ()))
     kinds = lora.kinds()
     notes = list(lora.notes)
     for kind, label in (("loha", "LoHa"), ("lokr", "LoKr"), ("full", "full weight difference"), ("dora", "DoRA")):
@@ -45,9 +43,11 @@ def describe_lora(path) -> dict:
     return {
         "file": lora.source,
         "size_bytes": Path(lora.source).stat().st_size,
-        "naming": dict(lora.naming_families),
-        "base_family": family.family,
-        "evidence": family.evidence,
+        "key_layouts": dict(lora.key_layouts),
+        "base_family": lora.family,
+        "base_family_name": lora.family_name,
+        "family_candidates": list(lora.family_candidates),
+        "evidence": lora.family_evidence,
         "layers": len(lora.layers),
         "unet_layers": len(lora.unet_layers),
         "text_encoder_layers": len(lora.text_encoder_layers),

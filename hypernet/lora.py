@@ -1,15 +1,31 @@
-"""Read any SDXL LoRA into one canonical form.
+"""Read any LoRA, of any family this pack knows, into one canonical form.
 
-`read_lora(path)` / `lora_from_state_dict(sd)` return a `LoraFile`: per layer (canonical name,
-see naming.py) a `LoraLayer` with the factors up/down (+ mid for Tucker conv), alpha and the
-adapter kind. Naming families are detected per key by signature, never by file name.
+`read_lora(path)` / `lora_from_state_dict(sd)` return a `LoraFile`: per layer (canonical name: the
+model's own weight name, see hypernet/families/spec.py) a `LoraLayer` with the factors up/down
+(+ mid for Tucker conv), alpha and the adapter kind, and the base-model family the file is for.
+
+How a file is read:
+1. each key is split into its module and its tensor's role (families/keys.py: `.lora_down.weight`,
+   `.lora_A.weight`, `_lora.up.weight`, `.hada_w1_a`, `.alpha`, …) and the module's prefix tells
+   which trainer wrote it (kohya `lora_unet_`, diffusers `transformer.`/`unet.`, ComfyUI
+   `diffusion_model.`, OneTrainer, LyCORIS, XLabs, no prefix, …) — the *key layout*;
+2. the family is detected from the module paths and the factors' shapes (families/detect.py), or
+   given by the caller; never from the file name;
+3. the family's vocabularies turn each module into a canonical weight — a slice of a fused weight
+   where the trainer named one projection of it (diffusers' `to_q` of Flux's `img_attn.qkv`);
+4. the tensors of one weight become one layer: a slice is placed into its rows of the fused weight,
+   a block-sparse LoRA of it (up has zeros outside those rows; several slices side by side), so
+   one name is always one whole weight and a kohya LoRA on `qkv` and a diffusers LoRA on `to_q`
+   merge in the same space. Neither the zeros nor a stacked copy are held: such a layer's up is
+   a `RowBlocks` and its down a `Stacked` (hypernet/row_blocks.py: the pieces' own tensors with
+   their rows and ranks), and the merges work on the pieces.
 Tensors keep the file's dtype; maths happens in float32 on demand.
 
 Where alpha comes from, first found wins (per layer):
 1. an `.alpha` tensor beside the factors (kohya, LyCORIS, ComfyUI, diffusers' kohya exporter);
 2. the safetensors header entry `lora_adapter_metadata` (diffusers' `save_lora_weights`: a JSON
    object with per-component peft settings `unet.r`, `unet.lora_alpha`, `unet.rank_pattern`,
-   `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.…`, `text_encoder_2.…`);
+   `unet.alpha_pattern`, `unet.use_rslora`, `transformer.…`, `text_encoder.…`);
 3. `adapter_config.json` beside an `adapter_model.safetensors` (peft's `save_pretrained`);
 4. nowhere: scale 1 (alpha = rank) is assumed, and the LoraFile says so (`scale_assumed_layers`,
    `notes`) so that inspect and merge reports can.
@@ -19,26 +35,49 @@ With `use_rslora` the scale is alpha/√r instead of alpha/r. `LoraLayer.alpha` 
 kohya-equivalent alpha (scale = alpha / rank), so everything downstream reads one convention.
 
 What a file may ask for (a hostile file must fail fast and small, never by exhausting memory):
-every factor is checked against the others *before* anything is expanded, no layer may
-adapt a weight of more than MAX_LAYER_ELEMENTS elements (2^26 = 67,108,864, 256 MiB in float32;
-SDXL's largest weight, an output-block conv, has 29.5 M), and the layers that a merge must expand
-(no low-rank form) may not add up to more than MAX_FILE_DENSE_ELEMENTS (2^32, about all of SDXL).
-Reading itself never expands anything: its memory is that of the file's tensors.
+every factor is checked against the others *before* anything is expanded, no layer may adapt a
+weight larger than its family allows (`max_layer_elements` in the family's data: 2^26 = 67,108,864
+elements for the UNets, whose largest weight, an SDXL output-block conv, has 29.5 M; more for the
+large DiTs — Wan 14B's feed-forward has 70.8 M, Flux.2's linear1 340 M), and the layers that a merge
+must expand (no low-rank form) may not add up to more than the family's `max_dense_elements`
+(about the whole model). Reading itself never expands anything, except slices of a fused weight
+that have no low-rank form (LoHa, LoKr, full differences on one projection), which are placed as a
+dense difference of the fused weight.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import naming
+from . import families, naming, row_blocks
 from .errors import LoraFormatError
+from .families import cloneofsimo
+from .families.detect import Module, detect, read_module
+from .families.keys import (  # noqa: F401 - re-exported: the layouts' names are part of the reader's API
+    LAYOUT_BARE,
+    LAYOUT_CLONEOFSIMO,
+    LAYOUT_COMFYUI,
+    LAYOUT_DIFFUSERS,
+    LAYOUT_DIFFUSERS_PROCESSOR,
+    LAYOUT_KOHYA,
+    LAYOUT_KOHYA_DIFFUSERS,
+    LAYOUT_LYCORIS,
+    LAYOUT_ONETRAINER,
+    LAYOUT_PEFT,
+    LAYOUT_PEFT_STATE_DICT,
+    LAYOUT_XLABS,
+    MAX_KEY_LENGTH,
+    ParsedModule,
+    layout_of,
+    parse_module,
+    split_key,
+)
 from .peft_settings import (
     ALPHA_FROM_ADAPTER_CONFIG,
     ALPHA_FROM_HEADER,
@@ -50,6 +89,7 @@ from .peft_settings import (
     header_settings,
     peft_settings_of,
 )
+from .row_blocks import RowBlocks, Stacked
 from .safetensors_io import load_safetensors
 
 log = logging.getLogger(__name__)
@@ -59,43 +99,11 @@ LOHA = "loha"
 LOKR = "lokr"
 FULL = "full"              # a stored weight difference (`.diff`)
 
-# Caps on what a file may ask for (see the module docstring).
+# The caps of a file whose family is not known yet (the UNets'; each family has its own).
 MAX_LAYER_ELEMENTS = 1 << 26
-# Sum over the layers without a low-rank form (LoHa, LoKr, DoRA, .diff, Tucker), which a merge
-# expands to dense ΔW: SDXL's UNet and both text encoders have ~3.5 G weights, so no real file asks
-# for more than 2^32; a small file listing thousands of capped layers would otherwise.
 MAX_FILE_DENSE_ELEMENTS = 1 << 32
-MAX_KEY_LENGTH = 512         # the longest real SDXL key is ~100 characters
 
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# Naming families, named by what writes them.
-FAMILY_KOHYA = "kohya"  # sd-scripts, LyCORIS, most trainers and published files
-FAMILY_KOHYA_DIFFUSERS = "kohya with diffusers names"  # diffusers' kohya exporter, OneTrainer
-FAMILY_DIFFUSERS = "diffusers save_lora_weights"  # current diffusers training scripts (and LoRA.rar's)
-FAMILY_DIFFUSERS_PROCESSOR = "diffusers attention processors (diffusers <= 0.20)"
-FAMILY_PEFT_STATE_DICT = "peft state dict with adapter name"  # a raw `model.state_dict()`
-FAMILY_PEFT = "peft save_pretrained"
-FAMILY_COMFYUI = "ComfyUI"
-
-# Tensor suffix → (role). Longest first, matched against the end of each key.
-_SUFFIX_ROLES = (
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_magnitude_vector", "dora_scale"), (".dora_scale", "dora_scale"),
-    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"),
-    (".hada_w2_a", "hada_w2_a"), (".hada_w2_b", "hada_w2_b"),
-    (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
-    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"),
-    (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
-    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_t2", "lokr_t2"),
-    (".diff_b", "diff_b"), (".diff", "diff"), (".alpha", "alpha"),
-)
 
 
 def _adapted_shape(kind: str, t: dict[str, torch.Tensor]) -> tuple[int, ...]:
@@ -133,7 +141,11 @@ def _lokr_w2_shape(t: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 @dataclass
 class LoraLayer:
-    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …).
+    """One adapted layer. `tensors` holds the raw factors by role (up, down, mid, hada_w1_a, …);
+    for a LoRA made of pieces of a fused weight, "up" is a `RowBlocks` (the pieces' ups without
+    the zeros between them) and "down" a `Stacked` (the pieces' downs): `up_factor` and
+    `down_factor` give the factors as held, `up` and `down` dense tensors (formed at each call
+    for such a layer — for consumers that need one, a layer at a time).
 
     `alpha` is the kohya-equivalent alpha (scale = alpha / rank) wherever it was found;
     `alpha_source` says where (ALPHA_FROM_TENSOR, ALPHA_FROM_HEADER, ALPHA_FROM_ADAPTER_CONFIG,
@@ -150,10 +162,26 @@ class LoraLayer:
 
     @property
     def up(self) -> torch.Tensor:
+        """up as a dense tensor (out, rank[, 1, 1])."""
+        return row_blocks.dense(self.tensors["up"])
+
+    @property
+    def up_factor(self) -> torch.Tensor | RowBlocks:
+        """up as held: a tensor, or a `RowBlocks` for a layer made of pieces of a fused weight."""
         return self.tensors["up"]
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (a `RowBlocks`' pieces, not its dense form)."""
+        return [t for v in self.tensors.values() for t in ((v,) if isinstance(v, torch.Tensor) else v.pieces)]
 
     @property
     def down(self) -> torch.Tensor:
+        """down as a dense tensor (rank, in[, k, k])."""
+        return row_blocks.dense(self.tensors["down"])
+
+    @property
+    def down_factor(self) -> torch.Tensor | Stacked:
+        """down as held: a tensor, or a `Stacked` for a layer made of pieces of a fused weight."""
         return self.tensors["down"]
 
     @property
@@ -172,7 +200,7 @@ class LoraLayer:
     @property
     def rank(self) -> int:
         if self.kind == LOW_RANK:
-            return self.down.shape[0]
+            return self.tensors["down"].shape[0]
         if self.kind == LOHA:
             return self.tensors["hada_w1_b"].shape[0]
         if self.kind == LOKR:
@@ -214,6 +242,10 @@ class LoraLayer:
 
     def delta(self) -> torch.Tensor:
         """Dense float32 ΔW including the alpha/rank scale. Only for layers that need it."""
+        if row_blocks.is_row_blocks(self.tensors.get("up")):  # the pieces' products, into their rows
+            down = self.down.float().flatten(1)
+            w = down.new_zeros(self.shape[0], down.shape[1])
+            return row_blocks.add_product(w, self.up_factor, down, self.scale).reshape(self.shape)
         t = {k: v.float() for k, v in self.tensors.items()}
         if self.kind == LOW_RANK:
             if self.mid is not None:  # LoCon Tucker: up (o,r,1,1), mid (r,r,k,k), down (r,i,1,1)
@@ -241,34 +273,47 @@ class LoraLayer:
                 w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
             if w2.dim() == 4:
                 w1 = w1[:, :, None, None]
-            return torch.kron(w1, w2) * self.scale
+            return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale  # (an einsum result may not be)
         return t["diff"]
 
 
 @dataclass
 class LoraFile:
-    """A LoRA in canonical form.
+    """A LoRA in canonical form, for one base-model `family` (hypernet/families).
 
     Facts for reports (what a merge must say, not only log): `unrecognised_keys` (left out of
     every layer), `scale_assumed_layers` (alpha found nowhere: scale 1 assumed),
-    `alpha_sources` (how many layers took alpha from where), `notes` (those facts as sentences).
+    `alpha_sources` (how many layers took alpha from where), `notes` (those facts as sentences),
+    `key_layouts` (which trainers' key forms the file uses), `family_candidates` (every family its
+    keys and shapes fit equally well; the merge settles an ambiguity with the other inputs).
     """
 
     layers: dict[str, LoraLayer]
     metadata: dict[str, str] = field(default_factory=dict)
-    naming_families: Counter = field(default_factory=Counter)
+    key_layouts: Counter = field(default_factory=Counter)
     unrecognised_keys: list[str] = field(default_factory=list)
     source: str = ""
     notes: list[str] = field(default_factory=list)
     tensor_dtypes: Counter = field(default_factory=Counter)  # every tensor of the file, alphas too
+    family: str | None = None
+    family_candidates: tuple[str, ...] = ()
+    family_evidence: str = ""
+    # what the file was read from, so that it can be read again for another candidate family
+    _origin: tuple | None = field(default=None, repr=False, compare=False)
+    _as_family: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def unet_layers(self) -> dict[str, LoraLayer]:
+        """The diffusion model's layers (the UNet's or the transformer's)."""
         return {k: v for k, v in self.layers.items() if not naming.is_text_encoder(k)}
 
     @property
     def text_encoder_layers(self) -> dict[str, LoraLayer]:
         return {k: v for k, v in self.layers.items() if naming.is_text_encoder(k)}
+
+    @property
+    def family_name(self) -> str:
+        return families.name_of(self.family)
 
     @property
     def alpha_sources(self) -> Counter:
@@ -284,105 +329,32 @@ class LoraFile:
         """The unrecognised keys grouped by module (a layer's up/down/alpha count once)."""
         modules = []
         for key in self.unrecognised_keys:
-            split = _split_key(key)
+            split = split_key(key) if isinstance(key, str) else None
             modules.append(split[0] if split else key)
         return sorted(set(modules))
 
     def kinds(self) -> Counter:
         return Counter("dora" if layer.is_dora else layer.kind for layer in self.layers.values())
 
-
-def _split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIX_ROLES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Key → canonical layer name
-
-@dataclass(frozen=True)
-class _Key:
-    name: str       # canonical layer name; "te?." for a peft text encoder decided by width later
-    role: str
-    family: str
-    component: str  # whose peft settings apply: "unet", "text_encoder", "text_encoder_2", "peft", ""
-    module: str     # the module path inside that component, as peft names it (for the patterns)
-
-
-_OLD_TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj", "to_out.0": "out_proj"}
-_DIFFUSERS_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding",
-                         "add_embedding")
-
-
-def _diffusers_family(key: str) -> str:
-    if key.endswith(("_lora.up.weight", "_lora.down.weight")):
-        return FAMILY_DIFFUSERS_PROCESSOR
-    if key.endswith((".default.weight",)):
-        return FAMILY_PEFT_STATE_DICT
-    return FAMILY_DIFFUSERS
-
-
-def _parse_key(key: str) -> _Key | None:
-    if len(key) > MAX_KEY_LENGTH:
-        return None
-    split = _split_key(key)
-    if split is None:
-        return None
-    module, role = split
-    processor = key.endswith(("_lora.up.weight", "_lora.down.weight"))
-    if processor:
-        # diffusers <= 0.20 attention processors: `…attn1.processor.to_out_lora.up.weight`
-        # is the layer `…attn1.to_out.0`
-        module = module.replace(".processor.", ".")
-        if module.endswith(".to_out"):
-            module += ".0"
-    if m := re.match(r"lora_unet_(.+)$", module):
-        flat = m.group(1)
-        family = FAMILY_KOHYA_DIFFUSERS if flat.startswith(("down_blocks", "up_blocks", "mid_block")) else FAMILY_KOHYA
-        return _Key(naming.kohya_unet_to_ldm(flat), role, family, "", "")
-    if m := re.match(r"lora_te([12]?)_(.+)$", module):
-        flat = m.group(2)
-        family = FAMILY_KOHYA_DIFFUSERS if flat.startswith(("encoder_", "embeddings_")) else FAMILY_KOHYA
-        return _Key(naming.kohya_text_to_canonical(f"te{m.group(1) or '1'}", flat), role, family, "", "")
-    if m := re.match(r"(?:base_model\.model\.)?(?:model\.)?diffusion_model\.(.+)$", module):
-        return _Key(m.group(1), role, FAMILY_COMFYUI, "", "")
-    if m := re.match(r"unet\.(.+)$", module):
-        inner = m.group(1)
-        # the official LoRA.rar training wrote a doubled `unet.unet.` prefix
-        path = re.sub(r"^(?:unet\.)+", "", inner).replace(".processor.", ".").replace("to_out_", "to_out.0_")
-        path = re.sub(r"\.processor$", "", path)
-        return _Key(naming.diffusers_to_ldm(path), role, _diffusers_family(key), "unet", inner)
-    if m := re.match(r"(text_encoder(?:_2)?)\.(.+)$", module):
-        component, path = m.groups()
-        if processor:
-            head, _, proj = path.rpartition(".self_attn.")
-            path = f"{head}.self_attn.{_OLD_TEXT_PROCESSOR.get(proj, proj)}" if head else path
-        encoder = "te2" if component == "text_encoder_2" else "te1"
-        return _Key(naming.text_encoder_canonical(encoder, path), role, _diffusers_family(key), component, m.group(2))
-    if m := re.match(r"base_model\.model\.(.+)$", module):
-        inner = m.group(1)
-        if inner.startswith(_DIFFUSERS_UNET_ROOTS):
-            return _Key(naming.diffusers_to_ldm(inner), role, FAMILY_PEFT, "peft", inner)
-        if re.match(r"(?:text_model\.)?(?:encoder|embeddings)\.", inner):
-            # a peft-wrapped CLIP: which of SDXL's two it is, only the width tells (768 or 1280)
-            return _Key(naming.text_encoder_canonical("te?", inner), role, FAMILY_PEFT, "peft", inner)
-    return None
-
-
-_LDM_NAME = re.compile(
-    r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+|time_embed\.\d+|"
-    r"label_emb\.0\.\d+|out\.\d+)(\.|$)")
-_TEXT_NAME = re.compile(r"^te[12?]\.text_model\.")
-# CLIP widths in SDXL: CLIP-L (te1) 768, CLIP-G (te2) 1280.
-_TEXT_ENCODER_BY_WIDTH = {768: "te1", 1280: "te2"}
+    def as_family(self, family: str) -> LoraFile:
+        """This file read for another of its candidate families (itself if it already is)."""
+        if family == self.family:
+            return self
+        if self._origin is None:
+            raise LoraFormatError(f"{self.source}: read for {self.family_name}; it cannot be read again for "
+                                  f"{families.name_of(family)}")
+        if family not in self._as_family:  # once: the merge cache knows inputs by identity
+            state_dict, metadata, adapter_config, check_values = self._origin
+            self._as_family[family] = lora_from_state_dict(state_dict, metadata, self.source, adapter_config,
+                                                           check_values, family=family)
+        return self._as_family[family]
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation: before anything is expanded, every factor must fit the others.
 
-def _validate_layer(source: str, name: str, kind: str, t: dict[str, torch.Tensor]) -> None:
+def _validate_layer(source: str, name: str, kind: str, t: dict[str, torch.Tensor],
+                    spec: families.FamilySpec | None = None) -> None:
     where = f"{source}: layer {name}"
     for role, tensor in t.items():
         if tensor.dtype not in FACTOR_DTYPES:
@@ -456,10 +428,12 @@ def _validate_layer(source: str, name: str, kind: str, t: dict[str, torch.Tensor
     else:
         dims("diff", 1, 2, 3, 4)
     shape = _adapted_shape(kind, t)
-    if math.prod(shape) > MAX_LAYER_ELEMENTS:
+    limit = spec.max_layer_elements if spec is not None else MAX_LAYER_ELEMENTS
+    if math.prod(shape) > limit:
+        largest = f" ({spec.name}'s largest weight has {spec.largest_weight():,})" if spec is not None else ""
         raise LoraFormatError(
             f"{where}: its factors describe a {'×'.join(map(str, shape))} weight ({math.prod(shape):,} elements); "
-            f"at most {MAX_LAYER_ELEMENTS:,} are accepted (SDXL's largest weight has 29,491,200)")
+            f"at most {limit:,} are accepted{largest}")
 
 
 def _alpha_value(source: str, name: str, tensor: torch.Tensor) -> float:
@@ -495,38 +469,108 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).replace("torch.", "")
 
 
+@dataclass
+class _Module:
+    """One module of a file: its tensors by role, the keys they came from, how its key reads."""
+
+    key: str
+    tensors: dict[str, torch.Tensor]
+    keys: dict[str, str]
+    parsed: ParsedModule | None = None
+    shape: tuple[int, ...] | None = None
+    layout: str = ""
+
+
+@dataclass
+class _Piece:
+    """A module read as (part of) a canonical weight, with its layer (alpha resolved)."""
+
+    module: _Module
+    parts: tuple[str, ...]
+    layer: LoraLayer | None = None
+
+
+def _apparent_shape(tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The adapted weight's shape as far as the factors tell before they are validated (detection
+    only; a malformed layer gets its precise error from `_validate_layer`)."""
+    kind = _adapter_kind(tensors)
+    if kind is None:
+        return None
+    try:
+        shape = _adapted_shape(kind, tensors)
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+    return shape if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape) else None
+
+
 def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                         source: str = "LoRA", adapter_config: dict | None = None) -> LoraFile:
-    """Turn a raw LoRA state dict (any naming family) into a LoraFile.
+                         source: str = "LoRA", adapter_config: dict | None = None,
+                         check_values: bool = True, family: str | None = None) -> LoraFile:
+    """Turn a raw LoRA state dict (any family, any key layout) into a LoraFile — the one reader
+    behind `read_lora` (CLI, library) and the nodes' LORA_MODEL inputs, so all get the same checks
+    and messages.
 
     `metadata` is the safetensors header metadata (diffusers keeps alpha there, in
     `lora_adapter_metadata`); `adapter_config` is a parsed `adapter_config.json` for peft's
-    `base_model.model.…` keys (see `adapter_config_for`)."""
+    `base_model.model.…` keys (see `adapter_config_for`). `check_values`: refuse NaN/Inf in any
+    factor (`check_finite`); only `inspect`, which reports them instead, turns it off. `family`:
+    read the file as that family (an id of hypernet/families) instead of detecting it."""
     metadata = dict(metadata or {})
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    first_key: dict[str, _Key] = {}
-    key_of: dict[tuple[str, str], str] = {}
-    families: Counter = Counter()
+    origin = (state_dict, metadata, adapter_config, check_values)
+    spec = families.get(family) if family is not None else None
+    notes: list[str] = []
+    converted: set[str] = set()
+    if cloneofsimo.is_cloneofsimo(state_dict.keys()):
+        original = state_dict
+        readable, from_keys, notes = cloneofsimo.convert(state_dict, metadata, source)
+        converted = set(readable)
+        state_dict = {**{k: v for k, v in original.items() if k not in set(from_keys)}, **readable}
+
+    modules: dict[str, _Module] = {}
     unrecognised: list[str] = []
     dtypes: Counter = Counter()
     for key, tensor in state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise LoraFormatError(f"{source}: entry {str(key)[:80]!r} is not a named tensor")
         dtypes[_dtype_name(tensor)] += 1
-        parsed = _parse_key(key)
-        if parsed is None or not (_LDM_NAME.match(parsed.name) or _TEXT_NAME.match(parsed.name)):
+        split = split_key(key) if len(key) <= MAX_KEY_LENGTH else None
+        if split is None:
             unrecognised.append(key)
             continue
-        families[parsed.family] += 1
-        slot = groups.setdefault(parsed.name, {})
-        if parsed.role in slot:
-            raise LoraFormatError(f"{source}: layer {parsed.name} appears twice (as {key_of[parsed.name, parsed.role]!r} "
-                                  f"and {key!r})")
-        slot[parsed.role] = tensor
-        key_of[parsed.name, parsed.role] = key
-        first_key.setdefault(parsed.name, parsed)
+        module_key, role = split
+        module = modules.setdefault(module_key, _Module(module_key, {}, {}))
+        if role in module.tensors:
+            raise LoraFormatError(f"{source}: layer {module_key} appears twice (as {module.keys[role]!r} and {key!r})")
+        module.tensors[role] = tensor
+        module.keys[role] = key
 
-    _name_peft_text_encoders(groups, first_key, key_of, unrecognised)
+    for module in list(modules.values()):
+        suffixes = [module.keys[r][len(module.key):] for r in module.keys]
+        module.parsed = parse_module(module.key, processor=any(x in ("_lora.up.weight", "_lora.down.weight") for x in suffixes),
+                                     peft_default=any(x.endswith(".default.weight") for x in suffixes))
+        if module.parsed is None:
+            unrecognised.extend(module.keys.values())
+            del modules[module.key]
+            continue
+        module.shape = _apparent_shape(module.tensors)
+
+    match = None
+    if spec is None:
+        match = detect([Module(m.parsed, m.shape) for m in modules.values()])
+        if match.family is None:
+            raise LoraFormatError(
+                f"{source}: no LoRA layers found ({len(state_dict)} keys, e.g. {str(next(iter(state_dict), ''))[:100]!r}); "
+                f"this pack reads LoRAs of {', '.join(families.name_of(f) for f in families.FAMILY_IDS)}")
+        spec = families.get(match.family)
+
+    pieces: dict[str, list[_Piece]] = {}
+    for module in modules.values():
+        canonical = read_module(spec, Module(module.parsed, module.shape))
+        if canonical is None:
+            unrecognised.extend(module.keys.values())
+            continue
+        module.layout = LAYOUT_CLONEOFSIMO if module.keys.get("up") in converted else layout_of(module.parsed, canonical.vocabulary)
+        pieces.setdefault(canonical.name, []).append(_Piece(module, canonical.parts))
 
     settings_by_component = header_settings(metadata, source)
     peft_settings = None
@@ -537,63 +581,170 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
     rank_disagreements: list[str] = []
 
     layers: dict[str, LoraLayer] = {}
+    layouts: Counter = Counter()
+    placed: list[tuple[str, str]] = []
     dense_elements = 0
-    for name, tensors in groups.items():
-        alpha_t = tensors.pop("alpha", None)
-        alpha = _alpha_value(source, name, alpha_t) if alpha_t is not None else None
-        if "diff_b" in tensors and "diff" not in tensors and not ({"up", "hada_w1_a", "lokr_w1", "lokr_w1_a"} & tensors.keys()):
-            unrecognised.append(key_of[name, "diff_b"])  # a bias-only difference: nothing we merge
+    for name, group in pieces.items():
+        _check_overlaps(source, name, group)
+        for piece in group:
+            where = name if not piece.parts else f"{name} ({'/'.join(piece.parts)} of it, key {piece.module.key})"
+            piece.layer = _read_piece(source, where, piece.module, spec, settings_by_component, peft_settings,
+                                      matcher, rank_disagreements, unrecognised)
+        group = [p for p in group if p.layer is not None]
+        if not group:
             continue
-        kind = _adapter_kind(tensors)
-        if kind is None:
-            raise LoraFormatError(
-                f"{source}: layer {name} has an incomplete adapter (found {sorted(tensors)})")
-        _validate_layer(source, name, kind, tensors)
-        layer = LoraLayer(kind, tensors, alpha)
-        if alpha is None and layer.uses_alpha:
-            key = first_key[name]
-            settings = peft_settings if key.component == "peft" else settings_by_component.get(key.component)
-            if settings is not None:
-                layer.alpha = _alpha_from_settings(settings, layer, key.module, matcher, rank_disagreements, name)
-                layer.alpha_source = settings.origin
+        for piece in group:
+            layouts[piece.module.layout] += len(piece.module.keys)
+        layer = _place(source, spec, name, group)
+        if layer is not group[0].layer:  # a placed weight: its whole size is checked too
+            _validate_layer(source, name, layer.kind, layer.tensors, spec)
+        if len(group) > 1 or group[0].parts:
+            placed.append((group[0].module.key, name))
         layers[name] = layer
         if not (layer.is_low_rank and layer.mid is None):
             dense_elements += math.prod(layer.shape)
-            if dense_elements > MAX_FILE_DENSE_ELEMENTS:
+            if dense_elements > spec.max_dense_elements:
                 raise LoraFormatError(
-                    f"{source}: its layers without a low-rank form describe more than {MAX_FILE_DENSE_ELEMENTS:,} "
-                    "weights in all (all of SDXL has ~3.5 G); the file is damaged or built to exhaust memory")
+                    f"{source}: its layers without a low-rank form describe more than {spec.max_dense_elements:,} "
+                    f"weights in all (all of {spec.name} has {spec.largest_model():,}); the file is damaged or built to "
+                    "exhaust memory")
 
-    notes = _notes(layers, unrecognised, rank_disagreements, settings_by_component, peft_settings)
+    notes += _notes(layers, unrecognised, rank_disagreements, settings_by_component, peft_settings, spec)
+    if placed:
+        notes.append(f"{len(placed)} weight(s) get LoRAs written for a part of them (e.g. {placed[0][0]} → rows of "
+                     f"{placed[0][1]}): placed into those rows of the fused weight (a block-sparse LoRA of it)")
+    if match is not None and len(match.candidates) > 1:
+        notes.append(f"its keys and shapes fit {', '.join(families.name_of(f) for f in match.candidates)} equally well; "
+                     f"read as {spec.name} (a merge settles this with its other inputs)")
     if unrecognised:
-        log.warning("%s: %d keys not recognised as SDXL LoRA layers (e.g. %s)",
-                    source, len(unrecognised), unrecognised[0])
+        log.warning("%s: %d keys not recognised as %s LoRA layers (e.g. %s)",
+                    source, len(unrecognised), spec.name, unrecognised[0])
     if not layers:
-        family = guess_family_from_keys([str(k) for k in state_dict], source)
         raise LoraFormatError(
-            f"{source}: no LoRA layers found ({len(state_dict)} keys"
-            + (f"; it looks like {family}" if family else "") + ")")
-    return LoraFile(layers, metadata, families, unrecognised, source, notes, dtypes)
+            f"{source}: no LoRA layers found ({len(state_dict)} keys; read as {spec.name}, none is a layer of it)")
+    ambiguous = match is not None and len(match.candidates) > 1
+    # the raw tensors are kept only where the file may have to be read again for another family:
+    # otherwise a file whose slices were placed into fused weights would be held twice
+    lora = LoraFile(layers, metadata, layouts, unrecognised, source, notes, dtypes, spec.id,
+                    match.candidates if match is not None else (spec.id,),
+                    match.evidence if match is not None else f"read as {spec.name}, as asked",
+                    origin if ambiguous else None)
+    if check_values:
+        check_finite(lora)
+    return lora
 
 
-def _name_peft_text_encoders(groups: dict, first_key: dict, key_of: dict, unrecognised: list[str]) -> None:
-    """peft's `base_model.model.encoder.layers.N…` does not say which CLIP it wraps; SDXL's two
-    differ in width (CLIP-L 768, CLIP-G 1280), so the factors' shapes decide."""
-    for name in [n for n in groups if n.startswith("te?.")]:
-        tensors = groups.pop(name)
-        up, down = tensors.get("up"), tensors.get("down")
-        width = None
-        if up is not None and down is not None and up.dim() >= 1 and down.dim() >= 2:
-            width = min(up.shape[0], down.shape[1])
-        encoder = _TEXT_ENCODER_BY_WIDTH.get(width)
-        target = f"{encoder}.{name[4:]}" if encoder else None
-        if target is None or target in groups:
-            unrecognised.extend(key_of[name, role] for role in tensors)
-            continue
-        groups[target] = tensors
-        first_key[target] = first_key[name]
-        for role in tensors:
-            key_of[target, role] = key_of[name, role]
+def _check_overlaps(source: str, name: str, group: list[_Piece]) -> None:
+    """Two modules of one file for the same rows of one weight: the file says one thing twice. (A
+    LoRA of the whole weight and one of a part add up, as two patches would.)"""
+    def key(piece: _Piece) -> str:
+        return next(iter(piece.module.keys.values()))
+
+    whole = [p for p in group if not p.parts]
+    if len(whole) > 1:
+        raise LoraFormatError(f"{source}: layer {name} appears twice (as {key(whole[0])!r} and {key(whole[1])!r})")
+    seen: dict[str, _Piece] = {}
+    for piece in group:
+        for part in piece.parts:
+            if part in seen:
+                raise LoraFormatError(f"{source}: layer {name} ({part}) appears twice (as {key(seen[part])!r} and "
+                                      f"{key(piece)!r})")
+            seen[part] = piece
+
+
+def _read_piece(source: str, where: str, module: _Module, spec: families.FamilySpec, settings_by_component: dict,
+                peft_settings: PeftSettings | None, matcher: PatternMatcher, rank_disagreements: list[str],
+                unrecognised: list[str]) -> LoraLayer | None:
+    tensors = dict(module.tensors)
+    alpha_t = tensors.pop("alpha", None)
+    alpha = _alpha_value(source, where, alpha_t) if alpha_t is not None else None
+    if "diff_b" in tensors and "diff" not in tensors and not ({"up", "hada_w1_a", "lokr_w1", "lokr_w1_a"} & tensors.keys()):
+        unrecognised.append(module.keys["diff_b"])  # a bias-only difference: nothing we merge
+        return None
+    kind = _adapter_kind(tensors)
+    if kind is None:
+        raise LoraFormatError(f"{source}: layer {where} has an incomplete adapter (found {sorted(tensors)})")
+    _validate_layer(source, where, kind, tensors, spec)
+    layer = LoraLayer(kind, tensors, alpha)
+    if alpha is None and layer.uses_alpha:
+        parsed = module.parsed
+        settings = peft_settings if parsed.component == "peft" else settings_by_component.get(parsed.component)
+        if settings is not None:
+            layer.alpha = _alpha_from_settings(settings, layer, parsed.path, matcher, rank_disagreements, where)
+            layer.alpha_source = settings.origin
+    return layer
+
+
+def _place(source: str, spec: families.FamilySpec, name: str, group: list[_Piece]) -> LoraLayer:
+    """One weight's layer from its pieces. A single piece for the whole weight is the layer as the
+    file has it (no copy). Pieces for parts of a fused weight (diffusers' to_q/to_k/to_v of Flux's
+    qkv) become one block-sparse layer of the whole weight: for low-rank pieces a LoRA whose up has
+    each piece's up in that piece's rows and zeros elsewhere and whose down stacks the pieces'
+    downs (rank = the sum of theirs, exact; held as the pieces themselves, hypernet/row_blocks.py);
+    other adapters as one dense difference."""
+    if len(group) == 1 and not group[0].parts:
+        return group[0].layer
+    first = group[0].layer
+    width = first.shape[1:]
+    for piece in group:
+        if piece.layer.shape[1:] != width:
+            raise LoraFormatError(
+                f"{source}: layer {name}: its parts read different inputs ({piece.module.key}: "
+                f"{tuple(piece.layer.shape)}, {group[0].module.key}: {tuple(first.shape)}); a fused weight's parts "
+                "must all read the same input")
+        if piece.layer.is_dora:
+            raise LoraFormatError(
+                f"{source}: layer {name}: a DoRA adapter for a part of a fused weight ({piece.module.key}): DoRA rescales "
+                "whole rows of the weight it was trained on, which cannot be reconciled with the fused weight "
+                f"{name}; merge it with a LoRA of the same key layout in ComfyUI's own loaders instead")
+    total = spec.fused_rows(name, width[0])
+    rows_of = []
+    for piece in group:
+        rows = list(range(piece.layer.shape[0])) if not piece.parts else spec.part_rows(name, piece.parts, width[0])
+        if piece.parts and (rows is None or len(rows) != piece.layer.shape[0]):
+            expected = "" if rows is None else f"{len(rows)} rows"
+            raise LoraFormatError(
+                f"{source}: layer {name}: {piece.module.key} is its {'/'.join(piece.parts)} part, which at input width "
+                f"{width[0]} has {expected or 'no known size'}; the file's factors give {piece.layer.shape[0]} rows "
+                "(fused and unfused layouts of different models)")
+        if not piece.parts:
+            if total is not None and piece.layer.shape[0] != total:
+                raise LoraFormatError(f"{source}: layer {name}: {piece.module.key} has {piece.layer.shape[0]} rows; "
+                                      f"the fused weight has {total} at input width {width[0]}")
+            total = piece.layer.shape[0]
+        rows_of.append(rows)
+    if total is None:
+        raise LoraFormatError(f"{source}: layer {name}: its parts do not say how large the fused weight is")
+    if all(p.layer.is_low_rank and p.layer.mid is None for p in group):
+        return _place_low_rank(group, rows_of, total)
+    delta = torch.zeros((total, *width), dtype=torch.float32)
+    for piece, rows in zip(group, rows_of):
+        delta.index_add_(0, torch.tensor(rows), piece.layer.delta().reshape(len(rows), *width))
+    return LoraLayer(FULL, {"diff": delta})
+
+
+def _place_low_rank(group: list[_Piece], rows_of: list[list[int]], total: int) -> LoraLayer:
+    """The block-sparse LoRA of the whole weight from low-rank pieces: its up a `RowBlocks` of the
+    pieces' ups (no zeros held), its down a `Stacked` of their downs (no copy)."""
+    layers = [p.layer for p in group]
+    ranks = [layer.rank for layer in layers]
+    scales = {layer.scale for layer in layers}
+    no_alpha = all(layer.alpha is None for layer in layers)
+    # one shared scale (the common case: one trainer, one alpha) stays in alpha and the factors keep
+    # their dtype (the pieces' ups are the file's tensors, not copies); different scales go into
+    # each piece's up, in float32
+    shared = len(scales) == 1
+    dtypes = {layer.up.dtype for layer in layers} | {layer.down.dtype for layer in layers}
+    dtype = dtypes.pop() if shared and len(dtypes) == 1 else torch.float32
+    ups = [layer.up.to(dtype) if shared else layer.up.float() * layer.scale for layer in layers]
+    up = row_blocks.of_pieces(ups, rows_of, total)
+    down = Stacked(tuple(layer.down.to(dtype) for layer in layers))
+    if no_alpha:
+        return LoraLayer(LOW_RANK, {"up": up, "down": down})
+    sources = {layer.alpha_source for layer in layers}
+    alpha = scales.pop() * sum(ranks) if shared else float(sum(ranks))
+    return LoraLayer(LOW_RANK, {"up": up, "down": down}, alpha,
+                     sources.pop() if len(sources) == 1 else ALPHA_FROM_TENSOR)
 
 
 def _alpha_from_settings(settings: PeftSettings, layer: LoraLayer, module: str, matcher: PatternMatcher,
@@ -611,7 +762,7 @@ def _alpha_from_settings(settings: PeftSettings, layer: LoraLayer, module: str, 
 
 
 def _notes(layers: dict[str, LoraLayer], unrecognised: list[str], rank_disagreements: list[str],
-           header_settings: dict, peft_settings: PeftSettings | None) -> list[str]:
+           header_settings: dict, peft_settings: PeftSettings | None, spec: families.FamilySpec) -> list[str]:
     """The facts about how a file was read that a user must see (inspect, merge reports)."""
     notes = []
     sources = Counter(layer.alpha_source for layer in layers.values() if layer.uses_alpha)
@@ -630,8 +781,11 @@ def _notes(layers: dict[str, LoraLayer], unrecognised: list[str], rank_disagreem
         notes.append(f"{len(rank_disagreements)} layer(s) have another rank than their peft settings say, e.g. "
                      f"{rank_disagreements[0]}; the factors' rank is used")
     if unrecognised:
-        notes.append(f"{len(unrecognised)} key(s) not recognised as SDXL LoRA layers and left out "
-                     f"(e.g. {unrecognised[0][:120]})")
+        embeddings = [k for k in unrecognised if str(k).startswith("<") and str(k).endswith(">")]
+        notes.append(f"{len(unrecognised)} key(s) not recognised as {spec.name} LoRA layers and left out "
+                     f"(e.g. {str(unrecognised[0])[:120]})"
+                     + (f"; {len(embeddings)} of them are textual-inversion embeddings ({', '.join(embeddings[:3])}), "
+                        "which a LoRA merge does not carry" if embeddings else ""))
     return notes
 
 
@@ -646,7 +800,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def non_finite_layers(lora: LoraFile) -> list[str]:
     """Layers with a NaN or Inf anywhere in their tensors (alpha is checked when read)."""
     return [name for name, layer in lora.layers.items()
-            if not all(all_finite(t) for t in layer.tensors.values())]
+            if not all(all_finite(t) for t in layer.held_tensors())]
 
 
 def check_finite(lora: LoraFile) -> None:
@@ -657,76 +811,12 @@ def check_finite(lora: LoraFile) -> None:
             "the file is damaged or was saved from a diverged training run")
 
 
-def read_lora(path: str | Path, check_values: bool = True) -> LoraFile:
+def read_lora(path: str | Path, check_values: bool = True, family: str | None = None) -> LoraFile:
     """Read a LoRA file (or a folder that peft's save_pretrained wrote: its adapter_model.safetensors
-    with the adapter_config.json beside it)."""
+    with the adapter_config.json beside it); `family`: read it as that family instead of detecting."""
     path = Path(path)
     if path.is_dir() and (path / "adapter_model.safetensors").is_file():
         path = path / "adapter_model.safetensors"
     tensors, metadata = load_safetensors(path)
-    lora = lora_from_state_dict(tensors, metadata, source=str(path), adapter_config=adapter_config_for(path))
-    if check_values:
-        check_finite(lora)
-    return lora
-
-
-# ---------------------------------------------------------------------------------------------
-# Base-family detection: by the shapes a LoRA touches, never by its file name.
-
-_FLUX_KEYS = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|img_attn|txt_attn")
-_SD3_KEYS = re.compile(r"joint_blocks|context_block")
-
-
-def guess_family_from_keys(keys: list[str], source: str = "") -> str | None:
-    joined = "\n".join(keys[:2000])
-    if _FLUX_KEYS.search(joined):
-        return "Flux (double/single transformer blocks)"
-    if _SD3_KEYS.search(joined):
-        return "SD3 (joint blocks)"
-    return None
-
-
-@dataclass
-class FamilyGuess:
-    family: str              # "sdxl", "sd15", "sd2", "unknown"
-    evidence: str
-    attention_widths: tuple[int, ...]
-    context_dim: int | None
-
-
-def guess_family(lora: LoraFile) -> FamilyGuess:
-    widths, contexts = set(), set()
-    for name, layer in lora.unet_layers.items():
-        if name.endswith("attn1.to_q"):
-            widths.add(layer.shape[0])
-        elif name.endswith("attn2.to_k"):
-            contexts.add(layer.shape[1])
-    context = max(contexts) if contexts else None
-    w = tuple(sorted(widths))
-    describe = (f"{'/'.join(map(str, w)) or 'no'}-wide attention"
-                + (f", {context}-wide text context" if context else ""))
-    if 320 in widths or any(n.startswith("input_blocks.1.1.") for n in lora.layers):
-        family = "sd2" if context == 1024 else "sd15"
-    elif context == 2048 or (widths and widths <= {640, 1280}):
-        family = "sdxl"
-    elif any(n.startswith("te2.") for n in lora.layers):
-        family = "sdxl"
-    elif not widths and lora.unet_layers:
-        family = "sdxl" if all(n.split(".")[0] in ("input_blocks", "middle_block", "output_blocks")
-                               for n in lora.unet_layers) else "unknown"
-    else:
-        family = "unknown"
-    return FamilyGuess(family, describe, w, context)
-
-
-FAMILY_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2", "unknown": "an unknown model"}
-
-
-def require_family(lora: LoraFile, expected: str, role: str) -> FamilyGuess:
-    """Raise if `lora` does not look like `expected`; `role` names it ("style LoRA")."""
-    guess = guess_family(lora)
-    if guess.family != expected and guess.family != "unknown":
-        raise LoraFormatError(
-            f"{role} {lora.source} looks like {FAMILY_NAMES[guess.family]} ({guess.evidence}); "
-            f"expected {FAMILY_NAMES.get(expected, expected)}")
-    return guess
+    return lora_from_state_dict(tensors, metadata, source=str(path), adapter_config=adapter_config_for(path),
+                                check_values=check_values, family=family)

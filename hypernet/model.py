@@ -165,21 +165,42 @@ class HyperNetwork(nn.Module):
         """columns (..., 2·width) → coefficients (..., 2) = (m_c, m_s)."""
         return self.output(self.input_layer(columns.shape[-1] // 2)(columns))
 
-    def coefficients_dense(self, delta_c: torch.Tensor, delta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference formulation: feed every column of [ΔW_c; ΔW_s] (out×in each) through H."""
+    def zero_input_coefficients(self, width: int) -> tuple[float, float]:
+        """H(0) = (m_c, m_s) for an all-zero input column of a `width`-wide layer: W2·relu(b1) + b2.
+        What H gives any pair whose columns are small next to its first layer's bias — its fixed
+        recipe — and the reference its real coefficients are measured against."""
+        first, head = self.input_layer(width), self.output[1]
+        with torch.no_grad():
+            m = head.weight @ torch.relu(first.bias) + head.bias
+        return float(m[0]), float(m[1])
+
+    def coefficients_dense(self, delta_c: torch.Tensor, delta_s: torch.Tensor,
+                           input_norms: bool = False) -> tuple[torch.Tensor, ...]:
+        """Reference formulation: feed every column of [ΔW_c; ΔW_s] (out×in each) through H.
+        With `input_norms`, also |W1·x_j| for every column (see `coefficients_factored`)."""
         if self.input_normalisation == "layer_rms":
             delta_c, delta_s = delta_c / _rms(delta_c), delta_s / _rms(delta_s)
-        m = self(torch.cat([delta_c, delta_s], dim=0).T)
-        return m[:, 0], m[:, 1]
+        columns = torch.cat([delta_c, delta_s], dim=0).T
+        if not input_norms:
+            m = self(columns)
+            return m[:, 0], m[:, 1]
+        first = self.input_layer(columns.shape[-1] // 2)
+        term = columns @ first.weight.T
+        m = self.output(term + first.bias)
+        return m[:, 0], m[:, 1], _detached_norms(term, dim=-1)
 
     def coefficients_factored(self, up_c: torch.Tensor, down_c: torch.Tensor,
-                              up_s: torch.Tensor, down_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              up_s: torch.Tensor, down_s: torch.Tensor,
+                              input_norms: bool = False) -> tuple[torch.Tensor, ...]:
         """Same result without forming ΔW = up @ down (up already carries alpha/rank).
 
         H's first layer is linear, so for all columns at once its pre-activation is
         P = (W1_c·up_c)·down_c + (W1_s·up_s)·down_s + b1, a (hidden × in) product of small
         matrices instead of a (2·out × in) one. Factors may carry a leading batch dimension
         (several layers of the same shapes at once); the result then does too.
+
+        With `input_norms`, a third result: |W1·x_j| for every column j, the size of the input's
+        term next to the bias b1 (detached: a measurement, never trained through).
         """
         width = up_c.shape[-2]
         if self.input_normalisation == "layer_rms":
@@ -190,10 +211,25 @@ class HyperNetwork(nn.Module):
         # over the (hidden × in) activations, the largest tensor here.
         left = torch.cat([w_c @ up_c, w_s @ up_s], dim=-1)
         right = torch.cat([down_c, down_s], dim=-2)
-        pre = (torch.baddbmm if left.dim() == 3 else torch.addmm)(first.bias[:, None], left, right)
         head = self.output[1]
+        if input_norms:
+            term = left @ right
+            m = head.weight @ torch.relu(term + first.bias[:, None]) + head.bias[:, None]
+            return m[..., 0, :], m[..., 1, :], _detached_norms(term, dim=-2)
+        pre = (torch.baddbmm if left.dim() == 3 else torch.addmm)(first.bias[:, None], left, right)
         m = head.weight @ torch.relu_(pre) + head.bias[:, None]
         return m[..., 0, :], m[..., 1, :]
+
+    def check_finite(self, source: str = "") -> None:
+        """One clear error when a weight is NaN or Inf (a diverged training run, a damaged file
+        loaded elsewhere): every coefficient, and so the whole merge, would be NaN."""
+        _check_finite(dict(self.state_dict()), source or f"hypernetwork {self.config.name or '(unnamed)'}")
+
+
+def _detached_norms(term: torch.Tensor, dim: int) -> torch.Tensor:
+    with torch.no_grad():
+        term = term.detach()
+        return torch.linalg.vecdot(term, term, dim=dim).sqrt_()  # 10× faster than vector_norm on the CPU
 
 
 def _rms(delta: torch.Tensor) -> torch.Tensor:

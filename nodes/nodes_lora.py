@@ -7,12 +7,14 @@ in `hypernet.nodelogic`; this module only adds schemas and folder lookups.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..hypernet.errors import LoraFormatError
 from ..hypernet.nodelogic import lora as lora_logic
 from ..hypernet.writer import DTYPES
 from .comfy_v3 import io, ui
+from .feedback import show_on_node
 
 CATEGORY = "LoRA.rar"
 
@@ -30,8 +32,8 @@ class LoraRarLoadLora(io.ComfyNode):
             node_id="LoraRarLoadLora",
             display_name="Load LoRA (LoRA.rar)",
             category=CATEGORY,
-            description="Read a LoRA file from models/loras as a LORA_MODEL (any SDXL naming: "
-                        "kohya, diffusers, peft, ComfyUI) for LoRA.rar Merge or core's LoRA nodes.",
+            description="Read a LoRA file from models/loras as a LORA_MODEL (any family this pack knows, any "
+                        "key layout: kohya, diffusers, peft, ComfyUI, …) for LoRA.rar Merge or core's LoRA nodes.",
             inputs=[
                 io.Combo.Input("lora_name", options=_lora_files(),
                                tooltip="A .safetensors LoRA from models/loras (pickled .pt/.ckpt "
@@ -86,7 +88,12 @@ class LoraRarSaveMergedLora(io.ComfyNode):
                                tooltip="Precision of the saved factors. fp16/bf16 halve the file size; "
                                        "fp32 keeps the merge exact."),
             ],
-            outputs=[],
+            outputs=[io.String.Output("saved", display_name="saved",
+                                      tooltip="Where the file was written (models/loras/…), or why nothing was. "
+                                              "The node also shows it while it runs; connect a Preview Any to "
+                                              "keep reading it after the run (frontend 1.3x and newer clear the "
+                                              "node's own text when the run ends).")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -94,12 +101,23 @@ class LoraRarSaveMergedLora(io.ComfyNode):
     def execute(cls, merged_lora, filename_prefix, dtype) -> io.NodeOutput:
         import folder_paths
 
+        node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
+        reason = lora_logic.unsaveable_reason(merged_lora)
+        if reason is not None:
+            text = f"Nothing written: {reason}."
+            show_on_node(node_id, text, logging.WARNING)
+            return io.NodeOutput(text, ui=ui.PreviewText(text))
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         # the other registered LoRA folders are where a symlinked subfolder may lead (see save_folder)
         path = lora_logic.save_lora_model(merged_lora, loras_dir, filename_prefix, dtype,
                                           extra_roots=folder_paths.get_folder_paths("loras")[1:])
         relative = os.path.relpath(path, loras_dir).replace(os.sep, "/")
-        return io.NodeOutput(ui=ui.PreviewText(f"saved models/loras/{relative}"))
+        # The LoRA loaders' lists come from the node definitions the page loaded: the frontend
+        # re-reads them (and so lists the new file) on Refresh Node Definitions, key R.
+        text = (f"Saved models/loras/{relative}\nPress R (Refresh Node Definitions) and it is listed "
+                "in every LoRA loader.")
+        show_on_node(node_id, text)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
 NODES = [LoraRarLoadLora, LoraRarSaveMergedLora]

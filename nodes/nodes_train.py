@@ -90,19 +90,16 @@ class LoraRarZipLoraMerge(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, content_lora, subject_images, subject_prompt, style_lora, style_image,
                 style_prompt, steps, learning_rate, seed, resolution) -> io.NodeOutput:
-        import comfy.sd
-
         from ..hypernet.nodelogic import merge as merge_logic
         from ..hypernet.nodelogic.train import run_ziplora_node
         from ..hypernet.training.ziplora import ZipLoraSettings
+        from . import merge_patches
 
         result = run_ziplora_node(
             model, clip, vae, content_lora, subject_images, subject_prompt, style_lora, style_image,
             style_prompt, ZipLoraSettings(steps=steps, lr=learning_rate, seed=seed), resolution, _hooks(),
             progress=_Progress(steps, "ZipLoRA"))
-        new_model = model
-        for state_dict, strength in merge_logic.patch_plan(result.merged, include_text_encoders=False):
-            new_model, _ = comfy.sd.load_lora_for_models(new_model, None, state_dict, strength, 0)
+        new_model, _ = merge_patches.apply_merged(model, None, result.merged)
         merged = merge_logic.merged_lora_output(result.merged, content_lora, style_lora, None)
         return io.NodeOutput(new_model, merged, result.loss_image)
 

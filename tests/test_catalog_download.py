@@ -58,8 +58,11 @@ def _closed_port() -> int:
 
 def test_refused_connection_and_http_errors_are_hypernet_errors(server, tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/tiny.bin"
-    with pytest.raises(HypernetError, match=r"127\.0\.0\.1.*download of tiny\.bin failed"):
+    with pytest.raises(HypernetError, match=r"127\.0\.0\.1.*download of tiny\.bin failed") as offline:
         catalog.download(ENTRY, tmp_path, accept_license=True, url=url, timeout=2)
+    # an offline machine is told how to install the file by hand, and where
+    assert f"To install it by hand, download {ENTRY.url}" in str(offline.value)
+    assert str(tmp_path / ENTRY.file) in str(offline.value) and ENTRY.sha256 in str(offline.value)
     _Handler.mode = "404"
     url = f"http://127.0.0.1:{server.server_port}/tiny.bin"
     with pytest.raises(HypernetError, match="answered 404"):

@@ -88,7 +88,7 @@ def test_inspect_command(sample_lora_pair, capsys):
     assert main(["inspect", str(sample_lora_pair[1]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["base_family"] == "sdxl" and info["ranks"] == {"16": info["layers"]} == {"16": 40}
-    assert info["naming"] == {"kohya": 3 * info["layers"]}
+    assert info["key_layouts"] == {"kohya": 3 * info["layers"]}
     assert main(["inspect", str(sample_lora_pair[1])]) == 0
     assert "layers_per_block:" in capsys.readouterr().out
 
@@ -115,3 +115,26 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("merge", "inspect", "convert-hypernet", "bench"):
         assert command in out
+
+
+def test_dora_is_refused_unless_the_approximation_is_asked_for_and_then_said_everywhere(tmp_path, capsys):
+    """A merge of files has no base weight for DoRA's magnitude: one clear error, nothing written;
+    with --dora drop-magnitude the note is CLI output and the file's metadata says it too."""
+    import torch
+    from safetensors import safe_open
+
+    shapes = {"middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280)}
+    dora_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0), alpha=4.0)
+    dora_sd["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.rand(1280, 1) + 0.5
+    content = write_lora(tmp_path / "dora.safetensors", dora_sd)
+    style = write_lora(tmp_path / "s.safetensors", synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1)))
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(content), str(style), "-o", str(out), "--method", "sum"]) == 1
+    err = capsys.readouterr().err
+    assert "error: content LoRA" in err and "1 layer(s) are DoRA" in err and "--dora drop-magnitude" in err
+    assert not out.exists()
+    assert main(["merge", str(content), str(style), "-o", str(out), "--method", "sum", "--dora", "drop-magnitude"]) == 0
+    err = capsys.readouterr().err
+    assert any(line.startswith("note: 1 DoRA layer(s) merged WITHOUT their magnitude") for line in err.splitlines()), err
+    with safe_open(str(out), "pt") as f:
+        assert "WITHOUT their magnitude" in f.metadata()["lorarar.dora"]

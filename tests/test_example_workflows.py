@@ -24,7 +24,7 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 # Core nodes the examples may use besides ours (the brief: core nodes only). Note is the
 # frontend's own comment node; it is never sent to the server.
 CORE_TYPES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
-              "VAEDecode", "SaveImage", "PreviewImage", "ImageBatch"}
+              "VAEDecode", "SaveImage", "PreviewImage", "ImageBatch", "PreviewAny"}
 FRONTEND_TYPES = {"Note": ["STRING"], "MarkdownNote": ["STRING"]}
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
@@ -45,8 +45,8 @@ def load(path: Path) -> dict:
 
 
 def test_there_are_the_documented_examples():
-    assert {p.stem for p in WORKFLOWS} >= {"lorarar_sdxl_subject_style", "lorarar_sum_vs_lorarar",
-                                           "lorarar_all_methods"}
+    assert {p.stem for p in WORKFLOWS} >= {"LoRA.rar merge, subject and style (SDXL)", "LoRA.rar compare, plain sum vs hypernetwork",
+                                           "LoRA.rar compare, all merge methods"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -81,7 +81,9 @@ def test_links_join_existing_slots_of_matching_type(path):
         inp = nodes[target]["inputs"][target_slot]
         assert link_id in (out.get("links") or []), f"link {link_id} not listed on its output"
         assert inp["link"] == link_id, f"link {link_id} not set on its input"
-        assert out["type"] == inp["type"] == link_type, (link_id, out["type"], inp["type"], link_type)
+        # an input of type "*" (core's Preview Any) takes any type; the link then carries "*"
+        assert out["type"] == inp["type"] == link_type or (inp["type"] == link_type == "*"), \
+            (link_id, out["type"], inp["type"], link_type)
     # …and the reverse: every link a slot names exists.
     for node in wf["nodes"]:
         for inp in node.get("inputs", []):
@@ -193,7 +195,7 @@ def test_no_secrets_and_relative_outputs(path):
 
 
 def test_comparison_workflow_uses_one_seed_for_both_methods(schemas):
-    wf = load(REPO / "example_workflows" / "lorarar_sum_vs_lorarar.json")
+    wf = load(REPO / "example_workflows" / "LoRA.rar compare, plain sum vs hypernetwork.json")
     merges = [n for n in wf["nodes"] if n["type"] == "LoraRarMerge"]
     assert sorted(n["widgets_values"][METHOD_WIDGET] for n in merges) == ["lorarar", "sum"]
     samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
@@ -224,7 +226,7 @@ def _source_of(wf: dict, node_id: int, input_name: str) -> dict:
 def test_all_methods_workflow_labels_each_image_with_its_method():
     """One pair through every method with one seed; following the links from the grid back
     through the Batch Images chain, image k comes from the merge whose method is label k."""
-    wf = load(REPO / "example_workflows" / "lorarar_all_methods.json")
+    wf = load(REPO / "example_workflows" / "LoRA.rar compare, all merge methods.json")
     merges = [n for n in wf["nodes"] if n["type"] == "LoraRarMerge"]
     methods = [n["widgets_values"][METHOD_WIDGET] for n in merges]
     assert sorted(methods) == sorted(["lorarar", "np-lora", "k-lora", "sum"])

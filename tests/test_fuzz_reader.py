@@ -1,4 +1,4 @@
-"""A fixed-seed mutation run over real-shaped seed files of every naming family, adapter kind and
+"""A fixed-seed mutation run over real-shaped seed files of every key layout, model family, adapter kind and
 both hypernetwork formats: every case must read fine or fail with a LoraRarError, in bounded
 time and memory. (benchmarks/fuzz_reader.py runs the same with >= 10,000 cases.)"""
 

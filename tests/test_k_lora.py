@@ -59,7 +59,7 @@ def dense(sd: dict, name: str) -> torch.Tensor:
 
 
 class LiteralRule:
-    """The rule exactly as DESIGN §4 states it, evaluated at a given p."""
+    """The rule exactly as docs/methods.md states it, evaluated at a given p."""
 
     def __init__(self, content_sd, style_sd, top_k=64, alpha=1.5, beta=0.5):
         self.alpha, self.beta = alpha, beta
@@ -132,7 +132,7 @@ def test_magnitudes_of_a_dense_adapter(pair):
     lyco = lora_from_state_dict(lycoris_layers(640, 640))
     shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
-    merged = merge(lyco, plain, method="k-lora", params={"top_k": 16})
+    merged = merge(lyco, plain, method="k-lora", params={"top_k": 16}, dora="drop-magnitude")  # to_out.0 is DoRA
     deltas = {n: (lyco.layers[n].delta().double(), plain.layers[n].delta().double()) for n in shapes}
     ratios = [float(c.abs().sum() / s.abs().sum()) for c, s in deltas.values()]
     gamma = sum(ratios) / len(ratios)
@@ -250,7 +250,7 @@ def test_switch_plan_splits_static_and_switching_layers(pair):
 
 
 def test_timeline_orders_layers_by_switch_point_and_counts_by_noise_level():
-    from hypernet.nodelogic.merge import SwitchTimeline
+    from hypernet.nodelogic.switching import SwitchTimeline
 
     timeline = SwitchTimeline({"a": 0.6, "b": 0.1, "c": 0.35, "d": 0.1})
     assert timeline.order == ["b", "d", "c", "a"]

@@ -1,4 +1,4 @@
-"""Reading: every naming family to one canonical form; adapter kinds; bad input."""
+"""Reading: every key layout to one canonical form; adapter kinds; bad input."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from safetensors.torch import save_file
 
 from hypernet import lora as lora_mod
 from hypernet import naming
-from hypernet.errors import LoraFormatError
+from hypernet.errors import LoraFormatError, LoraMismatchError
 from hypernet.inspection import describe_lora
 from hypernet.lora import read_lora
+from hypernet.merge import resolve_family
 from hypernet.tooling import synthetic
 from tests.support.files import write_lora
 from tests.support.loras import loha_lokr_full_dora, sample_lora, sd15_lora, sdxl_every_block_shapes, sdxl_sample_shapes
 
-# Layouts read in every naming family: by default one of each of SDXL's 11 transformer blocks'
+# Layers read in every key layout: by default one of each of SDXL's 11 transformer blocks'
 # names (proj_in/out + the last transformer block, every name the diffusers <-> LDM block mapping
 # translates) at real widths; the slow tier reads all 722 UNet targets. Both with two layers of
 # each text encoder.
@@ -39,10 +40,10 @@ def test_sdxl_layer_inventory():
     assert layers["output_blocks.5.1.transformer_blocks.1.ff.net.0.proj"] == (5120, 640)
 
 
-@pytest.mark.parametrize("family", synthetic.NAMING_FAMILIES)
-def test_every_naming_family_reads_to_the_same_canonical_form(family, layout, tmp_path):
+@pytest.mark.parametrize("key_layout", synthetic.KEY_LAYOUTS)
+def test_every_key_layout_reads_to_the_same_canonical_form(key_layout, layout, tmp_path):
     shapes, ranks, factors = layout
-    path = write_lora(tmp_path / f"{family}.safetensors", synthetic.to_state_dict(factors, family))
+    path = write_lora(tmp_path / f"{key_layout}.safetensors", synthetic.to_state_dict(factors, key_layout))
     lora = read_lora(path)
     assert not lora.unrecognised_keys
     assert set(lora.layers) == set(shapes)
@@ -53,7 +54,7 @@ def test_every_naming_family_reads_to_the_same_canonical_form(family, layout, tm
         assert layer.kind == "lora" and layer.rank == ranks[name]
         assert torch.equal(layer.up, up) and torch.equal(layer.down, down), name
         assert layer.scale == 1.0  # no alpha key: ΔW = up @ down
-    assert lora_mod.guess_family(lora).family == "sdxl"
+    assert lora.family == "sdxl"
 
 
 def test_alpha_gives_the_effective_scale(layout, tmp_path):
@@ -177,17 +178,30 @@ def test_the_finite_check_finds_every_non_finite_value_and_only_those(dtype):
     assert lora_mod.all_finite(torch.tensor([big, -big, big], dtype=dtype))
 
 
-def test_sd15_lora_is_named_as_such():
+def test_an_sd15_lora_is_read_as_sd15_and_refused_where_sdxl_is_expected():
     lora = lora_mod.lora_from_state_dict(sd15_lora(), source="sd15.safetensors")
-    with pytest.raises(LoraFormatError, match=r"style LoRA sd15\.safetensors looks like SD1\.5 \(320/640-wide attention, 768-wide text context\); expected SDXL"):
-        lora_mod.require_family(lora, "sdxl", "style LoRA")
+    assert lora.family == "sd15" and lora.family_candidates == ("sd15",)
+    assert lora.layers["te1.text_model.encoder.layers.0.self_attn.q_proj"].shape == (768, 768)  # `lora_te_`
+    sdxl = lora_mod.lora_from_state_dict(sample_lora(rank=2, seed=1), source="sdxl.safetensors")
+    with pytest.raises(LoraFormatError, match=r"style LoRA sd15\.safetensors looks like SD1\.5 \(.*\); expected SDXL"):
+        resolve_family(sdxl, lora, expected="sdxl")
+    with pytest.raises(LoraMismatchError, match=r"content LoRA sdxl\.safetensors looks like SDXL .* but style LoRA "
+                                                r"sd15\.safetensors looks like SD1\.5 .*one base model"):
+        resolve_family(sdxl, lora)
 
 
-def test_flux_lora_is_named_as_such():
+def test_a_flux_lora_is_read_as_flux():
     sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
           "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072)}
-    with pytest.raises(LoraFormatError, match="looks like Flux"):
-        lora_mod.lora_from_state_dict(sd, source="flux.safetensors")
+    lora = lora_mod.lora_from_state_dict(sd, source="flux.safetensors")
+    assert lora.family == "flux1" and set(lora.layers) == {"double_blocks.0.img_attn.qkv"}
+
+
+def test_keys_of_no_known_family_are_one_clear_error():
+    sd = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+          "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
+    with pytest.raises(LoraFormatError, match=r"llm\.safetensors: no LoRA layers found \(2 keys.*reads LoRAs of SDXL"):
+        lora_mod.lora_from_state_dict(sd, source="llm.safetensors")
 
 
 def test_broken_factor_shapes(tmp_path):

@@ -1,4 +1,4 @@
-"""Merge: the library against an independent dense implementation of DESIGN §4 and §10."""
+"""Merge: the library against an independent dense implementation of the method and the strength convention (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypernet import naming
-from hypernet.errors import HypernetError, LoraMismatchError
+from hypernet.errors import HypernetError, LoraFormatError, LoraMismatchError
 from hypernet.lora import lora_from_state_dict, read_lora
 from hypernet.merge import merge
 from hypernet.model import HypernetConfig, HyperNetwork, load_hypernet
@@ -21,7 +21,7 @@ TARGET = re.compile(r"\.attn[12]\.(to_q|to_out\.0)$")
 
 
 class ReferenceMerge:
-    """DESIGN §4/§10 written out densely (float64) from the raw kohya tensors and the raw
+    """The method and the strength convention written out densely (float64) from the raw kohya tensors and the raw
     official state dict — shares no code with the library. Layers are computed one at a time:
     a whole dense SDXL LoRA would need ~17 GB."""
 
@@ -241,7 +241,10 @@ def test_width_without_an_input_layer_errors_or_falls_back():
               "input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640)}
     c = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 0)))
     s = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1)))
-    hypernet = HyperNetwork(HypernetConfig())
+    assert c.family == s.family == "sd15"
+    with pytest.raises(LoraFormatError, match=r"looks like SD1\.5 .*this hypernetwork is for SDXL"):
+        merge(c, s, HyperNetwork(HypernetConfig()))  # the official checkpoint's family
+    hypernet = HyperNetwork(HypernetConfig(base_family="sd15"))  # an SD1.5 H that lacks the 320 width
     with pytest.raises(HypernetError, match="320 wide; this hypernetwork supports widths 640/1280"):
         merge(c, s, hypernet)
     merged = merge(c, s, hypernet, unsupported_width="sum")
@@ -250,20 +253,30 @@ def test_width_without_an_input_layer_errors_or_falls_back():
     torch.testing.assert_close(merged.delta(name), c.layers[name].delta() + s.layers[name].delta())
 
 
-def test_non_low_rank_adapters_become_dense_differences(random_hypernet_pth, tmp_path):
+def test_lycoris_adapters_are_written_as_exact_loras(random_hypernet_pth, tmp_path):
+    """LoHa, LoKr and DoRA sides merged with plain LoRAs: every layer is written as an exact LoRA
+    (LoHa and LoKr through their Khatri-Rao / Kronecker factors), only the full difference stays a
+    `.diff`; the file is no bigger than its factors and reads back to the merge."""
     lyco = lora_from_state_dict(loha_lokr_full_dora())
     shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (640, 640) for p in ("to_q", "to_k", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     hypernet = load_hypernet(random_hypernet_pth)
-    merged = merge(lyco, plain, hypernet)
-    assert merged.report.dense_layers == 4 and merged.report.method_layers == 2
+    with pytest.raises(LoraFormatError, match=r"1 layer\(s\) are DoRA .*--dora drop-magnitude"):
+        merge(lyco, plain, hypernet)
+    merged = merge(lyco, plain, hypernet, dora="drop-magnitude")
+    assert merged.report.dense_layers == 3 and merged.report.method_layers == 2
+    assert merged.report.dora_magnitude_dropped == 1 and any("WITHOUT their magnitude" in n for n in merged.report.notes)
     q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     m_c, m_s = hypernet.coefficients_dense(lyco.layers[q].delta(), plain.layers[q].delta())
     torch.testing.assert_close(merged.delta(q), lyco.layers[q].delta() * m_c + plain.layers[q].delta() * m_s)
-    path = save_merged(merged, tmp_path / "dense.safetensors")
+    path = save_merged(merged, tmp_path / "exact.safetensors")
     again = read_lora(path)
-    assert again.layers[q].kind == "full"
-    torch.testing.assert_close(again.layers[q].delta(), merged.delta(q))
+    kinds = {name.split("attn1.")[1]: layer.kind for name, layer in again.layers.items()}
+    assert kinds == {"to_q": "lora", "to_k": "lora", "to_v": "full", "to_out.0": "lora"}
+    assert again.layers[q].rank == 4 * 4 + 4  # the LoHa side at rank 4·4, the LoRA at 4
+    for name in shapes:
+        torch.testing.assert_close(again.layers[name].delta(), merged.delta(name), rtol=1e-4, atol=1e-6)
+    assert path.stat().st_size < 3 * 640 * 640 * 4  # one dense difference (to_v) and small factors
 
 
 def test_conv_locon_layers_concatenate(tmp_path):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypernet import catalog, naming
-from hypernet.errors import HypernetError, LoraFormatError, LoraRarError
+from hypernet.errors import HypernetError, LoraFormatError, LoraMismatchError, LoraRarError
 from hypernet.lora import read_lora
 from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
 from hypernet.nodelogic import cache as cache_logic
@@ -32,7 +32,7 @@ from tests.support.files import OFFICIAL_SDXL
 
 def tiny_sdxl_shapes(te_layers: int = 1) -> dict[str, tuple[int, int]]:
     """SDXL's layer names (all 11 transformer blocks, depth 1) at widths 64/128 and SDXL's
-    2048-wide context: fast, and still SDXL to `require_family`."""
+    2048-wide context: fast, and still SDXL to the family detection."""
     shapes = {}
     for block, width, _ in naming.SDXL_TRANSFORMER_BLOCKS:
         w = width // 10
@@ -147,6 +147,28 @@ def test_identity_cache_keys_by_object_not_by_value():
     assert calls == ["a", "b", "c", "a2"] and cache.hits == 1
 
 
+def test_merge_cache_lets_go_when_comfyui_frees_the_inputs(tmp_path, pair):
+    """The node's merge cache holds its inputs weakly: once ComfyUI drops a LoRA node's output (its
+    cache settings, a new file), the merge built on it is freed, not kept for the process's life."""
+    import gc
+    import weakref
+
+    path = tmp_path / "subject.safetensors"
+    save_file(pair[0], str(path))
+    merge_logic._MERGES.clear()
+    loaded = lora_logic.load_lora_model(path)
+    merged = merge_logic.run_merge(loaded, pair[1], None, 1, 1, "sum")
+    freed = weakref.ref(merged.layers[next(iter(merged.layers))])
+    assert len(merge_logic._MERGES) == 1
+    del loaded, merged
+    gc.collect()
+    assert len(merge_logic._MERGES) == 0 and freed() is None
+    # plain dicts (from core nodes) cannot be held weakly: they are held, and evicted by size
+    plain = dict(pair[0])
+    merge_logic.run_merge(plain, pair[1], None, 1, 1, "sum")
+    assert len(merge_logic._MERGES) == 1
+
+
 def test_loaded_lora_is_parsed_once_and_plain_dicts_are_cached_by_identity(tmp_path, pair):
     path = tmp_path / "subject.safetensors"
     save_file(pair[0], str(path))
@@ -172,6 +194,25 @@ def test_load_lora_errors_name_the_file(tmp_path):
         lora_logic.load_lora_model(truncated)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_on_every_load_path_with_one_message(tmp_path, bad):
+    """The node's file loader, a LORA_MODEL from another node and the CLI/library reader read
+    through one function: the same check, the same message, naming the input."""
+    poisoned = tiny_lora(1)
+    key = next(k for k in poisoned if k.endswith("lora_down.weight"))
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = bad
+    path = tmp_path / "poisoned.safetensors"
+    save_file(poisoned, str(path))
+    message = r"contain NaN or Inf values \(first: .*\); the file is damaged or was saved from a diverged"
+    with pytest.raises(LoraFormatError, match=r"^poisoned\.safetensors: 1 layer\(s\) " + message):
+        lora_logic.load_lora_model(path, "poisoned.safetensors")
+    with pytest.raises(LoraFormatError, match=r"^style LoRA: 1 layer\(s\) " + message):
+        merge_logic.run_merge(tiny_lora(2), poisoned, None, 1, 1, "sum")
+    with pytest.raises(LoraFormatError, match=rf"^{path}: 1 layer\(s\) " + message):
+        read_lora(path)
+
+
 def test_non_tensor_lora_model_names_the_input():
     with pytest.raises(LoraFormatError, match=r"^content LoRA: entry 'a' is not a tensor"):
         merge_logic.run_merge({"a": 3}, tiny_lora(2), None, 1, 1, "sum")
@@ -194,7 +235,7 @@ def test_a_non_sdxl_lora_is_refused_naming_the_input_and_the_hypernetwork_widths
     message = str(info.value)
     assert message.startswith("style LoRA") and "SD1.5" in message and "320" in message
     assert "widths 64/128" in message
-    with pytest.raises(LoraFormatError, match=r"^content LoRA.*SD1\.5"):
+    with pytest.raises(LoraMismatchError, match=r"^content LoRA.*SD1\.5.* but style LoRA.*SDXL.*one base model"):
         merge_logic.run_merge(sd15_like_lora(), tiny_lora(1), None, 1, 1, "sum")
 
 
@@ -281,12 +322,19 @@ def test_layers_without_low_rank_form_go_in_as_diffs(pair):
                     f"{key}.hada_w2_a": torch.randn(out, 2, generator=gen) * 0.1,
                     f"{key}.hada_w2_b": torch.randn(2, inp, generator=gen) * 0.1})
     result = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 0.9, 1.1, "lorarar")
+    assert name in result.coefficients  # the hypernetwork scaled the LoHa side's columns too
     plan = merge_logic.patch_plan(result)
-    # each side stays its own patch at its strength: the LoHa side as a `.diff` (columns inside)
+    # each side stays its own patch at its strength: the LoHa side in its own form, for ComfyUI's
+    # LoHa adapter, with the columns folded into hada_w1_b — never a dense out x in difference
     assert [s for _, s in plan] == [0.9, 1.1]
-    assert f"{key}.diff" in plan[0][0] and f"{key}.lora_up.weight" not in plan[0][0]
+    assert {f"{key}.hada_w1_a", f"{key}.hada_w1_b", f"{key}.hada_w2_a", f"{key}.hada_w2_b"} <= plan[0][0].keys()
+    assert f"{key}.diff" not in plan[0][0] and f"{key}.lora_up.weight" not in plan[0][0]
     assert f"{key}.lora_up.weight" in plan[1][0]
-    assert torch.allclose(plan_delta(plan, name), result.delta(name), atol=1e-7)
+    loha = {k[len(key) + 1:]: v.double() for k, v in plan[0][0].items() if k.startswith(key)}
+    content_delta = (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+    up, down = plan[1][0][f"{key}.lora_up.weight"].double(), plan[1][0][f"{key}.lora_down.weight"].double()
+    style_delta = up @ down * float(plan[1][0][f"{key}.alpha"]) / down.shape[0]
+    torch.testing.assert_close(0.9 * content_delta + 1.1 * style_delta, result.delta(name).double(), rtol=1e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +411,20 @@ def test_hypernet_choices_always_offer_the_official_checkpoint_first():
     listed = ["b.safetensors", official, "a.pth", "notes.txt", "sub/c.safetensors"]
     assert hypernet_logic.hypernet_choices(listed) == [official, "a.pth", "b.safetensors", "sub/c.safetensors"]
     assert "CC BY-NC-SA" in hypernet_logic.hypernet_file_tooltip() and "CC BY-NC-SA" in hypernet_logic.download_tooltip()
+
+
+def test_hypernet_choices_list_only_files_whose_header_says_hypernetwork(tmp_path):
+    """The pack's weights/ folder also holds the testbed's model and LoRAs: with the file lookup,
+    only hypernetworks are offered (read from the header: cheap), a .pth by its extension."""
+    official = catalog.load_catalog()["lorarar-sdxl"].file
+    save_hypernet(tiny_hypernet(), tmp_path / "mine.safetensors")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "base.safetensors"))   # a model, not a hypernet
+    save_file(tiny_lora(1), str(tmp_path / "sks4.safetensors"))                 # a LoRA
+    (tmp_path / "broken.safetensors").write_bytes(b"\x05\x00")                 # not even safetensors
+    (tmp_path / "theirs.pth").write_bytes(b"x")
+    names = ["mine.safetensors", "base.safetensors", "sks4.safetensors", "broken.safetensors", "theirs.pth", "gone.safetensors"]
+    found = {n: str(tmp_path / n) if (tmp_path / n).exists() else None for n in names}
+    assert hypernet_logic.hypernet_choices(names, found.get) == [official, "mine.safetensors", "theirs.pth"]
 
 
 def test_hypernet_cache_by_path_mtime_and_size(tmp_path):
@@ -493,3 +555,25 @@ def test_merge_plot_title_names_inputs(pair):
     title, subtitle = merge_logic.plot_title(result, "dog.safetensors", "watercolor.safetensors", "tiny")
     assert "lorarar" in title and "tiny" in title
     assert "dog.safetensors x1" in subtitle and "watercolor.safetensors x0.8" in subtitle
+
+
+def test_node_applies_dora_as_comfyui_does_and_says_the_file_lacks_the_magnitude(tmp_path, pair):
+    """In ComfyUI the model's weight is there: a DoRA layer is kept out of the method, summed, and
+    handed to ComfyUI with its magnitude (its own tensors) for ComfyUI's DoRA; the merged_lora
+    output cannot carry that, which the report and the saved file say."""
+    content = dict(pair[0])
+    name = "input_blocks.7.1.transformer_blocks.0.attn1.to_q"  # a hypernetwork layer
+    key = naming.ldm_to_kohya_key(name)
+    content[f"{key}.dora_scale"] = torch.rand(SHAPES[name][0], 1, generator=torch.Generator().manual_seed(4)) + 0.5
+    merged = merge_logic.run_merge(content, pair[1], tiny_hypernet(), 1.0, 1.0, "lorarar")
+    assert name not in merged.coefficients and merged.layers[name].content.dense.is_dora
+    assert merged.report.dora_magnitude_dropped == 1
+    assert any("applied to the model as ComfyUI applies DoRA" in note for note in merged.report.notes)
+    content_patch = merge_logic.patch_plan(merged)[0][0]
+    assert torch.equal(content_patch[f"{key}.dora_scale"], content[f"{key}.dora_scale"])
+    torch.testing.assert_close(content_patch[f"{key}.lora_up.weight"], content[f"{key}.lora_up.weight"])
+    output = merge_logic.merged_lora_output(merged, content, pair[1], tiny_hypernet())
+    path = lora_logic.save_lora_model(output, tmp_path, "dora/merged")
+    with safe_open(str(path), "pt") as f:
+        assert "1 DoRA layer(s) written WITHOUT their magnitude" in f.metadata()["lorarar.dora"]
+        assert f"{key}.dora_scale" not in f.keys()

@@ -219,7 +219,7 @@ def test_dense_adapters_use_the_dense_formula():
     shapes = {f"input_blocks.4.1.transformer_blocks.0.attn1.{p}": (128, 128) for p in ("to_q", "to_v", "to_out.0")}
     plain = lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 5), alpha=4))
     for content, style in ((lyco, plain), (plain, lyco)):
-        merged = merge(content, style, method="np-lora", params={"mu": 0.5})
+        merged = merge(content, style, method="np-lora", params={"mu": 0.5}, dora="drop-magnitude")  # to_out.0 is DoRA
         assert merged.report.method_layers == 3
         for name in shapes:
             dc, ds = content.layers[name].delta().double(), style.layers[name].delta().double()

@@ -108,7 +108,7 @@ def test_a_file_with_no_alpha_anywhere_says_scale_1_is_assumed(tmp_path):
 def test_inspect_shows_the_header_alpha_names_the_writer_and_counts_every_dtype(tmp_path):
     path, _, _ = _diffusers_file(tmp_path, _settings())
     info = describe_lora(path)
-    assert info["naming"] == {lora_mod.FAMILY_DIFFUSERS: 2 * len(SHAPES)}
+    assert info["key_layouts"] == {lora_mod.LAYOUT_DIFFUSERS: 2 * len(SHAPES)}
     assert info["alphas"] == {"8.0": len(UNET), "2.0": len(CLIP_L_ATTENTION), "16.0": len(CLIP_G)}
     assert info["alpha_sources"] == {"lora_adapter_metadata": len(SHAPES)}
     kohya = synthetic.diffusers_kohya_lora(UNET)  # int64 alphas
@@ -172,7 +172,7 @@ def test_peft_adapter_config_beside_the_file_gives_alpha(tmp_path):
     folder, sd, scales = _peft_folder(tmp_path, config)
     for path in (folder, folder / "adapter_model.safetensors"):
         lora = read_lora(path)
-        assert lora.naming_families == {lora_mod.FAMILY_PEFT: len(sd)}
+        assert lora.key_layouts == {lora_mod.LAYOUT_PEFT: len(sd)}
         assert lora.alpha_sources == {lora_mod.ALPHA_FROM_ADAPTER_CONFIG: len(UNET)}
         for canonical, scale in scales.items():
             assert lora.layers[canonical].scale == pytest.approx(scale), canonical
@@ -243,7 +243,7 @@ def test_old_diffusers_text_encoder_processor_names():
     lora = lora_mod.lora_from_state_dict(sd, source="old te")
     assert set(lora.layers) == {"te1.text_model.encoder.layers.0.self_attn.q_proj",
                                 "te1.text_model.encoder.layers.0.self_attn.out_proj"}
-    assert lora.naming_families == {lora_mod.FAMILY_DIFFUSERS_PROCESSOR: 4}
+    assert lora.key_layouts == {lora_mod.LAYOUT_DIFFUSERS_PROCESSOR: 4}
 
 
 # ------------------------------------------------------------------ the real packages
@@ -348,7 +348,7 @@ def test_real_diffusers_save_lora_weights_reads_as_peft_computes_it(thirdparty, 
     for name, delta in expected.items():
         torch.testing.assert_close(lora.layers[name].delta(), delta, rtol=1e-5, atol=1e-7, msg=name)
     assert lora.alpha_sources == {lora_mod.ALPHA_FROM_HEADER: len(expected)}
-    assert describe_lora(path)["naming"] == {lora_mod.FAMILY_DIFFUSERS: 2 * len(expected)}
+    assert describe_lora(path)["key_layouts"] == {lora_mod.LAYOUT_DIFFUSERS: 2 * len(expected)}
 
     # its kohya exporter (--output_kohya_format): transformers-5 te1 names, int64 alpha = rank
     from safetensors.torch import load_file
@@ -378,6 +378,90 @@ def test_real_peft_save_pretrained_reads_as_peft_computes_it(thirdparty, tmp_pat
         model.save_pretrained(folder)
         lora = read_lora(folder)
         expected = _peft_deltas(model.base_model.model, naming.diffusers_to_ldm)
-        assert set(lora.layers) == set(expected) and lora.naming_families.keys() == {lora_mod.FAMILY_PEFT}
+        assert set(lora.layers) == set(expected) and lora.key_layouts.keys() == {lora_mod.LAYOUT_PEFT}
         for name, delta in expected.items():
             torch.testing.assert_close(lora.layers[name].delta(), delta, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------ merged files in diffusers
+
+def _fresh_sdxl_layout_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    # SDXL's block layout (two layers per block, so SGM's input_blocks.4/5 are down_blocks.1's two
+    # attentions, as diffusers maps kohya's SDXL names) at toy widths
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, transformer_layers_per_block=1)
+
+
+def _loha_state_dict(shapes, rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (out, inp) in shapes.items():
+        key = naming.ldm_to_kohya_key(name)
+        for part in ("1", "2"):
+            sd[f"{key}.hada_w{part}_a"] = torch.randn(out, rank, generator=gen) * 0.3
+            sd[f"{key}.hada_w{part}_b"] = torch.randn(rank, inp, generator=gen) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs", ["lora", "loha"])
+@pytest.mark.parametrize("method", ["lorarar", "np-lora", "sum"])
+def test_merged_files_load_in_diffusers_as_the_merge(thirdparty, tmp_path, method, inputs):
+    """README's claim, with the real diffusers: a merged file (LoRA × LoRA, and LoHa × LoRA, whose
+    LoHa side is written as its exact rank-r² factors) goes through diffusers' kohya converter and
+    into an SDXL-layout UNet, where peft's own ΔW equals the library's merge."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from hypernet.merge import merge
+    from hypernet.model import HypernetConfig, HyperNetwork
+    from hypernet.writer import save_merged
+
+    unet = _fresh_sdxl_layout_unet()
+    shapes = {naming.diffusers_to_ldm(n): tuple(m.weight.shape) for n, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".attentions." in n}
+    content_sd = (_loha_state_dict(shapes, 2, 1) if inputs == "loha"
+                  else synthetic.to_state_dict(synthetic.random_factors(shapes, 4, 1), "kohya", alpha=2.0))
+    style_sd = synthetic.to_state_dict(synthetic.random_factors(shapes, 3, 2), "kohya", alpha=3.0)
+    content = lora_mod.lora_from_state_dict(content_sd, source="content")
+    style = lora_mod.lora_from_state_dict(style_sd, source="style")
+    hypernet = None
+    if method == "lorarar":
+        hypernet = HyperNetwork(HypernetConfig(hidden=8, widths=(16,)))
+        with torch.no_grad():
+            for p in hypernet.parameters():
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    merged = merge(content, style, hypernet, 0.8, 1.2, method)
+    path = save_merged(merged, tmp_path / "merged.safetensors")
+    assert {layer.kind for layer in read_lora(path).layers.values()} == {"lora"}  # plain LoRA, no .diff / hada_
+    # as StableDiffusionXLPipeline.load_lora_weights calls it
+    state_dict, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(path), unet_config=unet.config)
+    StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="default")
+    loaded = _peft_deltas(unet, naming.diffusers_to_ldm)
+    assert set(loaded) == set(merged.layers)
+    for name in merged.layers:
+        expected = merged.delta(name)
+        assert (loaded[name] - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-7, name
+
+
+@pytest.mark.slow
+def test_a_merge_with_a_full_difference_is_what_diffusers_cannot_load(thirdparty, tmp_path):
+    """The documented exception: a layer kept as a full difference (`.diff`: an input that is
+    itself a full difference) makes diffusers' kohya converter refuse the whole file."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from hypernet.merge import merge
+    from hypernet.writer import save_merged
+
+    name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    diff = lora_mod.lora_from_state_dict({f"{naming.ldm_to_kohya_key(name)}.diff": torch.randn(16, 16) * 0.01})
+    plain = lora_mod.lora_from_state_dict(synthetic.to_state_dict(synthetic.random_factors({name: (16, 16)}, 2, 0)))
+    path = save_merged(merge(diff, plain, method="sum"), tmp_path / "with_diff.safetensors")
+    with pytest.raises(Exception):  # noqa: B017 — diffusers' own error type varies between versions
+        StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(path))

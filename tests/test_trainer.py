@@ -120,7 +120,7 @@ def test_run_outputs_and_metadata(tmp_path, dataset, base):
     assert validation[0]["hypernet"] != validation[1]["hypernet"]
     assert validation[0]["sum"]["cosine"] == pytest.approx(0.01 * 44)  # cos(1, 1) = 1 on all 44 layers
     with Image.open(result.plot_path) as im:
-        assert im.size == (640, 360)
+        assert im.size == (640, 600)  # two panels: the objective, the input dependence
     loaded = load_hypernet(out)
     assert loaded.widths == (32, 64) and loaded.config.hidden == 16
     extra = loaded.config.extra

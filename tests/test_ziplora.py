@@ -156,4 +156,6 @@ def test_non_finite_objective_is_an_error_not_a_result(pair):
     broken[key][0, 0] = float("inf")
     with pytest.raises(TrainingError, match="step 1: the objective is not finite"):
         ziplora_merge(unet, ldm_denoiser(unet), DiscreteSchedule.scaled_linear(), content,
-                      lora_from_state_dict(broken, source="style"), subject, style, ZipLoraSettings(steps=2))
+                      # (the reader refuses such a file; a LoraFile built around that check must still fail here)
+                      lora_from_state_dict(broken, source="style", check_values=False), subject, style,
+                      ZipLoraSettings(steps=2))

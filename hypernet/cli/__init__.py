@@ -18,7 +18,7 @@ import threading
 from ..errors import LoraRarError
 
 # module name (inside hypernet.cli) for each subcommand, in help order
-COMMAND_MODULES = ("demo", "merge", "inspect", "convert", "bench", "judge", "ziplora", "train", "testbed")
+COMMAND_MODULES = ("demo", "merge", "inspect", "probe", "convert", "bench", "judge", "ziplora", "train", "testbed")
 
 log = logging.getLogger("hypernet")
 

@@ -6,12 +6,14 @@ LoRA during sampling): with it, OUT must be a .json file, which receives the swi
 
 import argparse
 
-# CLI option → (method, parameter); an option given for another method is an error, not ignored.
-METHOD_OPTIONS = {
-    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
-    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
-    "k_device": ("k-lora", "device"), "h_device": ("lorarar", "device"),
-}
+
+def method_options() -> dict[str, tuple[str, str]]:
+    """CLI option (argparse dest) → (method, parameter), from the method registry; an option given
+    for another method is an error, not ignored."""
+    from ..merge import REGISTRY
+
+    return {param.flag.lstrip("-").replace("-", "_"): (method.name, name)
+            for method in REGISTRY.values() for name, param in method.params.items() if param.flag}
 
 
 def add_parser(subparsers) -> None:
@@ -35,24 +37,25 @@ def add_parser(subparsers) -> None:
 
     p.add_argument("--method", choices=tuple(REGISTRY), default="lorarar",
                    help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + " (default: %(default)s)")
-    p.add_argument("--allow-width-fallback", action="store_true",
-                   help="lorarar: sum layers whose width the hypernetwork has no input for, instead of failing")
-    p.add_argument("--h-device", metavar="DEVICE",
-                   help=f"lorarar: {REGISTRY['lorarar'].params['device'].help} (default: cpu)")
-    np_params, k_params = REGISTRY["np-lora"].params, REGISTRY["k-lora"].params
-    p.add_argument("--mu", type=float, metavar="MU",
-                   help=f"np-lora: {np_params['mu'].help} (default: {np_params['mu'].default})")
-    p.add_argument("--np-rank", metavar="K", help=f"np-lora: {np_params['rank'].help}")
-    p.add_argument("--np-side", choices=np_params["side"].choices,
-                   help=f"np-lora: {np_params['side'].help}")
-    p.add_argument("--k-top-k", type=int, metavar="K",
-                   help=f"k-lora: {k_params['top_k'].help} (default: {k_params['top_k'].default})")
-    p.add_argument("--k-alpha", type=float, metavar="A",
-                   help=f"k-lora: {k_params['alpha'].help} (default: {k_params['alpha'].default})")
-    p.add_argument("--k-beta", type=float, metavar="B",
-                   help=f"k-lora: {k_params['beta'].help} (default: {k_params['beta'].default})")
-    p.add_argument("--k-device", metavar="DEVICE",
-                   help=f"k-lora: {k_params['device'].help} (default: {k_params['device'].default})")
+    for method in REGISTRY.values():  # every method's settings, as the registry describes them
+        for param in method.params.values():
+            if not param.flag:
+                continue
+            if param.switch is not None:
+                p.add_argument(param.flag, action="store_true", help=f"{method.name}: {param.help}")
+                continue
+            default = "" if param.default is None else f" (default: {param.default})"
+            p.add_argument(param.flag, type=param.kind, choices=param.choices or None, metavar=param.metavar,
+                           help=f"{method.name}: {param.help}{default}")
+    p.add_argument("--dora", choices=("refuse", "drop-magnitude"), default="refuse",
+                   help="DoRA layers need the base model's weights to apply their magnitude: 'refuse' (default) "
+                        "stops with an error; 'drop-magnitude' merges them as plain LoRAs (an approximation "
+                        "the report and the file's metadata state). The ComfyUI node applies DoRA exactly")
+    from .. import families
+
+    p.add_argument("--family", choices=("auto", *families.FAMILY_IDS), default="auto",
+                   help="the base model both LoRAs are for: 'auto' (default) detects it from their keys and "
+                        "shapes (and the hypernetwork's); give it where a file fits several")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the written factors (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -62,20 +65,18 @@ def add_parser(subparsers) -> None:
 def method_params(args: argparse.Namespace) -> dict:
     """The chosen method's parameters from the options; one error for an option of another method."""
     from ..errors import LoraRarError
+    from ..merge import REGISTRY
 
     params = {}
-    for option, (method, name) in METHOD_OPTIONS.items():
+    for option, (method, name) in method_options().items():
         value = getattr(args, option)
-        if value is None:
+        switch = REGISTRY[method].params[name].switch
+        if value is None or value is False:
             continue
         if method != args.method:
             flag = "--" + option.replace("_", "-")
             raise LoraRarError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
-        params[name] = value
-    if args.method == "lorarar":
-        params["unsupported_width"] = "sum" if args.allow_width_fallback else "error"
-    elif args.allow_width_fallback:
-        raise LoraRarError(f"--allow-width-fallback is a setting of --method lorarar, not of --method {args.method}")
+        params[name] = switch if switch is not None else value
     return params
 
 
@@ -91,8 +92,12 @@ def schedule_document(merged, content_name: str, style_name: str, params: dict) 
         "method": merged.report.method, "content": content_name, "style": style_name, "params": params,
         "content_strength": merged.content_strength, "style_strength": merged.style_strength,
         "rule": "each listed layer uses the content LoRA while p < switch_point and the style LoRA from "
-                "it on (p = fraction of sampling done); every other layer is the sum of both",
-        "switch_points": {naming.ldm_to_kohya_key(n): number(p) for n, p in merged.switch_points.items()},
+                "it on (p = fraction of sampling done) — in switch_rows only those rows, the others are the sum; "
+                "every other layer is the sum of both",
+        "switch_points": {naming.kohya_key(n, merged.family): number(p) for n, p in merged.switch_points.items()},
+        # where only some rows of a fused weight switch (Flux's single-block linear1: q/k/v, not the MLP)
+        "switch_rows": {naming.kohya_key(n, merged.family): list(r) for n, r in merged.switch_rows.items()},
+        "family": merged.family,
         "report": merged.report.as_dict(), "notes": merged.report.notes,
     }
 
@@ -121,15 +126,19 @@ def run(args: argparse.Namespace) -> int:
             "ComfyUI to sample with it, or choose --method np-lora, lorarar or sum for a LoRA file")
     if out.exists() and not args.force:  # fail before the slow part
         raise OutputExistsError(f"{out} already exists; refusing to overwrite it (use --force)")
-    content = read_lora(args.content)
-    style = read_lora(args.style)
+    family = None if args.family == "auto" else args.family
+    content = read_lora(args.content, family=family)
+    style = read_lora(args.style, family=family)
     hypernet = None
     if spec.needs_hypernet:
         hypernet = resolve_hypernet(args.hypernet, [Path(d) for d in args.hypernet_dir],
                                     allow_download=args.download)
     with ProgressLine(args.method) as bar:
         merged = merge(content, style, hypernet, args.content_strength, args.style_strength, args.method,
-                       params=params, expected_family="sdxl", progress=bar.update)
+                       params=params, expected_family=family, progress=bar.update, dora=args.dora)
+    if not scheduled and args.content_strength == 0 and args.style_strength == 0:
+        raise LoraRarError("--content-strength and --style-strength are both 0: the merged LoRA would change "
+                           f"nothing; {out} was not written")
     if scheduled:
         document = schedule_document(merged, Path(args.content).name, Path(args.style).name, params)
         text = json.dumps(document, indent=1, allow_nan=False) + "\n"

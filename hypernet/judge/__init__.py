@@ -1,4 +1,4 @@
-"""MLLM judge: the LoRA.rar paper's content/style evaluation (DESIGN §7).
+"""MLLM judge: the LoRA.rar paper's content/style evaluation (docs/judge.md).
 
     backend = make_backend(BackendConfig(protocol="ollama", url="http://127.0.0.1:11434",
                                          model="llava:13b"))

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import JudgeInputError
 
-MAX_SIDE = 512  # DESIGN §7: the paper downscales to ≤512 px before asking the judge
+MAX_SIDE = 512  # docs/judge.md: the paper downscales to ≤512 px before asking the judge
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

@@ -1,4 +1,4 @@
-"""The paper's MLLM evaluation protocol (DESIGN §7), in our own prompt wording.
+"""The paper's MLLM evaluation protocol (docs/judge.md), in our own prompt wording.
 
 For every generated image:
   * content: one question per subject reference photo — reference first, generated second —

@@ -6,9 +6,10 @@ import logging
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..errors import JudgeInputError
+from ..progress import Progress
 from .backends import Backend
 from .cache import AnswerCache, cache_key
 from .images import images_from_array
@@ -16,7 +17,6 @@ from .protocol import ImageJob, Question, build_questions, check_mode, score_job
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (questions answered, questions in total)
 PAIR_KEYS = ("method", "subject", "style")
 METHOD_KEYS = ("method",)
 

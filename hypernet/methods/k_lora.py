@@ -1,13 +1,15 @@
 """K-LoRA (Ouyang, Li, Hou — CVPR 2025), training-free, with its per-call work precomputed.
 
-On every attention projection (to_q, to_k, to_v, to_out.0 of attn1 and attn2) present in both
-LoRAs, ONE of the two LoRAs is used at each denoising step: with S = the sum of the top-k
+On every attention projection the family's data lists for K-LoRA (SDXL/SD1.5/SD2: to_q, to_k,
+to_v, to_out.0 of attn1 and attn2; Flux: the image stream's qkv and proj of the double blocks and
+q/k/v of the single blocks; the other families in hypernet/families/data, each with why) present in
+both LoRAs, ONE of the two LoRAs is used at each denoising step: with S = the sum of the top-k
 |entries| of that side's ΔW (official k = 64), a balance γ = the mean over those layers of
 Σ|ΔW_c| / Σ|ΔW_s|, and sampling progress p ∈ [0, 1],
 
     content iff S_c/γ > S_s·(α·p + β)          (official α = 1.5, β = 0.5: content early, style late)
 
-Every other layer is summed (DESIGN §4). The right-hand side grows with p, so each layer switches
+Every other layer is summed (docs/methods.md). The right-hand side grows with p, so each layer switches
 at most once, at
 
     p_l = ((S_c/γ)/S_s − β)/α:   content for p < p_l, style from p_l on
@@ -15,40 +17,49 @@ at most once, at
 (p_l ≤ 0: style throughout; p_l ≥ 1: content throughout). The official code forms both dense ΔW
 and a top-k at every layer call; here the switch points are computed once per pair
 (`MergedLora.switch_points`) and `MergedLora.delta_at(name, p)` gives the update in use at p.
+Where a fused weight holds projections that switch and others that do not (Flux's single-block
+linear1 = q, k, v and the MLP input), only those rows switch (`MergedLora.switch_rows`) and their
+magnitudes are those rows' ΔW; q, k and v of one fused weight switch together (one weight, one
+switch point).
 
 S and Σ|ΔW| are statistics of the dense entries, which no factored form gives exactly, so each
 ΔW is formed (in row chunks for layers beyond SDXL's attention sizes), reduced at once and
-dropped: one layer's ΔW at a time, at most 16 MiB. ΔW is the file's own (alpha/rank applied), never the strengths (DESIGN §10).
+dropped: one layer's ΔW at a time, at most 16 MiB. ΔW is the file's own (alpha/rank applied), never the strengths (docs/methods.md).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .. import naming
+from .. import families, naming
 from ..devices import resolve_device
 from ..errors import LoraRarError
 from ..lora import LoraFile
 from ..merged import MergedLora, Side, assemble
+from ..progress import Progress
+from ..row_blocks import rows_of
 
-Progress = Callable[[int, int], None]
 DEFAULT_TOP_K, DEFAULT_ALPHA, DEFAULT_BETA = 64, 1.5, 0.5
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-_SWITCHED = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # Elements of ΔW formed at a time: 2^22 float32 = 16 MiB, a whole SDXL attention projection
 # (at most 1280×2048) in one product, which ran at about twice the speed of cache-sized row
 # chunks on this project's CPU; larger layers are formed in row chunks of that size.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def is_switched_layer(name: str) -> bool:
-    """An attention projection of the UNet (text encoders are summed)."""
-    return not naming.is_text_encoder(name) and _SWITCHED.search(name) is not None
+def switched_rows(name: str, shape: tuple[int, ...], family: str | None = None) -> tuple[int, int] | bool:
+    """Whether the layer switches (text encoders never do): False, True (all of it), or the
+    (start, stop) rows that do — from the family's data."""
+    if naming.is_text_encoder(name):
+        return False
+    return families.get(family or "sdxl").switched_rows(name, tuple(shape))
+
+
+def is_switched_layer(name: str, family: str | None = None, shape: tuple[int, ...] = (0, 0)) -> bool:
+    """An attention projection that K-LoRA switches (text encoders are summed)."""
+    return switched_rows(name, shape, family) is not False
 
 
 @dataclass(frozen=True)
@@ -68,15 +79,17 @@ def _top_values(chunk: torch.Tensor, top_k: int) -> torch.Tensor:
     return flat.topk(min(top_k, flat.numel())).values
 
 
-def magnitude(side: Side, top_k: int, device: torch.device | None = None) -> Magnitude:
-    """S and Σ|ΔW| of one side's ΔW (its file's scale applied), formed a chunk of rows at a time
-    on `device` (default: where the factors are)."""
+def magnitude(side: Side, top_k: int, device: torch.device | None = None,
+              rows: tuple[int, int] | None = None) -> Magnitude:
+    """S and Σ|ΔW| of one side's ΔW (its file's scale applied) — of its `rows` only, if given —
+    formed a chunk of rows at a time on `device` (default: where the factors are)."""
+    start, stop = rows if rows else (0, None)
     if side.is_low_rank:
-        up = side.up.to(device, torch.float32).reshape(side.up.shape[0], -1)
+        up = rows_of(side.up, start, stop).to(device)
         down = side.folded_down().to(device, torch.float32).reshape(side.down.shape[0], -1)
         scale = abs(side.scale)
     else:
-        delta = side.delta().to(device)
+        delta = side.delta()[start:stop].to(device)
         up, down, scale = None, delta.reshape(delta.shape[0], -1), 1.0
     rows = max(1, CHUNK_ELEMENTS // max(1, down.shape[1]))
     exact = torch.float64 if down.device.type == "cpu" else torch.float32  # (MPS has no float64)
@@ -128,17 +141,25 @@ def k_lora_merge(content: LoraFile, style: LoraFile, top_k: int = DEFAULT_TOP_K,
     where = resolve_device(device, "k-lora")
     merged = assemble(content, style, method="k-lora",
                       method_label="switched from content to style during sampling")
-    names = [n for n, layer in merged.layers.items()
-             if layer.content is not None and layer.style is not None and is_switched_layer(n)]
+    family = content.family or style.family
+    rows = {}
+    for name, layer in merged.layers.items():
+        if layer.content is not None and layer.style is not None:
+            found = switched_rows(name, layer.shape, family)
+            if found is not False:
+                rows[name] = None if found is True else found
+    names = list(rows)
     magnitudes: dict[str, tuple[Magnitude, Magnitude]] = {}
     with torch.no_grad():
         for done, name in enumerate(names, start=1):
             layer = merged.layers[name]
-            magnitudes[name] = (magnitude(layer.content, top_k, where), magnitude(layer.style, top_k, where))
+            magnitudes[name] = (magnitude(layer.content, top_k, where, rows[name]),
+                                magnitude(layer.style, top_k, where, rows[name]))
             if progress:
                 progress(done, len(names))
     gamma = balance(magnitudes)
     merged.switch_points = {n: switch_point(c, s, gamma, alpha, beta) for n, (c, s) in magnitudes.items()}
+    merged.switch_rows = {n: r for n, r in rows.items() if r is not None}
     merged.report.method_layers = len(names)
     merged.report.summed_layers -= len(names)
     points = list(merged.switch_points.values())

@@ -18,12 +18,14 @@ On the idle 2-core CPU this took SDXL's 280 rank-64 matrices from 0.33–0.37 s 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from ..lora import LoraLayer
 from ..model import HyperNetwork
+from .lorarar_diagnostics import column_forms_into
 
 # Layers whose factors are converted and pass through H's first layer together, and layers per
 # block of activations. Measured side by side on the idle 2-core CPU (median share of the 2048²
@@ -44,17 +46,27 @@ def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
 
 
 def group_coefficients(hypernet: HyperNetwork, contents: list[LoraLayer], styles: list[LoraLayer],
-                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                       progress: Callable[[int], None] | None = None,
+                       measures: torch.Tensor | None = None) -> torch.Tensor:
     """(m_c, m_s) of layers that share one shape and one pair of ranks, as a (layers, 2, in)
-    float32 tensor; `progress(k)` after each chunk of k layers. Call under `torch.no_grad()`."""
+    float32 tensor; `progress(k)` after each chunk of k layers. Call under `torch.no_grad()`.
+
+    `measures`, a (layers, 4, in) float32 tensor, receives per column what the merge's own
+    diagnostics need (lorarar_diagnostics.MEASURE_ROWS): |W1·x_j| from the activations while
+    they are in cache, and the three column forms from the factors already in the buffers."""
     count = len(contents)
-    out_width, rank_c = contents[0].up.shape[0], contents[0].rank
-    in_width, rank_s = contents[0].down.reshape(rank_c, -1).shape[1], styles[0].rank
+    out_width, rank_c = contents[0].shape[0], contents[0].rank
+    in_width, rank_s = math.prod(contents[0].shape[1:]), styles[0].rank
     rank = rank_c + rank_s
     first, head = hypernet.input_layer(out_width), hypernet.output[1]
     hidden = first.weight.shape[0]
     w_c, w_s = first.weight[:, :out_width], first.weight[:, out_width:]
     bias, head_bias = first.bias[:, None], head.bias[:, None]
+    if measures is not None:
+        # relu(W1·x + b1) = max(W1·x, −b1) + b1: the activations stay W1·x long enough for their
+        # norms to be read, and W2·b1 moves into the head's bias — no extra pass to add b1.
+        neg_bias = -bias
+        head_bias = head_bias + head.weight @ bias
     chunk = min(CHUNK, count)
     block = min(BLOCK, chunk)
     f32 = torch.float32
@@ -77,11 +89,20 @@ def group_coefficients(hypernet: HyperNetwork, contents: list[LoraLayer], styles
         torch.bmm(w_s.expand(k, hidden, out_width), ups_s[:k], out=proj_s[:k])
         torch.mul(proj_c[:k], scales[start:start + k, 0, None, None], out=left[:k, :, :rank_c])
         torch.mul(proj_s[:k], scales[start:start + k, 1, None, None], out=left[:k, :, rank_c:])
+        if measures is not None:
+            column_forms_into(measures[start:start + k, 1:], ups_c[:k], ups_s[:k], downs[:k, :rank_c],
+                              downs[:k, rank_c:], scales[start:start + k])
         for a in range(0, k, block):
             b = min(a + block, k)
             pre = activations[:b - a]
-            torch.baddbmm(bias, left[a:b], downs[a:b], out=pre)
-            pre.relu_()
+            if measures is None:
+                torch.baddbmm(bias, left[a:b], downs[a:b], out=pre)
+                pre.relu_()
+            else:
+                torch.bmm(left[a:b], downs[a:b], out=pre)
+                # vecdot, not vector_norm: the strided norm over H's hidden units took 10× longer
+                measures[start + a:start + b, 0] = torch.linalg.vecdot(pre, pre, dim=1).sqrt_()
+                torch.maximum(pre, neg_bias, out=pre)
             torch.baddbmm(head_bias, head.weight.expand(b - a, 2, hidden), pre, out=result[start + a:start + b])
         if progress:
             progress(k)

@@ -7,11 +7,11 @@ Per layer present in both LoRAs, with c = μ/(1+μ) and V the top-k right singul
     side "input"  (the paper's Eq. 11, the default):  ΔW_c' = ΔW_c·(I − c·V Vᵀ)
     side "output" (its Eq. 21, the left projector):  ΔW_c' = (I − c·U Uᵀ)·ΔW_c, U = left singular vectors
 
-and the merge is ss·ΔW_s + cs·ΔW_c' (strengths after the method, DESIGN §10). μ = 0 is the plain
+and the merge is ss·ΔW_s + cs·ΔW_c' (strengths after the method, docs/methods.md). μ = 0 is the plain
 sum; μ → ∞ (c = 1) removes every part of the content update that reads (input side) or writes
 (output side) along the style's directions.
 
-Exact and factored for low-rank inputs (DESIGN §5): with ΔW_s = s·B_s·A_s, QR of B_s and of A_sᵀ
+Exact and factored for low-rank inputs (docs/cli.md, "How the merge is computed"): with ΔW_s = s·B_s·A_s, QR of B_s and of A_sᵀ
 leaves an r×r core whose SVD gives U and V — no out×in matrix is formed. The content side keeps
 its rank: down ← A_c − c·(A_c V)Vᵀ (input side) or up ← B_c − c·U(UᵀB_c) (output side), so the
 merged result is an ordinary kohya LoRA of rank r_c + r_s. Conv layers are flattened (in·k·k).
@@ -24,16 +24,17 @@ the formula type-checks on any Linear.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
 
 import torch
 
 from ..errors import LoraRarError
 from ..lora import FULL, LoraFile, LoraLayer
 from ..merged import MergedLora, Side, assemble
+from ..progress import Progress
+from ..row_blocks import cross, dense, is_row_blocks, matrix, times
 
-Progress = Callable[[int, int], None]
 SIDES = ("input", "output")
 DEFAULT_MU = 0.5
 # Singular directions weaker than this fraction of the strongest are the style's numerical null
@@ -95,24 +96,26 @@ def right_singular(h: torch.Tensor, g: torch.Tensor, k: int | None) -> tuple[tor
     return x * use.unsqueeze(-2), sigma
 
 
-def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side):
+def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side, out=None):
     """float32 factor matrices of both sides → (the new content factor, the removed share).
     Only r×r matrices and products with the factors: no out×in matrix. The style's Grams are
-    float64 (they carry its small singular values); the rest is float32."""
-    h_s, g_s = _gram(s_down), _gram(s_up.T)
-    h_c, g_c = c_down @ c_down.T, c_up.T @ c_up                        # for the report only
+    float64 (they carry its small singular values); the rest is float32. An up may be a
+    `RowBlocks` (pieces of a fused weight): its products are taken piece by piece."""
+    h_s, g_s = _gram(s_down), cross(s_up, s_up, torch.float64)
+    h_c, g_c = c_down @ c_down.T, cross(c_up, c_up)                    # for the report only
     norm = float((g_c * h_c).sum().clamp_min(0).sqrt())               # ‖B_c·A_c‖ / s_c
     if side == "input":
         x, _ = right_singular(h_s, g_s, k)                              # V = A_sᵀ·x
         x = x.float()
         coords = (c_down @ s_down.T) @ x                                # A_c·V
-        new = c_down - strength * ((coords @ x.T) @ s_down)
+        new = torch.sub(c_down, (coords @ x.T) @ s_down, alpha=strength, out=_out(out, c_down))
         removed = float((coords * (g_c @ coords)).sum())               # ‖B_c·A_c·V‖²
     else:
         x, _ = right_singular(g_s, h_s, k)                              # U = B_s·x (ΔWᵀ = A_sᵀ·B_sᵀ)
         x = x.float()
-        coords = x.T @ (s_up.T @ c_up)                                  # Uᵀ·B_c
-        new = c_up - strength * (s_up @ (x @ coords))
+        coords = x.T @ cross(s_up, c_up)                                # Uᵀ·B_c
+        c_up = matrix(c_up)                                             # the new up is dense
+        new = torch.sub(c_up, times(s_up, x @ coords), alpha=strength, out=_out(out, c_up))
         removed = float((coords * (coords @ h_c)).sum())               # ‖Uᵀ·B_c·A_c‖²
     return new, (strength * math.sqrt(max(removed, 0.0)) / norm if norm > 0 else 0.0)
 
@@ -120,14 +123,15 @@ def _project_low_rank(c_up, c_down, s_up, s_down, strength, k, side):
 def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
     """The style's top-k singular vectors as columns: right ones (in·k·k, k') for the input side,
     left ones (out, k') for the output side; the numerical null space is left out."""
-    if style.is_low_rank:
-        up, down = _matrix(style.up), _matrix(style.down)
+    factors = _factor_matrices(style)
+    if factors is not None:
+        up, down = factors
         if side == "input":
-            x, sigma = right_singular(_gram(down), _gram(up.T), k)
+            x, sigma = right_singular(_gram(down), cross(up, up, torch.float64), k)
             vectors = down.T.double() @ x
         else:
-            x, sigma = right_singular(_gram(up.T), _gram(down), k)
-            vectors = up.double() @ x
+            x, sigma = right_singular(cross(up, up, torch.float64), _gram(down), k)
+            vectors = times(up, x)
     else:
         u, sigma, vh = torch.linalg.svd(_matrix(style.delta()).double(), full_matrices=False)
         vectors = vh.T if side == "input" else u
@@ -138,14 +142,34 @@ def style_directions(style: Side, side: str, k: int | None) -> torch.Tensor:
     return vectors[:, vectors.abs().sum(dim=0) > 0].float()
 
 
-def project_content(content: Side, style: Side, strength: float, k: int | None, side: str) -> tuple[Side, float]:
-    """One layer: (the projected content side, the share ‖ΔW_c − ΔW_c'‖/‖ΔW_c‖ it removed)."""
-    if content.is_low_rank and style.is_low_rank:
-        new, share = _project_low_rank(_matrix(content.up), _matrix(content.down),
-                                       _matrix(style.up), _matrix(style.down), strength, k, side)
-        if side == "input":
-            return Side(content.up, new.reshape(content.down.shape), content.scale), share
-        return Side(new.reshape(content.up.shape), content.down, content.scale), share
+def _factor_matrices(side: Side) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) as float32 matrices whose product is the side's ΔW up to its scale: a LoRA's own
+    factors (scale outside; an up held as `RowBlocks` stays so), any other adapter's exact
+    factors (hypernet/factors.py: LoHa, LoKr, Tucker; scale inside); None for a full difference."""
+    if side.is_low_rank:
+        return (side.up if is_row_blocks(side.up) else _matrix(side.up)), _matrix(dense(side.down))
+    return side.factors()
+
+
+def _out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if out is None else out.view(like.shape)
+
+
+def project_content(content: Side, style: Side, strength: float, k: int | None, side: str,
+                    out: torch.Tensor | None = None) -> tuple[Side, float]:
+    """One layer: (the projected content side, the share ‖ΔW_c − ΔW_c'‖/‖ΔW_c‖ it removed). Sides
+    with factors — LoRAs and LoHa/LoKr/Tucker alike — are projected in factored form and stay a
+    LoRA of the same rank; only a full difference on either side needs the dense formula."""
+    c, s = _factor_matrices(content), _factor_matrices(style)
+    if c is not None and s is not None:
+        new, share = _project_low_rank(*c, *s, strength, k, side, out if content.is_low_rank else None)
+        if content.is_low_rank:
+            if side == "input":
+                return Side(content.up, new.reshape(content.down.shape), content.scale), share
+            return Side(new.reshape(content.up.shape), content.down, content.scale), share
+        shape, rank = content.shape, c[0].shape[1]
+        up, down = (c[0], new) if side == "input" else (new, c[1])
+        return Side(up.reshape(shape[0], rank, *[1] * (len(shape) - 2)), down.reshape(rank, *shape[1:]), 1.0), share
     directions = style_directions(style, side, k)
     delta = content.delta()
     matrix = _matrix(delta)
@@ -156,6 +180,14 @@ def project_content(content: Side, style: Side, strength: float, k: int | None, 
     norm = float(matrix.norm())
     projected = Side.of(LoraLayer(FULL, {"diff": (matrix - strength * part).reshape(delta.shape)}))
     return projected, (strength * float(part.norm()) / norm if norm > 0 else 0.0)
+
+
+def _new_factor_size(content: Side, side: str) -> int:
+    """Elements of the factor NP-LoRA replaces in a plain-LoRA content side (down for the input
+    side, up for the output side); 0 for other sides (their new factors are made as they are)."""
+    if not content.is_low_rank:
+        return 0
+    return math.prod((content.down if side == "input" else content.up).shape)
 
 
 def np_lora_merge(content: LoraFile, style: LoraFile, mu: float = DEFAULT_MU, rank=None, side: str = "input",
@@ -173,10 +205,18 @@ def np_lora_merge(content: LoraFile, style: LoraFile, mu: float = DEFAULT_MU, ra
         return merged
     clamped = sum(1 for n in shared if k is not None and merged.layers[n].style.is_low_rank
                   and k > merged.layers[n].style.rank)
+    # The projected factors (float32) of all plain-LoRA content sides go into one buffer: allocated
+    # between the per-layer temporaries, they would pin their freed heap memory (measured on Flux:
+    # 50 MB kept on top of the 107 MB of factors, benchmarks/bench_families.py)
+    sizes = {n: _new_factor_size(merged.layers[n].content, side) for n in shared}
+    buffer = torch.empty(sum(sizes.values()), dtype=torch.float32)
+    offsets = dict(zip(sizes, itertools.accumulate([0, *sizes.values()])))
     with torch.no_grad():
         for done, name in enumerate(shared, start=1):
             layer = merged.layers[name]
-            layer.content, merged.layer_values[name] = project_content(layer.content, layer.style, strength, k, side)
+            out = buffer[offsets[name]:offsets[name] + sizes[name]] if sizes[name] else None
+            layer.content, merged.layer_values[name] = project_content(layer.content, layer.style, strength, k, side,
+                                                                       out)
             if progress:
                 progress(done, len(shared))
     merged.report.method_layers, merged.report.summed_layers = len(shared), 0

@@ -12,8 +12,9 @@ import re
 import torch
 from PIL import Image, ImageDraw
 
+from ..drawing import font as _font
+from ..drawing import text_width as _text_width
 from ..errors import LoraRarError
-from .plot import _font, _text_width
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)

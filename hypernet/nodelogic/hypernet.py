@@ -9,25 +9,30 @@ from pathlib import Path
 
 from .. import catalog
 from ..errors import HypernetError
-from ..model import HyperNetwork
+from ..model import HyperNetwork, is_hypernet_file
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
 HYPERNET_EXTENSIONS = (".safetensors", ".pth")
 OFFICIAL_SDXL = "lorarar-sdxl"
-Progress = Callable[[int, int], None]
 
 
 def official_file_name() -> str:
     return catalog.load_catalog()[OFFICIAL_SDXL].file
 
 
-def hypernet_choices(listed: list[str]) -> list[str]:
+def hypernet_choices(listed: list[str], full_path: Callable[[str], str | None] | None = None) -> list[str]:
     """Files found in the hypernetwork folders, plus the official SDXL checkpoint's catalog file
-    name even when it is absent (so a shared workflow keeps its value); official first."""
+    name even when it is absent (so a shared workflow keeps its value); official first. With
+    `full_path` (name → file), only files whose header says they are hypernetworks are listed —
+    the folders also hold other weights (the pack's testbed model, judges, LoRAs) that would only
+    fail when picked; a .pth is judged by its extension (its keys sit inside a pickle)."""
     official = official_file_name()
-    rest = sorted({n for n in listed if n.lower().endswith(HYPERNET_EXTENSIONS)} - {official})
-    return [official, *rest]
+    rest = {n for n in listed if n.lower().endswith(HYPERNET_EXTENSIONS)} - {official}
+    if full_path is not None:
+        rest = {n for n in rest if (path := full_path(n)) is not None and is_hypernet_file(Path(path))}
+    return [official, *sorted(rest)]
 
 
 _HYPERNETS: dict[tuple[str, int, int], HyperNetwork] = {}

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoraFormatError, LoraRarError, OutputExistsError
 from ..lora import LoraFile, adapter_config_for, lora_from_state_dict
-from ..safetensors_io import _DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
+from ..safetensors_io import DTYPE_NAMES, atomic_write, load_safetensors, sha256_file, write_safetensors_streaming
 from ..writer import DTYPES, merge_metadata
 from .cache import IdentityCache
 from .lazy import LazyMergedLora, LoadedLora
@@ -200,11 +200,28 @@ def _writer_for(state_dict: dict, dtype: str) -> tuple[Callable[[Path], None], s
         kind = tensor.dtype
         if kind.is_floating_point:
             kind = torch.float32 if key.endswith(".alpha") else target
-        if kind not in _DTYPE_NAMES:
+        if kind not in DTYPE_NAMES:
             raise LoraFormatError(f"merged_lora: tensor {key!r} has dtype {tensor.dtype}, which safetensors here cannot store")
         entries.append((key, kind, tuple(tensor.shape), lambda t=tensor: t.detach().cpu()))
     metadata = {"lorarar.note": "LORA_MODEL saved by Save Merged LoRA (LoRA.rar); not a LoRA.rar merge result"}
     return (lambda tmp: write_safetensors_streaming(tmp, entries, metadata)), "LORA_MODEL"
+
+
+def unsaveable_reason(state_dict: object) -> str | None:
+    """Why Save Merged LoRA should write nothing for this input, or None. A merge that is not one
+    LoRA (k-lora: its MODEL switches LoRAs while sampling) and an empty merge (both strengths 0)
+    are normal results of a workflow whose method or strengths a user changed: Save says so on
+    the node instead of failing the whole run."""
+    reason = getattr(state_dict, "unsaveable_reason", None)
+    if reason:
+        return reason
+    provenance = getattr(state_dict, "provenance", None)
+    if isinstance(state_dict, LazyMergedLora) and provenance is not None:
+        merged = provenance.merged
+        if merged.content_strength == 0 and merged.style_strength == 0:
+            return ("both strengths are 0, so the merge changes nothing; an all-zero LoRA would only "
+                    "take disk space")
+    return None
 
 
 def save_lora_model(state_dict: dict, loras_dir: str | Path, prefix: str, dtype: str = "fp32",

@@ -5,10 +5,9 @@ layers change their patch during sampling, and when); the merged LORA_MODEL outp
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,50 +15,53 @@ import torch
 
 from .. import naming
 from ..errors import LoraRarError
-from ..merge import merge
-from ..merged import CONTENT, STYLE, MergedLayer, MergedLora
+from ..merge import DORA_EXACT_IN_COMFYUI, merge, method_spec, widgets
+from ..merged import CONTENT, STYLE, MergedLayer, MergedLora, restrict_rows
 from ..model import HyperNetwork
+from ..progress import Progress
 from . import plot
 from .cache import IdentityCache
 from .lazy import LazyMergedLora, MergeProvenance
 from .lora import lora_file_of, name_of
+from .switching import SwitchTimeline  # noqa: F401  (re-exported: its old home)
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 
 # Strength-free merges by the identity of (content, style, hypernetwork) and the method with its
 # parameters. Four entries: the side-by-side workflow runs one pair through every method.
 _MERGES = IdentityCache(size=4)
 
-# The node's method-specific inputs: widget name → (method, library parameter), and their defaults.
-NODE_PARAMS = {
-    "mu": ("np-lora", "mu"), "np_rank": ("np-lora", "rank"), "np_side": ("np-lora", "side"),
-    "k_top_k": ("k-lora", "top_k"), "k_alpha": ("k-lora", "alpha"), "k_beta": ("k-lora", "beta"),
-}
+# The node's method-specific inputs: widget name → (method, library parameter) — from the
+# method registry (hypernet/merge.py), which also gives their order, defaults and tooltips.
+NODE_PARAMS = {param.widget.name: (method, name) for method, name, param in widgets()}
 
 
-def node_params(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The chosen method's parameters from the node's widgets. Only that method's: changing
-    another method's widget must not rerun (or re-key) this merge. np_rank 0 means "all"."""
+def node_params(method: str, inputs: Mapping[str, Any], device: str | None = None) -> dict[str, Any]:
+    """The chosen method's parameters from the node's widgets (and `device`, ComfyUI's compute
+    device, for the settings that take it). Only that method's: changing another method's widget
+    must not rerun (or re-key) this merge. np_rank 0 means "all"."""
     params = {}
-    for widget, (owner, name) in NODE_PARAMS.items():
-        if owner == method and inputs.get(widget) is not None:
-            value = inputs[widget]
-            if widget == "np_rank":
-                value = None if int(value) == 0 else str(int(value))
-            params[name] = value
+    for owner, name, param in widgets():
+        value = inputs.get(param.widget.name)
+        if owner == method and value is not None:
+            params[name] = param.widget.to_param(value) if param.widget.to_param else value
+    if device is not None:
+        params.update({name: device for name, param in method_spec(method).params.items() if param.device})
     return params
 
 
 def run_merge(content_sd: dict, style_sd: dict, hypernet: HyperNetwork | None,
               content_strength: float, style_strength: float, method: str,
-              params: Mapping[str, Any] | None = None, progress: Progress | None = None) -> MergedLora:
-    """Everything the merge node computes, before touching the model."""
+              params: Mapping[str, Any] | None = None, progress: Progress | None = None,
+              model_family: str | None = None) -> MergedLora:
+    """Everything the merge node computes, before touching the model. The family comes from the
+    two LoRAs (and the hypernetwork); `model_family`, the connected MODEL's, narrows it."""
     content = lora_file_of(content_sd, "content LoRA")
     style = lora_file_of(style_sd, "style LoRA")
+    # the node patches DoRA layers with ComfyUI's own DoRA, which has the model's weights
     return merge(content, style, hypernet, content_strength, style_strength, method, params=params,
-                 expected_family="sdxl", progress=progress, cache=_MERGES)
+                 expected_family=model_family, progress=progress, cache=_MERGES, dora=DORA_EXACT_IN_COMFYUI)
 
 
 class NotOneLora(dict):
@@ -76,6 +78,11 @@ class NotOneLora(dict):
         else:  # only built for merges that are not one LoRA
             raise ValueError("NotOneLora needs a merge that switches LoRAs during sampling")
         self.provenance = None
+
+    @property
+    def unsaveable_reason(self) -> str:
+        """What Save Merged LoRA shows instead of writing (see nodelogic.lora.unsaveable_reason)."""
+        return self._message.removeprefix("merged_lora: ")
 
     def _refuse(self, *args, **kwargs):
         raise LoraRarError(self._message)
@@ -115,7 +122,7 @@ def patch_plan(merged: MergedLora, include_text_encoders: bool = True) -> list[t
     files. ComfyUI can hold several patches per weight and adds them when it patches, so each
     side is given as its own LoRA (`MergedLora.side_state_dicts`: its original tensors, the
     method's columns folded into `down`, dense layers as `.diff`) at its strength — the same work
-    as two stacked LoraLoaders, and never one load_lora_for_models call per layer (DESIGN §8).
+    as two stacked LoraLoaders, and never one load_lora_for_models call per layer (4.1 s for SDXL's 722 layers; docs/nodes.md).
     A K-LoRA merge has its own plan (`switch_plan`).
     """
     sides = merged.side_state_dicts(include_text_encoders)
@@ -144,13 +151,31 @@ class SwitchPlan:
     points: dict[str, float]
     content_strength: float
     style_strength: float
+    # kohya module → ((content Side, strength),), ((style Side, strength),) of each switching
+    # layer — for backends that add the side in use at every cast (`merged.PreparedSides`)
+    sides: dict[str, tuple[tuple, tuple]] = dataclasses.field(default_factory=dict)
 
 
 def _sides_subset(merged: MergedLora, layers: dict[str, MergedLayer], include_text_encoders: bool) -> dict:
     """role → kohya dict of the given layers' sides (a single-LoRA view, so the library's one
     fold and export code is used)."""
-    view = MergedLora(layers, merged.report)
+    view = MergedLora(layers, merged.report, family=merged.family)
     return view.side_state_dicts(include_text_encoders)
+
+
+def _split_rows(layer: MergedLayer, rows: tuple[int, int] | None) -> tuple[MergedLayer, MergedLayer]:
+    """(the switching rows' layer, the other rows' layer) of a layer of which only `rows` switch;
+    (the layer, an empty one) where all of it does. Cached on the layer (strength-free)."""
+    if rows is None:
+        return layer, MergedLayer()
+    cached = getattr(layer, "_split", None)
+    if cached is None or cached[0] != rows:
+        start, stop = rows
+        halves = tuple(MergedLayer(*(restrict_rows(side, start, stop, inside) if side is not None else None
+                                     for side in (layer.content, layer.style)))
+                       for inside in (True, False))
+        cached = layer._split = (rows, halves)
+    return cached[1]
 
 
 def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> SwitchPlan:
@@ -164,41 +189,32 @@ def switch_plan(merged: MergedLora, include_text_encoders: bool = True) -> Switc
             point = merged.switch_points.get(name)
             if point is None:
                 fixed[name] = layer
-            elif point <= 0:
-                fixed[name] = MergedLayer(style=layer.style)
+                continue
+            # where only some rows switch, the others are the sum at every step: a static patch
+            inside, outside = _split_rows(layer, merged.switch_rows.get(name))
+            if point <= 0:
+                fixed[name] = MergedLayer(outside.content, layer.style)
             elif point >= 1:
-                fixed[name] = MergedLayer(content=layer.content)
+                fixed[name] = MergedLayer(layer.content, outside.style)
             else:
-                moving[name] = layer
-                points[naming.ldm_to_kohya_key(name)] = point
+                if outside.content is not None:
+                    fixed[name] = outside
+                moving[name] = inside
+                points[naming.kohya_key(name, merged.family)] = point
         merged._shared[key] = (_sides_subset(merged, fixed, include_text_encoders),
                                _sides_subset(merged, moving, include_text_encoders), points)
     static, dynamic, points = merged._shared[key]
+    sides = {}
+    for name, point in merged.switch_points.items():
+        if 0 < point < 1 and (include_text_encoders or not naming.is_text_encoder(name)):
+            layer = _split_rows(merged.layers[name], merged.switch_rows.get(name))[0]
+            sides[naming.kohya_key(name, merged.family)] = tuple(
+                tuple((s, merged.strength(role)) for role, s in layer.sides() if role == wanted)
+                for wanted in (CONTENT, STYLE))
     return SwitchPlan([(static[role], merged.strength(role)) for role in (CONTENT, STYLE)
                        if static[role] and merged.strength(role) != 0],
                       dynamic[CONTENT], dynamic[STYLE], points,
-                      merged.content_strength, merged.style_strength)
-
-
-class SwitchTimeline:
-    """The layers that switch during sampling, in the order they switch, and how many of them
-    have switched at a noise level. Progress p is ComfyUI's sampling percent (its
-    `percent_to_sigma`, as used by ControlNet start/end and hook keyframes): p = 0 at the model's
-    highest noise, 1 at none — so any sampler, step count, scheduler or denoise < 1 places every
-    step at the p of its noise level. A layer uses the style side iff sigma ≤ sigma(p_l)."""
-
-    def __init__(self, points: Mapping[str, float]):
-        self.order = sorted(points, key=lambda k: (points[k], k))
-        self.points = [points[k] for k in self.order]
-        self._negative_sigmas: list[float] = []
-
-    def set_noise_levels(self, percent_to_sigma: Callable[[float], float]) -> None:
-        """sigma(p_l) of every layer (descending), from the model's sampling schedule."""
-        self._negative_sigmas = [-float(percent_to_sigma(p)) for p in self.points]
-
-    def switched(self, sigma: float) -> int:
-        """How many layers (a prefix of `order`) use their style side at noise level `sigma`."""
-        return bisect.bisect_right(self._negative_sigmas, -float(sigma))
+                      merged.content_strength, merged.style_strength, sides)
 
 
 def report_text(merged: MergedLora) -> str:
@@ -240,5 +256,8 @@ def coefficient_image(merged: MergedLora, content_name: str, style_name: str, hy
     if merged.layer_values:
         values = _BLOCK_MEANS.get_or_compute((merged.layer_values,), lambda: plot.block_values(merged.layer_values))
         return plot.image_to_tensor(plot.projection_plot(values, title, subtitle))
-    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(merged.coefficients))
-    return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle))
+    contribution = merged.contribution  # LoRA.rar: H(0) marks and one line on what H contributed
+    means = _BLOCK_MEANS.get_or_compute((merged.coefficients,), lambda: plot.block_means(
+        merged.coefficients, plot.h0_references(contribution)))
+    caption = contribution.short_summary() if contribution is not None else ""
+    return plot.image_to_tensor(plot.coefficient_plot(means, title, subtitle, caption=caption))

@@ -1,4 +1,4 @@
-"""The testbed: a small world with ground truth, where merge quality can be measured (DESIGN §11).
+"""The testbed: a small world with ground truth, where merge quality can be measured (docs/testbed.md).
 
 - `world`: procedural subjects and styles and a renderer `render(subject, style, pose)` that
   draws *any* subject in *any* style (32×32 RGB), all deterministic from a world seed;

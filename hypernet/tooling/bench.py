@@ -8,6 +8,7 @@ ratio, the largest coefficient difference between them and peak memory.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -18,7 +19,8 @@ from safetensors.torch import save_file
 
 from ..lora import read_lora
 from ..merged import assemble
-from ..methods.lorarar import accelerator_group_coefficients, compute_coefficients, shape_groups
+from ..methods.lorarar import accelerator_group_coefficients, coefficient_pass, compute_coefficients, shape_groups
+from ..methods.lorarar_diagnostics import measure_contribution
 from ..model import HypernetConfig, HyperNetwork, load_hypernet
 from ..writer import save_merged
 from . import synthetic
@@ -48,7 +50,7 @@ def coefficient_flops(content, style, hypernet, names) -> float:
     hidden, total = hypernet.config.hidden, 0
     for name in names:
         c, s = content.layers[name], style.layers[name]
-        out_width, in_width, rank = c.up.shape[0], c.down.reshape(c.rank, -1).shape[1], c.rank + s.rank
+        out_width, in_width, rank = c.shape[0], math.prod(c.shape[1:]), c.rank + s.rank
         total += 2 * hidden * out_width * rank + 2 * hidden * rank * in_width + 4 * hidden * in_width
     return float(total)
 
@@ -74,6 +76,13 @@ def stacked_pass(content, style, hypernet, names, batch: int | None = None) -> N
                 chunk = group[start:start + step]
                 accelerator_group_coefficients(hypernet, [content.layers[n] for n in chunk],
                                                [style.layers[n] for n in chunk], torch.device("cpu"))
+
+
+def measured_pass(content, style, hypernet):
+    """The coefficient pass as a merge runs it: with the measures of its diagnostics (issue 17)
+    and their reduction to the per-width figures."""
+    passed = coefficient_pass(content, style, hypernet)
+    return measure_contribution(hypernet, passed.coefficients, passed.measures, passed.widths)
 
 
 def dense_coefficients(content, style, hypernet, names):
@@ -134,7 +143,7 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
         flops = coefficient_flops(content, style, hypernet, coefficients)
         a, b = torch.randn(_RATE_SIZE, _RATE_SIZE), torch.randn(_RATE_SIZE, _RATE_SIZE)
         matmul_rate(a, b)
-        times, shares, rates, stacked = [], [], [], []
+        times, shares, rates, stacked, measured = [], [], [], [], []
         for _ in range(repeat):
             before = matmul_rate(a, b)
             start = time.perf_counter()
@@ -145,7 +154,12 @@ def run_benchmark(rank: int = 64, dtype: str = "fp16", hypernet_path: str | None
             start = time.perf_counter()
             stacked_pass(content, style, hypernet, list(coefficients))
             stacked.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            measured_pass(content, style, hypernet)
+            measured.append(time.perf_counter() - start)
         del a, b
+        results["with_diagnostics_s"] = statistics.median(measured)
+        results["diagnostics_overhead"] = results["with_diagnostics_s"] / statistics.median(times) - 1
         results["stacked_s"] = statistics.median(stacked)
         results["stacked_over_factored"] = results["stacked_s"] / statistics.median(times)
         results["factored_s"] = statistics.median(times)
@@ -192,6 +206,8 @@ def format_results(r: dict[str, float]) -> str:
              "products timed around each repeat)",
              f"  the same pass stacked per group (as on a GPU) {r['stacked_s']:.3f} s = "
              f"{r['stacked_over_factored']:.2f}x the buffered CPU pass",
+             f"  with the merge's diagnostics (what a merge runs) {r['with_diagnostics_s']:.3f} s = "
+             f"{r['diagnostics_overhead']:+.0%} (medians, side by side)",
              f"assemble merged LoRA       {r['assemble_s']:8.3f} s"]
     if "device" in r:
         lines += [f"hypernetwork merge on {r['device']:<5}{r['device_factored_s'] * 1000:8.1f} ms  (median; best "

@@ -1,5 +1,5 @@
-"""Mutation fuzzing of the file readers: LoRAs of every naming family and adapter kind, and
-hypernetwork checkpoints. Each case mutates one real-shaped seed file (bytes, header JSON or
+"""Mutation fuzzing of the file readers: LoRAs of every key layout, model family and adapter kind,
+and hypernetwork checkpoints. Each case mutates one real-shaped seed file (bytes, header JSON or
 tensors) and reads it; the only acceptable outcomes are success or a LoraRarError. Anything else
 is a bug, reported with the case that produced it.
 
@@ -70,6 +70,78 @@ def _lycoris_seed(rank: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
+# The other families' key layouts, at a small width (the families are told by names and
+# proportions): each trainer's form once, the slices of fused weights among them.
+FAMILY_WIDTH = 16
+
+
+def _factors(rng: torch.Generator, modules: dict[str, tuple[int, int]], up: str, down: str,
+             alpha: bool = False) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, (rows, cols) in modules.items():
+        out[key + up] = torch.randn(rows, 2, generator=rng) * 0.05
+        out[key + down] = torch.randn(2, cols, generator=rng) * 0.05
+        if alpha:
+            out[key + ".alpha"] = torch.tensor(2.0)
+    return out
+
+
+def _family_seeds() -> list[tuple[str, dict[str, torch.Tensor]]]:
+    w, g = FAMILY_WIDTH, torch.Generator().manual_seed(2)
+    kohya, peft = (".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")
+    return [
+        ("flux_kohya_fused", _factors(g, {"lora_unet_double_blocks_0_img_attn_qkv": (3 * w, w),
+                                          "lora_unet_single_blocks_0_linear1": (7 * w, w),
+                                          "lora_unet_single_blocks_0_linear2": (w, 5 * w)}, *kohya, alpha=True)),
+        ("flux_diffusers_slices", _factors(g, {"transformer.transformer_blocks.0.attn.to_q": (w, w),
+                                               "transformer.transformer_blocks.0.attn.to_v": (w, w),
+                                               "transformer.transformer_blocks.0.attn.add_k_proj": (w, w),
+                                               "transformer.single_transformer_blocks.0.proj_mlp": (4 * w, w),
+                                               "transformer.single_transformer_blocks.0.attn.to_q": (w, w),
+                                               "transformer.norm_out.linear": (2 * w, w)}, *peft)),
+        ("flux_xlabs", _factors(g, {"double_blocks.0.processor.qkv_lora1": (3 * w, w),
+                                    "single_blocks.0.processor.qkv_lora": (3 * w, w),
+                                    "single_blocks.0.processor.proj_lora": (w, 5 * w)}, ".up.weight", ".down.weight")),
+        ("sd3_diffusers", _factors(g, {"transformer.transformer_blocks.0.attn.to_q": (w, w),
+                                       "transformer.transformer_blocks.0.attn.add_q_proj": (w, w),
+                                       "transformer.transformer_blocks.0.norm1_context.linear": (6 * w, w),
+                                       "transformer.transformer_blocks.0.ff_context.net.0.proj": (4 * w, w)}, *peft)),
+        ("qwen_diffsynth", _factors(g, {"transformer_blocks.30.attn.to_q": (w, w),
+                                        "transformer_blocks.30.attn.to_add_out": (w, w),
+                                        "transformer_blocks.30.img_mlp.net.0.proj": (4 * w, w)}, *peft)),
+        ("zimage_aitoolkit", _factors(g, {"diffusion_model.layers.0.attention.to_q": (w, w),
+                                          "diffusion_model.layers.0.attention.to_k": (w, w),
+                                          "diffusion_model.layers.0.attention.to_out.0": (w, w)}, *peft)),
+        ("wan_musubi", _factors(g, {"lora_unet_blocks_0_self_attn_q": (w, w), "lora_unet_blocks_0_cross_attn_o": (w, w),
+                                    "lora_unet_blocks_0_ffn_0": (3 * w, w)}, *kohya, alpha=True)),
+        ("sdxl_save_attn_procs", _factors(g, {
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora": (640, 640),
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora": (640, 2048)},
+            ".up.weight", ".down.weight")),
+    ]
+
+
+def _cloneofsimo_seed() -> dict[str, torch.Tensor]:
+    """A cloneofsimo `lora` file: SD1.5's 144 attention/GEGLU modules and CLIP-L's 48 by position,
+    rank 1 (it must be complete: the format is read only where every position fits)."""
+    from ..families import cloneofsimo, get
+
+    spec = get("sd15")
+    g = torch.Generator().manual_seed(3)
+    table, vocabulary = spec.table(), spec.vocabularies["diffusers"]
+    out = {}
+    for index, path in enumerate(cloneofsimo._unet_modules(spec.unet, geglu_first=True)):
+        mapping = next(m for m in vocabulary.lookup(path) if m.regex.match(path))
+        rows, cols = table[mapping.target.format(**mapping.regex.match(path).groupdict())][:2]
+        out[f"unet:{index}:up"] = (torch.randn(rows, 1, generator=g) * 0.05).half()
+        out[f"unet:{index}:down"] = (torch.randn(1, cols, generator=g) * 0.05).half()
+    for index in range(48):
+        out[f"text_encoder:{index}:up"] = (torch.randn(768, 1, generator=g) * 0.05).half()
+        out[f"text_encoder:{index}:down"] = (torch.randn(1, 768, generator=g) * 0.05).half()
+    out["<s1>"] = torch.zeros(768)  # a textual-inversion embedding beside the layers
+    return out
+
+
 @dataclass
 class Seed:
     name: str
@@ -80,11 +152,11 @@ class Seed:
 
 
 def seeds() -> list[Seed]:
-    """One small real-shaped file per naming family and adapter kind, and both hypernet formats."""
+    """One small real-shaped file per key layout and adapter kind, and both hypernet formats."""
     result = []
     factors = synthetic.random_factors(SEED_LAYERS, 2, seed=0)
-    for family in synthetic.NAMING_FAMILIES:
-        result.append(Seed(family, synthetic.to_state_dict(factors, family, alpha=1.0 if family.startswith("kohya") else None)))
+    for layout in synthetic.KEY_LAYOUTS:
+        result.append(Seed(layout, synthetic.to_state_dict(factors, layout, alpha=1.0 if layout.startswith("kohya") else None)))
     kohya = synthetic.to_state_dict(factors, "kohya", alpha=2.0)
     result.append(Seed("kohya_int64_alpha", {k: (torch.tensor(2) if k.endswith(".alpha") else v) for k, v in kohya.items()}))
     settings = {c: synthetic.peft_lora_config(r=2, lora_alpha=4, rank_pattern={"attn2.to_k": 2},
@@ -97,6 +169,8 @@ def seeds() -> list[Seed]:
     peft_sd, _ = synthetic.peft_adapter(UNET_SEED_LAYERS, config, seed=0)
     result.append(Seed("peft_save_pretrained", peft_sd, kind="peft", sidecar=config))
     result.append(Seed("lycoris", _lycoris_seed()))
+    result.extend(Seed(name, tensors) for name, tensors in _family_seeds())
+    result.append(Seed("cloneofsimo", _cloneofsimo_seed(), {"unet:0:rank": "1", "text_encoder:0:rank": "1"}))
     from ..model import HypernetConfig, HyperNetwork, official_state_dict
 
     model = HyperNetwork(HypernetConfig(hidden=8))
@@ -328,7 +402,7 @@ def make_case(rng: random.Random, seed: Seed) -> Case:
 def read_case(case: Case, folder: Path, kind: str) -> str:
     """Read the case as inspect / merge would; returns "ok" (LoraRarError propagates)."""
     from ..inspection import describe_lora
-    from ..lora import check_finite, guess_family, read_lora
+    from ..lora import check_finite, read_lora
     from ..model import load_hypernet
 
     if kind in ("hypernet", "pth"):
@@ -345,7 +419,7 @@ def read_case(case: Case, folder: Path, kind: str) -> str:
     lora = read_lora(path, check_values=False)
     describe_lora(path)  # inspect: reads it once more, reports NaN/Inf instead of refusing
     check_finite(lora)
-    guess_family(lora)
+    lora.family_name  # noqa: B018 - the family's name is looked up as inspect does
     for layer in lora.layers.values():
         _ = (layer.shape, layer.rank, layer.scale, layer.dtype)
         size = 1

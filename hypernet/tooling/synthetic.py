@@ -1,4 +1,4 @@
-"""Synthetic LoRAs at real SDXL shapes, in every naming family — for tests and the benchmark
+"""Synthetic LoRAs at real SDXL shapes, in every key layout — for tests and the benchmark
 (real LoRAs cannot be downloaded here). Values are random but sized like trained LoRAs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 
 from .. import naming
 
-NAMING_FAMILIES = ("kohya", "kohya_diffusers", "diffusers_old", "diffusers_processor",
+KEY_LAYOUTS = ("kohya", "kohya_diffusers", "diffusers_old", "diffusers_processor",
                    "peft", "peft_default", "comfyui")
 
 # CLIP-L (te1) and CLIP-G (te2): hidden width and number of layers
@@ -44,39 +44,39 @@ def random_factors(shapes: dict[str, tuple[int, int]], rank: int | dict[str, int
     return factors
 
 
-def _module_key(name: str, family: str) -> tuple[str, str, str]:
-    """(module prefix, up suffix, down suffix) for a canonical layer name in `family`."""
+def _module_key(name: str, layout: str) -> tuple[str, str, str]:
+    """(module prefix, up suffix, down suffix) for a canonical layer name in the key `layout`."""
     if naming.is_text_encoder(name):
         encoder, path = name.split(".", 1)
-        if family.startswith("kohya") or family == "comfyui":
+        if layout.startswith("kohya") or layout == "comfyui":
             return f"lora_{encoder}_{naming.flatten(path)}", ".lora_up.weight", ".lora_down.weight"
         hf = "text_encoder" if encoder == "te1" else "text_encoder_2"
         return f"{hf}.{path}", ".lora_B.weight", ".lora_A.weight"
-    if family == "kohya":
+    if layout == "kohya":
         return f"lora_unet_{naming.flatten(name)}", ".lora_up.weight", ".lora_down.weight"
-    if family == "comfyui":
+    if layout == "comfyui":
         return f"diffusion_model.{name}", ".lora_up.weight", ".lora_down.weight"
     path = naming.ldm_to_diffusers(name)
-    if family == "kohya_diffusers":
+    if layout == "kohya_diffusers":
         return f"lora_unet_{naming.flatten(path)}", ".lora_up.weight", ".lora_down.weight"
-    if family == "diffusers_old":  # what the official LoRA.rar training wrote
+    if layout == "diffusers_old":  # what the official LoRA.rar training wrote
         return f"unet.unet.{path}", ".lora.up.weight", ".lora.down.weight"
-    if family == "diffusers_processor":
+    if layout == "diffusers_processor":
         attn, proj = path.rsplit(".", 1) if not path.endswith("to_out.0") else (path[:-9], "to_out")
         return f"unet.{attn}.processor.{proj}", "_lora.up.weight", "_lora.down.weight"
-    if family in ("peft", "peft_default"):
-        default = ".default" if family == "peft_default" else ""
+    if layout in ("peft", "peft_default"):
+        default = ".default" if layout == "peft_default" else ""
         return f"unet.{path}", f".lora_B{default}.weight", f".lora_A{default}.weight"
-    raise ValueError(f"unknown naming family {family!r}; known: {NAMING_FAMILIES}")
+    raise ValueError(f"unknown key layout {layout!r}; known: {KEY_LAYOUTS}")
 
 
-def to_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: str = "kohya",
+def to_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: str = "kohya",
                   alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """Write factors as a LoRA state dict in `family` naming; `alpha` adds `.alpha` keys
+    """Write factors as a LoRA state dict in the key `layout`; `alpha` adds `.alpha` keys
     (kohya-style families only; the diffusers families have none, i.e. scale 1)."""
     sd = {}
     for name, (up, down) in factors.items():
-        module, up_suffix, down_suffix = _module_key(name, family)
+        module, up_suffix, down_suffix = _module_key(name, layout)
         sd[module + up_suffix] = up.contiguous()
         sd[module + down_suffix] = down.contiguous()
         if alpha is not None and up_suffix == ".lora_up.weight":
@@ -84,9 +84,9 @@ def to_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family:
     return sd
 
 
-def sdxl_lora(rank: int = 64, seed: int = 0, family: str = "kohya", alpha: float | None = None,
+def sdxl_lora(rank: int = 64, seed: int = 0, layout: str = "kohya", alpha: float | None = None,
               dtype: torch.dtype = torch.float32, te_layers: int = 2) -> dict[str, torch.Tensor]:
-    return to_state_dict(random_factors(sdxl_layer_shapes(te_layers), rank, seed, dtype), family, alpha)
+    return to_state_dict(random_factors(sdxl_layer_shapes(te_layers), rank, seed, dtype), layout, alpha)
 
 
 # ---------------------------------------------------------------------------------------------

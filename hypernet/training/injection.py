@@ -8,7 +8,7 @@ diffusers naming (`down_blocks.1.attentions.0…`). Its `mode` selects what the 
 - "content" / "style": the base model plus that one LoRA (times its strength);
 - "merged": both, with hypernetwork-target layers (`to_q`, `to_out.0` of attn1/attn2 by
   default) scaled per input column by the coefficients in `.coefficients` — from free
-  ZipLoRA vectors or from a hypernetwork — and every other shared layer summed (DESIGN §10);
+  ZipLoRA vectors or from a hypernetwork — and every other shared layer summed (strengths after the method, docs/methods.md);
 - "off": the base model.
 
 The LoRA path is x·diag(m)·Aᵀ·Bᵀ·scale: m is folded into the small (r × in) down matrix, so

@@ -1,4 +1,4 @@
-"""ZipLoRA's objective (DESIGN §4), the loss both ZipLoRA and LoRA.rar's trainer minimise.
+"""ZipLoRA's objective (docs/training.md), the loss both ZipLoRA and LoRA.rar's trainer minimise.
 
 For one subject input (latent + prompt conditioning) and one style input, noised with the
 *same* noise and timestep:

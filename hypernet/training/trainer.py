@@ -1,4 +1,4 @@
-"""Train a LoRA.rar hypernetwork on subject × style LoRA pairs (DESIGN §4).
+"""Train a LoRA.rar hypernetwork on subject × style LoRA pairs (docs/training.md).
 
 Each step draws random training pairs (one subject image, one style image, a shared timestep
 and noise), predicts the merge coefficients with H from the two LoRAs' factors, and minimises
@@ -6,8 +6,11 @@ ZipLoRA's objective through the frozen UNet: AdamW (lr 0.01, weight decay 1e-4),
 clipping at 1.0, mixed precision on GPU, optional gradient checkpointing. Validation runs the
 same objective on held-out pairs (unseen subjects × unseen styles) for H and for the plain sum.
 
-Outputs in the run folder: `train_log.jsonl` (every loss term of every step, validation
-records), `checkpoints/step_NNNNNN/` (resumable exactly), `loss.png`, and the final
+Every step also records how much H's output depends on its input — per width |W1·x| / |b1| and
+the spread of the coefficients over the columns — and warns when that collapses (docs/methods.md, "What the hypernetwork contributes").
+
+Outputs in the run folder: `train_log.jsonl` (every loss term of every step, the input dependence,
+validation records), `checkpoints/step_NNNNNN/` (resumable exactly), `loss.png`, and the final
 hypernetwork (our safetensors format; metadata records base, widths, targets, data summary,
 steps and the final validation figures).
 """
@@ -33,7 +36,7 @@ from .ddp import World
 from .injection import Coefficients, LoraInjection, attention_widths, checkpointed_blocks, linear_layer_shapes
 from .manifest import Entry, Manifest
 from .objective import LAMBDA, Sample, draw_noise, ones_coefficients, ziplora_objective
-from .plot import plot_curves, smooth
+from .plot import plot_panels, smooth
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,34 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+# Collapse: H's output no longer depends on its input — its coefficients barely vary over the
+# columns, or the input's term W1·x is negligible next to the bias b1 (docs/methods.md, "What the hypernetwork contributes") — at every width.
+COLLAPSE_SPREAD = 0.01
+COLLAPSE_INPUT_TO_BIAS = 0.01
+# per width, summed over the columns of every coefficient layer of a step's pairs:
+# columns, Σ|W1·x_j|, Σm_c, Σm_c², Σm_s, Σm_s²
+_STAT_FIELDS = 6
+
+
 class CoefficientModel(nn.Module):
     """H applied to every coefficient layer of an attached pair. This is the module DDP wraps:
-    DDP's gradient sync hooks into its forward."""
+    DDP's gradient sync hooks into its forward. Each forward also adds, per width, what the
+    trainer watches for collapse (`stats()`; detached, kept on H's device until read)."""
 
     def __init__(self, hypernet: HyperNetwork):
         super().__init__()
         self.hypernet = hypernet
+        self._stats: dict[int, torch.Tensor] = {}
+
+    def reset_stats(self) -> None:
+        self._stats = {}
+
+    def stats(self) -> torch.Tensor:
+        """(widths, 6) float64 on the CPU: per width of H columns, Σ|W1·x_j|, Σm_c, Σm_c², Σm_s, Σm_s²."""
+        out = torch.zeros(len(self.hypernet.widths), _STAT_FIELDS, dtype=torch.float64)
+        for index, row in self._stats.items():
+            out[index] = row.double().cpu()
+        return out
 
     def forward(self, injection: LoraInjection) -> Coefficients:
         out = {}
@@ -87,12 +111,43 @@ class CoefficientModel(nn.Module):
             adapter = injection.adapters[name]
             c, s = adapter.content, adapter.style
             if c.up is not None and s.up is not None:
-                out[name] = self.hypernet.coefficients_factored(c.up, c.down, s.up, s.down)
+                m_c, m_s, norms = self.hypernet.coefficients_factored(c.up, c.down, s.up, s.down, input_norms=True)
+                width = c.up.shape[-2]
             else:  # LoHa/LoKr/DoRA: no factored form, feed dense columns
                 dense_c = c.dense if c.dense is not None else c.up @ c.down
                 dense_s = s.dense if s.dense is not None else s.up @ s.down
-                out[name] = self.hypernet.coefficients_dense(dense_c, dense_s)
+                m_c, m_s, norms = self.hypernet.coefficients_dense(dense_c, dense_s, input_norms=True)
+                width = dense_c.shape[0]
+            out[name] = (m_c, m_s)
+            with torch.no_grad():  # on H's device: no wait for it per layer
+                m_c, m_s = m_c.detach().float(), m_s.detach().float()
+                row = torch.stack([torch.ones_like(m_c).sum(), norms.float().sum(), m_c.sum(), (m_c * m_c).sum(),
+                                   m_s.sum(), (m_s * m_s).sum()])
+                index = self.hypernet.widths.index(width)
+                self._stats[index] = self._stats[index] + row if index in self._stats else row
         return out
+
+
+def input_dependence(hypernet: HyperNetwork, stats: torch.Tensor) -> dict:
+    """Per width seen: |W1·x|/|b1| (mean over columns) and the coefficients' spread over columns
+    (standard deviation of m_c and m_s), from `CoefficientModel.stats()`."""
+    out = {"input_to_bias": {}, "spread": {}}
+    for width, row in zip(hypernet.widths, stats.tolist()):
+        columns = row[0]
+        if not columns:
+            continue
+        bias = float(hypernet.input_layer(width).bias.detach().norm())
+        variance = [max(row[k + 1] / columns - (row[k] / columns) ** 2, 0.0) for k in (2, 4)]
+        out["input_to_bias"][str(width)] = row[1] / columns / bias if bias > 0 else float("inf")
+        out["spread"][str(width)] = [v ** 0.5 for v in variance]
+    return out
+
+
+def collapsed(dependence: dict) -> bool:
+    """True when, at every width seen, H's output hardly depends on its input."""
+    widths = dependence["spread"]
+    return bool(widths) and all(max(dependence["spread"][w]) < COLLAPSE_SPREAD
+                                or dependence["input_to_bias"][w] < COLLAPSE_INPUT_TO_BIAS for w in widths)
 
 
 def build_hypernet(widths: tuple[int, ...], settings: TrainSettings, family: str,
@@ -157,6 +212,7 @@ class Trainer:
         self.examples: dict[tuple[str, str], list[Example]] = {}
         self.log_path = self.out_dir / "train_log.jsonl"
         self._sum_validation: list[float] | None = None
+        self._collapse_warned: int | None = None  # step of the last collapse warning
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -226,6 +282,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(TERMS), dtype=torch.float64)
         model = self.coefficient_model
+        coefficient_model = self._unwrapped()
+        coefficient_model.reset_stats()
         for index, (subject, style, sample, t, noise) in enumerate(local):
             last = index == len(local) - 1
             sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
@@ -235,6 +293,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums += torch.tensor([terms.as_dict()[k] for k in TERMS], dtype=torch.float64)
         world.all_reduce_sum(sums)  # before any rank may raise below, so all ranks decide alike
+        stats = world.all_reduce_sum(coefficient_model.stats())
         if self.scaler is None and not torch.isfinite(sums).all():
             # Without AMP's scaler (which skips such steps) a NaN objective would train H into NaN
             # weights and save them as a "trained" hypernetwork.
@@ -253,15 +312,38 @@ class Trainer:
         self.step += 1
         record = {"step": self.step, "kind": "train", **{k: float(v) / s.pairs_per_step for k, v in zip(TERMS, sums)},
                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                  "pairs": [[d[0].name, d[1].name] for d in draws]}
+                  "pairs": [[d[0].name, d[1].name] for d in draws],
+                  **input_dependence(self.hypernet, stats)}
+        self._watch_collapse(record)
         return record
+
+    def _unwrapped(self) -> CoefficientModel:
+        model = self.coefficient_model
+        return model.module if hasattr(model, "module") else model
+
+    def _watch_collapse(self, record: dict) -> None:
+        """Warn when H's output stops depending on its input: at the first such step, then again
+        every validation interval (or 100 steps) while it lasts."""
+        record["collapsed"] = collapsed(record)
+        if not record["collapsed"]:
+            self._collapse_warned = None
+            return
+        every = self.settings.validate_every or 100
+        if self._collapse_warned is None or self.step - self._collapse_warned >= every:
+            self._collapse_warned = self.step
+            log.warning(
+                "step %d: the hypernetwork's coefficients hardly depend on its input any more (%s): it is "
+                "collapsing to a fixed recipe. Its inputs may be too small next to its first layer's bias "
+                "(real LoRAs are), or weight decay and the learning rate push it there", self.step,
+                "; ".join(f"{w}-wide |W1·x|/|b1| {record['input_to_bias'][w]:.3g}, spread m_c "
+                          f"{record['spread'][w][0]:.3g} m_s {record['spread'][w][1]:.3g}" for w in record["spread"]))
 
     @torch.no_grad()
     def validate(self) -> dict | None:
         """Mean objective over validation pairs × draws, for H and for the plain sum (m = 1)."""
         if not self.val_pairs:
             return None
-        model = self.coefficient_model.module if hasattr(self.coefficient_model, "module") else self.coefficient_model
+        model = self._unwrapped()
         sums = torch.zeros(2, len(TERMS) + 1, dtype=torch.float64)
         count = torch.zeros(1, dtype=torch.float64)
         was_training = self.hypernet.training
@@ -381,8 +463,18 @@ class Trainer:
         if val:
             series["val: hypernet"] = [(r["step"], r["hypernet"]["total"]) for r in val]
             series["val: sum"] = [(r["step"], r["sum"]["total"]) for r in val]
+        watch = {}
+        for width in sorted({w for r in train for w in r.get("input_to_bias", {})}, key=int):
+            steps = [r for r in train if width in r.get("input_to_bias", {})]
+            watch[f"|W1x|/|b1|, {width}-wide"] = list(zip([r["step"] for r in steps],
+                                                         smooth([r["input_to_bias"][width] for r in steps])))
+            watch[f"spread, {width}-wide"] = list(zip([r["step"] for r in steps],
+                                                     smooth([max(r["spread"][width]) for r in steps])))
         path = self.out_dir / "loss.png"
-        image = plot_curves(series, title="LoRA.rar hypernetwork training: ZipLoRA objective")
+        image = plot_panels([
+            (series, "LoRA.rar hypernetwork training: ZipLoRA objective", False),
+            (watch, "input dependence: |W1·x|/|b1| and coefficient spread (smoothed; log scale; near 0 = collapse)",
+             True)])
         tmp = path.with_suffix(".tmp.png")
         image.save(tmp)
         tmp.replace(path)

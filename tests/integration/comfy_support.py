@@ -12,12 +12,14 @@ separate venv: see CONTRIBUTING.md, "Real-ComfyUI integration tests".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -70,6 +72,7 @@ class ComfyServer:
     commit: str = ""
     client_id: str = "lorarar-tests"
     _history_seen: set = field(default_factory=set)
+    _object_info: dict | None = None
 
     # -- HTTP helpers (stdlib only: the tests must not need extra packages) ---------------
     def get_json(self, route: str, timeout: float = 30):
@@ -88,6 +91,22 @@ class ComfyServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def with_new_widget_defaults(self, prompt: dict) -> dict:
+        """The prompt with every required widget a node has gained in this ComfyUI (e.g. core's
+        LoraModelLoader `bypass`, 2026) at its default, as the frontend fills a new widget when it
+        loads an older workflow. Inputs the prompt gives are kept."""
+        if self._object_info is None:
+            self._object_info = self.get_json("/object_info", timeout=120)
+        out = {}
+        for node_id, node in prompt.items():
+            info = self._object_info.get(node["class_type"], {})
+            inputs = dict(node["inputs"])
+            for name, spec in info.get("input", {}).get("required", {}).items():
+                if name not in inputs and len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                    inputs[name] = spec[1]["default"]
+            out[node_id] = {**node, "inputs": inputs}
+        return out
+
     def run_prompt_expecting_error(self, prompt: dict, timeout: float = 300) -> dict:
         """Run a prompt that must fail while executing; returns the execution_error message
         (node_id, node_type, exception_type, exception_message)."""
@@ -99,6 +118,7 @@ class ComfyServer:
     def run_prompt(self, prompt: dict, timeout: float = 300, expect_error: bool = False) -> dict:
         """POST /prompt, then poll /history until it finishes; returns the history entry.
         Fails with the server's validation answer or the execution error and the log tail."""
+        prompt = self.with_new_widget_defaults(prompt)
         status, answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if status != 200 or "prompt_id" not in answer:
             pytest.fail(f"ComfyUI refused the prompt (HTTP {status}): {json.dumps(answer)[:3000]}")
@@ -264,6 +284,20 @@ def dump(server, name: str) -> dict[str, torch.Tensor]:
     return load_file(server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors")
 
 
+def read_record(server, name) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """[(p, {layer name: weight})] per model call, p = 1 − timestep/999 (ComfyUI's percent)."""
+    from safetensors import safe_open
+
+    path = server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        calls = json.loads(f.metadata()["calls"])
+        out = [(1.0 - c["timestep"] / 999.0, {}) for c in calls]
+        for key in f.keys():
+            number, weight_key = key.split("/", 1)
+            out[int(number)][1][weight_key[len("diffusion_model."):-len(".weight")]] = f.get_tensor(key)
+    return out
+
+
 def model_key(layer: str) -> str:
     """Canonical layer name → key in the dump file written by LoraRarTestDumpWeights."""
     if layer.startswith("te1."):
@@ -287,3 +321,77 @@ def lora_shapes(base: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
             if key.startswith(prefix) and re.search(r"\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$", key):
                 shapes[te + key[len(prefix):-7]] = tuple(value.shape)
     return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping servers (conftest.py's fixtures, benchmarks/gpu_check.py)
+
+@contextlib.contextmanager
+def running_comfy(root: Path, front_end_root: Path | None = None, label: str = "", env: dict | None = None,
+                  device_args: tuple[str, ...] = ("--cpu",)):
+    """Start a ComfyUI server with its own base directory under `root` (and `env` added to its
+    environment); stop it on exit. Fails (not errors) with the log when it cannot start or our
+    pack did not load. `device_args`: `--cpu` for the tests; a GPU run passes none (dynamic VRAM
+    where ComfyUI enables it) or `--disable-dynamic-vram` (benchmarks/gpu_check.py)."""
+    comfy = require_comfyui()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    base = make_base_dir(root)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    cmd = [python, "main.py", *device_args, "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+           "--disable-auto-launch"]
+    if front_end_root is not None:
+        cmd += ["--front-end-root", str(front_end_root)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           # Offline: no hub look-ups from anything ComfyUI imports.
+           "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", **(env or {})}
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(cmd, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = ComfyServer(url, base, log_path, process, comfy, commit=git_commit(comfy))
+    problem = None
+    try:
+        wait_ready(url, process, log_path)
+        problem = pack_problem(server)
+    except RuntimeError as err:
+        problem = str(err)
+        if "ModuleNotFoundError" in problem:
+            problem += (f"\nHint: {python} lacks ComfyUI's requirements; run pytest with the "
+                        "ComfyUI venv's python or set COMFYUI_PYTHON to it.")
+    try:
+        if problem is None:
+            yield server
+    finally:
+        stop(process)
+        log_file.close()
+        # Keep the log where a CI artifact step can find it.
+        keep = os.environ.get("LORARAR_COMFY_LOG")
+        if keep:
+            shutil.copyfile(log_path, f"{keep}.{label}" if label else keep)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+
+
+def pack_problem(server: ComfyServer) -> str | None:
+    """Why the pack is not fully there, or None. ComfyUI keeps running when a custom node fails
+    to import, and the pack itself logs (and skips) a topic module that fails to import, so
+    both the log and /object_info are checked."""
+    failures = import_failures(server.log_text())
+    if failures:
+        return ("ComfyUI could not import the pack:\n" + "\n".join(failures)
+                + "\n--- log tail ---\n" + server.log_text()[-6000:])
+    missing = pack_node_ids_in_source() - set(server.get_json("/object_info", timeout=120))
+    if missing:
+        return (f"ComfyUI started but lacks these nodes of the pack: {sorted(missing)}"
+                "\n--- log tail ---\n" + server.log_text()[-6000:])
+    return None
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

@@ -20,9 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +28,8 @@ import pytest
 from tests.integration.comfy_support import (
     ComfyServer,
     comfyui_path,
-    free_port,
     git_commit,
-    import_failures,
-    make_base_dir,
-    pack_node_ids_in_source,
-    require_comfyui,
-    wait_ready,
+    running_comfy,
 )
 
 NEWEST_FRONTEND_ENV = "LORARAR_NEWEST_FRONTEND"
@@ -107,70 +99,20 @@ def discover_frontends() -> list[Frontend]:
 FRONTENDS = discover_frontends()
 
 
-@contextlib.contextmanager
-def running_comfy(root: Path, front_end_root: Path | None = None, label: str = ""):
-    """Start a ComfyUI server with its own base directory under `root`; stop it on exit.
-    Fails (not errors) with the log when it cannot start or our pack did not load."""
-    comfy = require_comfyui()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    base = make_base_dir(root)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
-    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--disable-auto-launch"]
-    if front_end_root is not None:
-        cmd += ["--front-end-root", str(front_end_root)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           # Offline: no hub look-ups from anything ComfyUI imports.
-           "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(cmd, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ComfyServer(url, base, log_path, process, comfy, commit=git_commit(comfy))
-    problem = None
-    try:
-        wait_ready(url, process, log_path)
-        problem = pack_problem(server)
-    except RuntimeError as err:
-        problem = str(err)
-        if "ModuleNotFoundError" in problem:
-            problem += (f"\nHint: {python} lacks ComfyUI's requirements; run pytest with the "
-                        "ComfyUI venv's python or set COMFYUI_PYTHON to it.")
-    try:
-        if problem is None:
-            yield server
-    finally:
-        stop(process)
-        log_file.close()
-        # Keep the log where a CI artifact step can find it.
-        keep = os.environ.get("LORARAR_COMFY_LOG")
-        if keep:
-            shutil.copyfile(log_path, f"{keep}.{label}" if label else keep)
-    if problem is not None:
-        pytest.fail(problem, pytrace=False)
-
-
-def pack_problem(server: ComfyServer) -> str | None:
-    """Why the pack is not fully there, or None. ComfyUI keeps running when a custom node fails
-    to import, and the pack itself logs (and skips) a topic module that fails to import, so
-    both the log and /object_info are checked."""
-    failures = import_failures(server.log_text())
-    if failures:
-        return ("ComfyUI could not import the pack:\n" + "\n".join(failures)
-                + "\n--- log tail ---\n" + server.log_text()[-6000:])
-    missing = pack_node_ids_in_source() - set(server.get_json("/object_info", timeout=120))
-    if missing:
-        return (f"ComfyUI started but lacks these nodes of the pack: {sorted(missing)}"
-                "\n--- log tail ---\n" + server.log_text()[-6000:])
-    return None
-
-
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory) -> ComfyServer:
     root = tmp_path_factory.mktemp("comfyui")
     override = os.environ.get("COMFYUI_FRONTEND_ROOT", "").strip()
     with running_comfy(root, Path(override) if override else None) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def per_cast_server(tmp_path_factory) -> ComfyServer:
+    """A server whose K-LoRA models switch by weight functions applied at every cast — the way
+    they switch under dynamic VRAM, which needs a GPU — forced on the CPU's classic patcher."""
+    root = tmp_path_factory.mktemp("comfyui-per-cast")
+    with running_comfy(root, label="per-cast", env={"LORARAR_K_LORA_SWITCH": "per-cast"}) as server:
         yield server
 
 
@@ -198,15 +140,6 @@ def frontend_server(comfy_server, tmp_path_factory):
             return extra[frontend.id]
 
         yield get
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def pytest_report_header(config):

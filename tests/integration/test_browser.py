@@ -50,6 +50,9 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 FOLDER_OF = {"ckpt_name": "checkpoints", "lora_name": "loras", "hypernet_name": "lorarar"}
 assert set(FOLDER_OF) == FILE_COMBOS
 BROKEN = "broken_unknown_node"  # control workflow: one node type nobody registers
+# The main template as it was saved when LoRA.rar Merge's MODEL input was still required (its
+# first slot); since it is optional, frontends put it after the required inputs.
+SAVED_BEFORE = REPO / "tests" / "data" / "workflow_saved_before_optional_model.json"
 UNKNOWN_TYPE = "LoraRarNoSuchNode"
 
 
@@ -95,6 +98,11 @@ def server(frontend, driver_ready, request):
 @pytest.fixture(scope="module")
 def object_info(server):
     return server.get_json("/object_info", timeout=120)
+
+
+def schema_inputs(object_info: dict, node_type: str) -> set[str]:
+    spec = object_info[node_type]["input"]
+    return set(spec.get("required", {})) | set(spec.get("optional", {}))
 
 
 def load(path: Path) -> dict:
@@ -159,7 +167,7 @@ def checked(server, frontend, object_info, tmp_path_factory):
     broken["nodes"][1]["type"] = UNKNOWN_TYPE
     broken_path = shots / f"{BROKEN}.json"
     broken_path.write_text(json.dumps(broken))
-    result = drive("check", server.url + "/", str(shots), *map(str, WORKFLOWS), str(broken_path))
+    result = drive("check", server.url + "/", str(shots), *map(str, WORKFLOWS), str(broken_path), str(SAVED_BEFORE))
     keep_screenshots(shots, f"{frontend.id}-bare")
     return result
 
@@ -186,6 +194,29 @@ def test_workflow_opens_with_every_node_known(checked, workflow):
     assert report["notices"]["missingNodeTypes"] == []
     assert report["unregisteredLoaded"] == []
     assert report["loadedNodes"] == report["expectedNodes"]
+
+
+def test_a_workflow_saved_before_the_model_input_became_optional_keeps_its_links(checked):
+    """Users' saved workflows wire MODEL into the merge node's first slot; loading one in today's
+    node (MODEL optional, listed after the required inputs) keeps every link, and the prompt the
+    frontend builds still feeds the checkpoint's MODEL to the merge."""
+    report = checked["reports"][SAVED_BEFORE.stem]
+    assert report["missingTypes"] == [] and report["badLinks"] == [], report["badLinks"]
+    assert report["loadedNodes"] == report["expectedNodes"] and "promptError" not in report
+    saved = load(SAVED_BEFORE)
+    checkpoint = str(next(n["id"] for n in saved["nodes"] if n["type"] == "CheckpointLoaderSimple"))
+    merge = next(n for n in report["prompt"].values() if n["class_type"] == "LoraRarMerge")
+    assert merge["inputs"]["model"] == [checkpoint, 0] and merge["inputs"]["clip"] == [checkpoint, 1]
+    assert merge["inputs"]["method"] == "lorarar" and merge["inputs"]["content_strength"] == 1
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_no_node_covers_another_once_loaded(checked, workflow):
+    """Every node as this frontend draws it after loading — grown to fit its widgets, title bar
+    included — shares no area with another: nothing a user must set is hidden under a node."""
+    report = checked["reports"][workflow.stem]
+    assert len(report["boxes"]) == report["loadedNodes"]
+    assert report["overlaps"] == [], report["overlaps"]
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -230,7 +261,7 @@ def test_user_with_the_files_sees_no_notice(equipped, workflow):
 
 def test_sdxl_checkpoint_is_offered_for_download(checked):
     """Load Checkpoint carries properties.models: both frontends offer SDXL base with its address."""
-    report = checked["reports"]["lorarar_sdxl_subject_style"]
+    report = checked["reports"]["LoRA.rar merge, subject and style (SDXL)"]
     offered = {m["name"]: m["url"] for m in report["notices"]["missingModels"]}
     assert offered.get("sd_xl_base_1.0.safetensors", "").startswith("https://huggingface.co/stabilityai/")
     assert any("Download" in line for line in report["toldOnScreen"]), report["toldOnScreen"]
@@ -242,7 +273,10 @@ def test_unknown_node_is_reported(checked):
     report = checked["reports"][BROKEN]
     assert report["missingTypes"] == [UNKNOWN_TYPE]
     assert report["notices"]["missingNodeTypes"] == [UNKNOWN_TYPE]
-    assert UNKNOWN_TYPE in report["toldOnScreen"], report["toldOnScreen"]
+    # 1.2x names the type in its dialog, 1.5x in the Issues panel; 1.4x's Errors panel says
+    # "Missing Node Packs (1)" and folds the name under "Unknown pack (1)"
+    told = report["toldOnScreen"]
+    assert UNKNOWN_TYPE in told or {"Missing Node Packs (1)", "Unknown pack (1)"} <= set(told), told
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -266,7 +300,11 @@ def test_frontend_prompt_equals_python_conversion(checked, equipped, object_info
     with and without the model files."""
     converted = ui_to_api(load(workflow), object_info)
     for result in (checked, equipped):
-        frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+        # (a frontend-only widget, e.g. Preview Any's text box in 1.27, may ride along in the
+        # prompt; the server ignores inputs its schema does not have, so they are left out here)
+        frontend = {k: {"class_type": v["class_type"],
+                        "inputs": {name: value for name, value in v["inputs"].items()
+                                   if name in schema_inputs(object_info, v["class_type"])}}
                     for k, v in result["reports"][workflow.stem]["prompt"].items()}
         assert frontend == converted
 
@@ -330,7 +368,7 @@ def test_screenshot_shows_the_graph(equipped, frontend, workflow):
         assert max(ImageStat.Stat(image.convert("L")).stddev) > 10
         if os.environ.get("LORARAR_UPDATE_THUMBNAILS") == "1" and frontend.role == "pinned":
             save_jpeg(image, workflow.with_suffix(".jpg"), width=1200, quality=85)
-            if workflow.stem == "lorarar_sdxl_subject_style":
+            if workflow.stem == "LoRA.rar merge, subject and style (SDXL)":
                 save_jpeg(image, REPO / "docs" / "workflow.jpg", width=960, quality=78)
 
 
@@ -375,3 +413,82 @@ def save_jpeg(image: Image.Image, path: Path, width: int, quality: int) -> None:
     tmp = path.with_suffix(".tmp.jpg")
     rgb.save(tmp, "JPEG", quality=quality, optimize=True)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run, as the user sees it: what the nodes say after pressing Run
+
+@pytest.fixture(scope="module")
+def run_files(server):
+    """Two LoRAs and a hypernetwork for the tiny test model, in this server's folders."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hypernet.model import HypernetConfig, HyperNetwork, save_hypernet
+    from hypernet.tooling.synthetic import random_factors, to_state_dict
+    from tests.integration.comfy_support import dump, lora_shapes
+
+    server.run_prompt({"1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": 7}},
+                       "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "name": "browser_base"}}})
+    shapes = {n: s for n, s in lora_shapes(dump(server, "browser_base")).items() if not n.startswith("te")}
+    loras = server.base_dir / "models" / "loras"
+    names = {"content": "browser_subject.safetensors", "style": "browser_style.safetensors",
+             "hypernet": "browser_hypernet.safetensors"}
+    save_file(to_state_dict(random_factors(shapes, 4, 1), "kohya", alpha=4.0), loras / names["content"])
+    save_file(to_state_dict(random_factors(shapes, 4, 2), "kohya", alpha=4.0), loras / names["style"])
+    torch.manual_seed(0)
+    save_hypernet(HyperNetwork(HypernetConfig(hidden=8, widths=(64, 128))), server.base_dir / "models" / "lorarar" / names["hypernet"])
+    return names
+
+
+def run_spec(names: dict, method: str, hypernet: str) -> dict:
+    return {"nodes": [
+        {"key": "tiny", "type": "LoraRarTestTinySDXL", "pos": [0, 0], "widgets": {"seed": 7}},
+        {"key": "content", "type": "LoraRarLoadLora", "pos": [0, 200], "widgets": {"lora_name": names["content"]}},
+        {"key": "style", "type": "LoraRarLoadLora", "pos": [0, 320], "widgets": {"lora_name": names["style"]}},
+        {"key": "hyper", "type": "LoraRarLoadHypernet", "pos": [0, 440], "widgets": {"hypernet_name": hypernet, "download": False}},
+        {"key": "merge", "type": "LoraRarMerge", "pos": [380, 0], "widgets": {"method": method}},
+        {"key": "save", "type": "LoraRarSaveMergedLora", "pos": [780, 0], "widgets": {"filename_prefix": f"browser/{method}"}},
+        {"key": "report", "type": "PreviewAny", "pos": [780, 200], "size": [400, 200]},
+        {"key": "saved", "type": "PreviewAny", "pos": [780, 440], "size": [400, 120], "title": "Saved LoRA"},
+    ], "links": [["tiny", "MODEL", "merge", "model"], ["content", "lora", "merge", "content_lora"],
+                 ["style", "lora", "merge", "style_lora"], ["hyper", "hypernetwork", "merge", "hypernetwork"],
+                 ["merge", "merged_lora", "save", "merged_lora"], ["merge", "report", "report", "source"],
+                 ["save", "saved", "saved", "source"]]}
+
+
+@pytest.mark.parametrize("case", ["saved", "k-lora", "missing hypernetwork"])
+def test_a_run_tells_the_user_on_the_nodes(server, frontend, run_files, tmp_path, case):
+    """Pressed Run in the real frontend: Save Merged LoRA shows where the file went (and that R
+    lists it); with k-lora it says why nothing was written and the run succeeds; an error names
+    its short type (LoRA.rar.HypernetError), never the pack's folder path, and its message."""
+    method = {"saved": "sum", "k-lora": "k-lora", "missing hypernetwork": "lorarar"}[case]
+    hypernet = "lorarar_sdxl_hypernet.pth" if case == "missing hypernetwork" else run_files["hypernet"]
+    if case == "missing hypernetwork" and (REPO / "weights" / hypernet).exists():
+        pytest.skip("the official checkpoint sits in the pack's weights/ here")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(run_spec(run_files, method, hypernet)))
+    result = drive("run", server.url + "/", str(tmp_path), str(spec))
+    keep_screenshots(tmp_path, f"{frontend.id}-run-{case.replace(' ', '-')}")
+    # what stays readable after the run: the Save node's `saved` output in a Preview Any; the
+    # node's own text box too where the frontend keeps it (1.2x-1.4x; 1.5x clears it at the end)
+    shown = result["texts"].get("Saved LoRA", "")
+    on_node = result["texts"].get("Save Merged LoRA (LoRA.rar)")
+    if case == "saved":
+        assert result["status"] == "success", result["errors"]
+        assert shown.startswith("Saved models/loras/browser/sum_") and "Press R" in shown, result["texts"]
+    elif case == "k-lora":
+        assert result["status"] == "success", result["errors"]
+        assert shown.startswith("Nothing written:") and "switches between the two LoRAs" in shown, result["texts"]
+    else:
+        assert result["status"] == "error" and result["errors"][0]["exception_type"] == "LoRA.rar.HypernetError"
+        screen = "\n".join(result["toldOnScreen"])
+        # never the pack's module path; the message itself, first (1.27's dialog shows the message
+        # alone, 1.4x "LoRA.rar.HypernetError: <message>"); 1.5x keeps it for its error panel
+        assert "ComfyUI-LoRA-rar.hypernet" not in screen, screen
+        held = result["frontendError"]
+        if "is not installed" not in screen:
+            assert held and held["type"] == "LoRA.rar.HypernetError", (screen, held)
+            assert "hypernetwork lorarar-sdxl" in held["message"] and "is not installed" in held["message"]
+    if on_node is not None and case != "missing hypernetwork":
+        assert on_node == shown

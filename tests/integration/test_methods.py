@@ -10,18 +10,15 @@ merged_lora output of a K-LoRA merge explains, by method name, why it is not one
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from PIL import Image, ImageStat
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypernet import merge as merge_lib
 from hypernet.lora import read_lora
 from hypernet.tooling.synthetic import random_factors, to_state_dict
-from tests.integration.comfy_support import dump, lora_shapes, model_key
+from tests.integration.comfy_support import dump, lora_shapes, model_key, read_record
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -40,18 +37,6 @@ BOUNDARY = 2e-3  # calls this close to a layer's switch point are not judged (in
 
 
 
-
-
-def read_record(server, name) -> list[tuple[float, dict[str, torch.Tensor]]]:
-    """[(p, {layer name: weight})] per model call, p = 1 − timestep/999 (ComfyUI's percent)."""
-    path = server.base_dir / "output" / "lorarar_testonly" / f"{name}.safetensors"
-    with safe_open(str(path), "pt") as f:
-        calls = json.loads(f.metadata()["calls"])
-        out = [(1.0 - c["timestep"] / 999.0, {}) for c in calls]
-        for key in f.keys():
-            number, weight_key = key.split("/", 1)
-            out[int(number)][1][weight_key[len("diffusion_model."):-len(".weight")]] = f.get_tensor(key)
-    return out
 
 
 def loaders(files: dict) -> dict:
@@ -118,9 +103,8 @@ def after_prompt(files: dict) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def run(comfy_server):
-    server = comfy_server
+def prepare(server):
+    """The tiny model's base weights and the two LoRA files written into the server's loras."""
     server.run_prompt({
         "1": {"class_type": "LoraRarTestTinySDXL", "inputs": {"seed": TINY_SEED}},
         "2": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["1", 0], "clip": ["1", 1], "name": "methods_base_before"}},
@@ -133,6 +117,20 @@ def run(comfy_server):
     files = {"content": "methods_content.safetensors", "style": "methods_style.safetensors"}
     save_file(to_state_dict(content, "kohya", alpha=2.0), loras / files["content"])
     save_file(to_state_dict(random_factors(shapes, 6, seed=42), "kohya", alpha=6.0), loras / files["style"])
+    return base, shapes, files
+
+
+def k_lora_expected(server, files):
+    loras = server.base_dir / "models" / "loras"
+    c, s = read_lora(loras / files["content"]), read_lora(loras / files["style"])
+    return merge_lib.merge(c, s, None, CONTENT_STRENGTH, STYLE_STRENGTH, "k-lora")
+
+
+@pytest.fixture(scope="module")
+def run(comfy_server):
+    server = comfy_server
+    base, shapes, files = prepare(server)
+    loras = server.base_dir / "models" / "loras"
     sampling = server.run_prompt(sampling_prompt(files), timeout=600)
     after = server.run_prompt(after_prompt(files), timeout=600)
     c, s = read_lora(loras / files["content"]), read_lora(loras / files["style"])
@@ -145,8 +143,21 @@ def run(comfy_server):
             "shapes": shapes, "files": files, "expected": expected}
 
 
-@pytest.mark.parametrize("name", [*RUNS, "in place"])
-def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(run, name):
+@pytest.fixture(scope="module")
+def per_cast_run(per_cast_server):
+    """The same K-LoRA sampling prompt on a server whose K-LoRA models switch per cast."""
+    server = per_cast_server
+    base, _, files = prepare(server)
+    server.run_prompt(sampling_prompt(files), timeout=600)
+    return {"server": server, "base": base, "expected": {"k-lora": k_lora_expected(server, files)}}
+
+
+@pytest.mark.parametrize("name", [*RUNS, "in place", *(f"per-cast {r}" for r in RUNS)])
+def test_klora_weights_at_every_call_are_base_plus_the_scheduled_side(request, name):
+    """Exchange backend (both samplers, and its GPU path on the CPU) and the per-cast backend
+    (weight functions, what dynamic VRAM uses) — each call's weights as the library schedules."""
+    run = request.getfixturevalue("per_cast_run" if name.startswith("per-cast") else "run")
+    name = name.removeprefix("per-cast ")
     merged, base = run["expected"]["k-lora"], run["base"]
     if name == "in place":  # the switcher's GPU path, on the CPU
         calls, settings = read_record(run["server"], "klora_in_place_0"), RUNS["euler"]
@@ -228,8 +239,12 @@ def test_klora_merged_lora_says_it_is_not_one_lora(run, consumer):
     else:
         prompt["5"] = {"class_type": consumer, "inputs": {"model": ["1", 0], "lora": ["4", 2], "strength_model": 1.0}}
         prompt["6"] = {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["5", 0], "name": "klora_core_loader"}}
-    error = run["server"].run_prompt_expecting_error(prompt)
-    assert error["node_type"] == consumer
-    message = error["exception_message"]
-    assert "k-lora merge switches between the two LoRAs during sampling" in message, message
+    if consumer == "LoraRarSaveMergedLora":  # ours says so on the node and lets the run go on
+        text = run["server"].run_prompt(prompt)["outputs"]["5"]["text"][0]
+        assert text.startswith("Nothing written:") and "switches between the two LoRAs during sampling" in text, text
+    else:  # core's loader reads the dict, which explains itself in the error
+        error = run["server"].run_prompt_expecting_error(prompt)
+        assert error["node_type"] == consumer
+        message = error["exception_message"]
+        assert "k-lora merge switches between the two LoRAs during sampling" in message, message
     assert not (run["server"].base_dir / "models" / "loras" / "klora").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -292,9 +293,11 @@ def test_example_workflows_are_served_as_templates(comfy_server):
     listing = comfy_server.get_json("/api/workflow_templates")
     assert sorted(listing.get(PACK_FOLDER, [])) == sorted(p.stem for p in example_workflows())
     for path in example_workflows():
-        served = comfy_server.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
+        # the names say what each template does (spaces, a comma): URL-quoted, as a browser sends them
+        served = comfy_server.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(path.name)}")
         assert served == json.loads(path.read_text())
-        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_FOLDER}/{path.stem}.jpg") as resp:
+        jpeg = urllib.parse.quote(f"{path.stem}.jpg")
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_FOLDER}/{jpeg}") as resp:
             assert resp.headers["Content-Type"] == "image/jpeg" and len(resp.read()) > 5000
 
 
@@ -308,8 +311,29 @@ def test_schema_snapshot_matches_live_server(object_info):
         SCHEMA_SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
         SCHEMA_SNAPSHOT.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n")
     stored = json.loads(SCHEMA_SNAPSHOT.read_text())
-    assert stored == live, ("tests/data/example_workflow_schemas.json is stale; rerun with "
-                            "LORARAR_UPDATE_SCHEMAS=1 and review the diff")
+    stale = ("tests/data/example_workflow_schemas.json is stale; rerun with LORARAR_UPDATE_SCHEMAS=1 "
+             "(against the oldest tested ComfyUI) and review the diff")
+    assert stored.keys() == live.keys(), stale
+    ours = {t for t in live if t.startswith("LoraRar")}
+    assert {t: stored[t] for t in ours} == {t: live[t] for t in ours}, stale
+    # Core nodes of a newer ComfyUI may offer more choices (new samplers); everything a saved
+    # workflow relies on — inputs by position, their kinds, the stored choices — must stay.
+    for node_type in live.keys() - ours:
+        assert core_schema_compatible(stored[node_type], live[node_type]), f"{node_type}: {stale}"
+
+
+def core_schema_compatible(stored: dict, live: dict) -> bool:
+    # outputs may be appended (2026's Preview Any passes its text on), never changed or removed
+    if live["outputs"][:len(stored["outputs"])] != stored["outputs"] or len(stored["inputs"]) != len(live["inputs"]):
+        return False
+    for (section, name, kind, options), (l_section, l_name, l_kind, l_options) in zip(stored["inputs"], live["inputs"]):
+        if (section, name, kind) != (l_section, l_name, l_kind):
+            return False
+        rest, l_rest = dict(options), dict(l_options)
+        choices, l_choices = rest.pop("options", []), l_rest.pop("options", [])
+        if rest != l_rest or not set(choices) <= set(l_choices):
+            return False
+    return True
 
 
 def tiny_version(prompt: dict, files: dict) -> dict:
@@ -420,7 +444,7 @@ def test_merge_report_output_names_left_out_layers(merge_run):
 # The merged LoRA is an ordinary LoRA for core ComfyUI
 
 
-def test_merged_lora_works_in_core_lora_nodes(merge_run):
+def test_merged_lora_works_in_core_lora_nodes(merge_run, object_info):
     """merged_lora → core "Load LoRA Model" and "Save LoRA Weights"; the file written by Save
     Merged LoRA → core "Load LoRA" (LoraLoader). Each must patch exactly the library's merge."""
     server, files = merge_run["server"], merge_run["files"]
@@ -431,7 +455,9 @@ def test_merged_lora_works_in_core_lora_nodes(merge_run):
     prompt.update({
         "7": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["5", 2], "strength_model": 1.0}},
         "8": {"class_type": "LoraRarTestDumpWeights", "inputs": {"model": ["7", 0], "name": "core_lora_model"}},
-        "9": {"class_type": "SaveLoRANode", "inputs": {"lora": ["5", 2], "prefix": "loras/lorarar_core_saved"}},
+        # core's "Save LoRA Weights": SaveLoRANode until 2026, SaveLoRA since
+        "9": {"class_type": "SaveLoRA" if "SaveLoRA" in object_info else "SaveLoRANode",
+              "inputs": {"lora": ["5", 2], "prefix": "loras/lorarar_core_saved"}},
         "10": {"class_type": "LoraLoader", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "lora_name": f"lorarar_test/{saved[-1].name}",
             "strength_model": 1.0, "strength_clip": 1.0}},
@@ -480,3 +506,101 @@ def test_changing_strengths_repatches_correctly(merge_run):
         assert checked == len(merge_run["shapes"])
     # The second run changed nothing but strengths: the model and file loaders came from cache.
     assert {"1", "2", "3", "4"} <= cached, cached
+
+
+# ---------------------------------------------------------------------------------------------
+# An artist's first hour (what a walk-through in the browser found)
+
+def test_save_shows_the_saved_path_and_how_to_see_it_in_the_loaders(merge_run):
+    server, files = merge_run["server"], merge_run["files"]
+    entry = server.run_prompt(merge_to_file_prompt(files, files["hypernet"], method="sum"))
+    text = entry["outputs"]["6"]["text"][0]  # the node's own output; also sent as text on the node
+    assert text.startswith("Saved models/loras/lorarar_test/errors_") and "Press R" in text, text
+    written = text.split("Saved models/loras/", 1)[1].split("\n", 1)[0]
+    assert (server.base_dir / "models" / "loras" / written).is_file()
+    # the server lists it at once (the frontend re-reads the lists on R)
+    listed = server.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"]
+    options = listed[0] if isinstance(listed[0], list) else listed[1]["options"]
+    assert written in options
+
+
+@pytest.mark.parametrize("case", ["k-lora", "both strengths 0"])
+def test_save_writes_nothing_says_why_and_the_rest_of_the_workflow_runs(merge_run, case):
+    """The main template with method k-lora (or both strengths 0) used to fail the whole run at
+    Save Merged LoRA; now Save says why on the node, and the plot, report and sampling still run."""
+    server, files = merge_run["server"], merge_run["files"]
+    prompt = merge_to_file_prompt(files, files["hypernet"], method="k-lora" if case == "k-lora" else "sum")
+    if case != "k-lora":
+        prompt["5"]["inputs"].update(content_strength=0.0, style_strength=0.0)
+    prompt["6"]["inputs"]["filename_prefix"] = f"lorarar_test/never_{case.replace(' ', '_')}"
+    prompt.update({
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}},
+        "8": {"class_type": "PreviewAny", "inputs": {"source": ["5", 4]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a sks dog"}},
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "positive": ["9", 0], "negative": ["9", 0], "latent_image": ["10", 0], "seed": 1,
+            "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "latents/never"}},
+    })
+    entry = server.run_prompt(prompt)
+    text = entry["outputs"]["6"]["text"][0]
+    expected = "switches between the two LoRAs during sampling" if case == "k-lora" else "both strengths are 0"
+    assert text.startswith("Nothing written:") and expected in text, text
+    assert not list((server.base_dir / "models" / "loras" / "lorarar_test").glob(f"never_{case.replace(' ', '_')}*"))
+    assert entry["outputs"]["7"]["images"] and "12" in entry["outputs"]
+    report = entry["outputs"]["8"]["text"][0]
+    if case != "k-lora":
+        assert "both strengths are 0" in report, report
+
+
+def test_merge_without_a_model_makes_a_merged_lora_file(merge_run):
+    server, files = merge_run["server"], merge_run["files"]
+    prompt = merge_to_file_prompt(files, files["hypernet"])
+    del prompt["1"], prompt["5"]["inputs"]["model"]
+    prompt["6"]["inputs"]["filename_prefix"] = "lorarar_test/no_model"
+    prompt["7"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 4]}}
+    entry = server.run_prompt(prompt)
+    saved = list((server.base_dir / "models" / "loras" / "lorarar_test").glob("no_model_*.safetensors"))
+    assert len(saved) == 1 and entry["outputs"]["7"]["text"][0].startswith("method lorarar")
+    again = read_lora(saved[0])
+    merged = merge_run["expected"]["lorarar"]
+    assert set(again.layers) == set(merged.layers)
+    # k-lora without a model: one clear error at the merge node
+    prompt = merge_to_file_prompt(files, files["hypernet"], method="k-lora")
+    del prompt["1"], prompt["5"]["inputs"]["model"]
+    error = server.run_prompt_expecting_error(prompt)
+    assert error["node_type"] == "LoraRarMerge"
+    assert error["exception_message"].startswith("model: k-lora switches between the two LoRAs while the model samples")
+    # the error's type reads short in ComfyUI (not the pack's folder path)
+    assert error["exception_type"] == "LoRA.rar.LoraRarError", error["exception_type"]
+
+
+def test_load_hypernetwork_lists_only_hypernetworks(merge_run, object_info):
+    """The pack's weights/ folder holds the testbed's model, judges and LoRAs beside its small
+    hypernetwork: only hypernetworks are offered (the official file name always, even when absent)."""
+    server = merge_run["server"]
+    junk = server.base_dir / "models" / "lorarar" / "not_a_hypernet.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(junk))
+    live = server.get_json("/object_info/LoraRarLoadHypernet")["LoraRarLoadHypernet"]
+    spec = live["input"]["required"]["hypernet_name"]
+    options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+    assert options[0] == "lorarar_sdxl_hypernet.pth" and merge_run["files"]["hypernet"] in options
+    assert "not_a_hypernet.safetensors" not in options
+    assert not any(name.endswith(("base.safetensors", "judges.safetensors", "sks4.safetensors", "sty2.safetensors"))
+                   for name in options), options
+    assert "testbed/hypernet.safetensors" in options or any(o.endswith("hypernet.safetensors") for o in options)
+
+
+def test_a_lora_with_nan_is_refused_at_its_loader_naming_the_file(merge_run):
+    server, files = merge_run["server"], merge_run["files"]
+    loras = server.base_dir / "models" / "loras"
+    state = load_file(str(loras / files["content"]))
+    key = next(k for k in state if k.endswith("lora_down.weight"))
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    save_file(state, str(loras / "poisoned.safetensors"))
+    error = server.run_prompt_expecting_error(
+        merge_to_file_prompt({**files, "content": "poisoned.safetensors"}, files["hypernet"], method="sum"))
+    assert error["node_type"] == "LoraRarLoadLora"
+    assert error["exception_message"].startswith("poisoned.safetensors: 1 layer(s) contain NaN or Inf values")

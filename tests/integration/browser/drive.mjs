@@ -136,6 +136,21 @@ async function loadAndValidate([workflow, fileName]) {
     badLinks: [],
     links: 0,
   };
+  // Nodes as drawn after loading (a frontend grows a node to fit its widgets): title bar
+  // included, any two that share area cover each other's widgets.
+  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const boxes = nodes.map((n) => ({ id: `${n.id}:${n.type}`, x0: n.pos[0], y0: n.pos[1] - title,
+    x1: n.pos[0] + n.size[0], y1: n.pos[1] + n.size[1] }));
+  report.boxes = boxes;
+  report.overlaps = [];
+  for (let i = 0; i < boxes.length; i += 1) {
+    for (let j = i + 1; j < boxes.length; j += 1) {
+      const a = boxes[i]; const b = boxes[j];
+      const w = Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0);
+      const h = Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0);
+      if (w > 0 && h > 0) report.overlaps.push(`${a.id} and ${b.id} (${Math.round(w)}x${Math.round(h)} px)`);
+    }
+  }
   const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
   for (const link of linkList) {
     if (!link) continue;
@@ -167,7 +182,8 @@ const screenLines = (page) => page.evaluate(() => document.body.innerText.split(
 // on screen since `before`, i.e. what the user is told.
 async function readNotices(page, report, before) {
   if (report.notices.errorOverlay) {
-    const details = page.getByRole('button', { name: 'View details' });
+    // "View details" (1.58), "See Errors" (1.4x)
+    const details = page.getByRole('button', { name: /^(View details|See Errors)$/ });
     if (await details.count()) await details.first().click({ timeout: 5000 }).catch(() => {});
     else await page.evaluate(() => document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s.get('rightSidePanel')?.openPanel('errors'));
     await page.waitForTimeout(1000);
@@ -212,6 +228,10 @@ async function fitAndShoot(page, file) {
       (canvas.clientHeight / scale - (y1 - y0)) / 2 - y0];
     app.canvas.deselectAll?.();
     app.canvas.show_info = false; // the FPS/node-count overlay
+    // Below a zoom level LiteGraph draws nodes as bare boxes (no titles, no widgets); a
+    // thumbnail of a large workflow is zoomed out that far, so draw it in full.
+    if ('min_font_size_for_lod' in app.canvas) app.canvas.min_font_size_for_lod = 0;
+    app.canvas.updateLowQualityThreshold?.();
     app.canvas.setDirty(true, true);
   });
   await page.waitForTimeout(800);
@@ -378,14 +398,81 @@ async function template(url, pack, names) {
   return { ...result, consoleErrors };
 }
 
+// Runs in the page after buildInPage: queue the graph as the Run button does, wait until the
+// server's queue is empty, then read what the user sees: the text each node shows (ComfyUI's
+// progress-text box, `$$node-text-preview`, which both frontend generations draw on the node).
+async function queueAndRead(timeoutMs) {
+  const { app } = window;
+  const before = await (await fetch('/history?max_items=1000')).json();
+  await app.queuePrompt(0, 1);
+  const start = Date.now();
+  let history = {};
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 300));
+    const queue = await (await fetch('/queue')).json();
+    history = await (await fetch('/history?max_items=1000')).json();
+    const fresh = Object.keys(history).filter((id) => !(id in before));
+    if (fresh.length && !queue.queue_running.length && !queue.queue_pending.length) {
+      history = history[fresh[0]];
+      break;
+    }
+    if (Date.now() - start > timeoutMs) throw new Error('the prompt did not finish in time');
+  }
+  await new Promise((r) => setTimeout(r, 1500)); // the last websocket messages reach the canvas
+  // the node's own text box, or, for core's Preview Any, its text widget (kept after the run)
+  const texts = {};
+  for (const node of app.graph._nodes ?? app.graph.nodes) {
+    const widget = node.widgets?.find((w) => w.name === '$$node-text-preview')
+      // Preview Any's text box: 'preview' in 1.2x-1.4x, 'preview_text' in 1.5x
+      ?? (node.type === 'PreviewAny' ? node.widgets?.find((w) => ['preview', 'preview_text'].includes(w.name)) : undefined);
+    if (widget && widget.value) texts[node.title] = String(widget.value);
+  }
+  return { texts, status: history.status?.status_str ?? null,
+    errors: (history.status?.messages ?? []).filter((m) => m[0] === 'execution_error').map((m) => m[1]) };
+}
+
+//   node drive.mjs run URL OUT_DIR SPEC.json          build the spec's graph, press Run, report the
+//        text every node shows and the run's status; OUT_DIR gets run.png (the screen after it)
+//        and, where the frontend reports an error, error.png after opening its details.
+async function run(url, outDir, specFile) {
+  const spec = JSON.parse(fs.readFileSync(specFile, 'utf8'));
+  const { page, close, consoleErrors } = await openApp(url);
+  try {
+    // built, then opened as a user opens a workflow file, so the run belongs to a workflow tab
+    // (1.5x files a job's errors under its workflow)
+    const workflow = await page.evaluate(buildInPage, spec);
+    await page.evaluate(async (wf) => {
+      await window.app.handleFile(new File([JSON.stringify(wf)], 'lorarar_run.json', { type: 'application/json' }));
+    }, workflow);
+    await page.waitForTimeout(1500);
+    const before = await screenLines(page);
+    const result = await page.evaluate(queueAndRead, 300000);
+    await page.screenshot({ path: path.join(outDir, 'run.png') });
+    result.notices = await page.evaluate(() => window.lorararNotices());
+    // the execution error as the frontend holds it (what its error panel and report render)
+    result.frontendError = await page.evaluate(() => {
+      const stores = document.querySelector('#vue-app')?.__vue_app__?.config?.globalProperties?.$pinia?._s;
+      const error = stores?.get('executionError')?.lastExecutionError;
+      return error ? { type: error.exception_type, message: error.exception_message } : null;
+    });
+    // what the user reads about an error: the dialog (1.2x) or the panel "View details" opens (1.5x)
+    result.toldOnScreen = await readNotices(page, { notices: { errorOverlay: true } }, before);
+    await page.screenshot({ path: path.join(outDir, 'error.png') });
+    return { ...result, consoleErrors };
+  } finally {
+    await close();
+  }
+}
+
 const [mode, url, ...rest] = process.argv.slice(2);
 let result;
 if (mode === 'check') result = await check(url, rest[0] === '-' ? null : rest[0], rest.slice(1));
 else if (mode === 'build') result = await build(url, rest[0], rest[1]);
 else if (mode === 'template') result = await template(url, rest[0], rest.slice(1));
 else if (mode === 'help') result = await help(url, rest[0], JSON.parse(fs.readFileSync(rest[1], 'utf8')));
+else if (mode === 'run') result = await run(url, rest[0], rest[1]);
 else {
-  console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | template URL PACK NAME... | help URL OUT_DIR NEEDLES.json | build URL SPEC OUT');
+  console.error('usage: drive.mjs check URL OUT_DIR|- FILE... | template URL PACK NAME... | help URL OUT_DIR NEEDLES.json | build URL SPEC OUT | run URL OUT_DIR SPEC');
   process.exit(2);
 }
 process.stdout.write(`${JSON.stringify(result)}\n`);

@@ -22,15 +22,22 @@ class LoraRarTestTinySDXL(io.ComfyNode):
             display_name="Tiny SDXL-topology model (LoRA.rar tests)",
             category="LoRA.rar/testing",
             inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                                 tooltip="Seed of the random weights.")],
+                                 tooltip="Seed of the random weights."),
+                    io.Int.Input("channels", default=32, min=16, max=320, step=16, optional=True,
+                                 tooltip="UNet model channels (widths 2x and 4x this); SDXL: 320."),
+                    io.Combo.Input("dtype", options=["fp32", "fp16", "bf16"], default="fp32", optional=True,
+                                   tooltip="Storage dtype of the UNet weights.")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
-    def execute(cls, seed) -> io.NodeOutput:
+    def execute(cls, seed, channels=32, dtype="fp32") -> io.NodeOutput:
+        import torch
+
         from .tiny_sdxl import build_clip, build_model, build_vae
 
-        return io.NodeOutput(build_model(seed), build_clip(seed), build_vae(seed))
+        kind = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        return io.NodeOutput(build_model(seed, channels, kind), build_clip(seed), build_vae(seed))
 
 
 class LoraRarTestDumpWeights(io.ComfyNode):
@@ -55,9 +62,14 @@ class LoraRarTestDumpWeights(io.ComfyNode):
         import folder_paths
 
         tensors = {}
+        dynamic = getattr(model, "is_dynamic", lambda: False)()
+        if dynamic and model.patches:
+            raise RuntimeError("a dynamic-VRAM model applies its patches only when a weight is cast; record "
+                               "its weights during sampling (LoraRarTestRecordWeights) instead")
         # The same route core's "Extract and Save Lora" takes: load with patches forced in,
-        # then read the live weights.
-        comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+        # then read the live weights (dynamic VRAM refuses forcing; an unpatched model's
+        # stored weights are its weights).
+        comfy.model_management.load_models_gpu([model], force_patch_weights=not dynamic)
         for key, value in model.model_state_dict(filter_prefix="diffusion_model.").items():
             tensors["unet." + key[len("diffusion_model."):]] = value.detach().float().cpu().clone()
         if clip is not None:

@@ -1,11 +1,21 @@
 """Test-only node: records the weights a model actually uses at every model call of a sampling run.
 
 It passes its MODEL through with one more ModelPatcher callback (ON_PREPARE_STATE), which runs
-after the callbacks already on the model (K-LoRA's switcher among them) — i.e. with the weights
-as the next model call will use them. For every call it keeps sigma, the model's timestep for
-that sigma, and copies of the chosen weights; at the end of each sampling run (ON_CLEANUP) it
-writes them to output/lorarar_testonly/<name>_<run>.safetensors (run 0, 1, … of this node's
-model), calls numbered in order.
+after the callbacks already on the model (K-LoRA's switcher among them). A weight a model call
+uses is what ComfyUI's `comfy.ops.cast_bias_weight` returns for that module — the stored weight
+with low-VRAM patches, dynamic-VRAM patches and weight functions applied (where a K-LoRA model
+switching per cast adds the side in use) — or, for a module that does not cast (a weight patched
+at load, no functions), the stored weight itself. So during sampling the recorder wraps
+`comfy.ops.cast_bias_weight` (every ComfyUI op calls it through that module's globals) and keeps,
+per call, the first weight each recorded module was cast to; modules that did not cast keep the
+stored weight seen before the call. This is what the model computed with, under every ComfyUI
+loading mode, dynamic VRAM on a GPU included.
+
+For every call it keeps sigma, the model's timestep for that sigma, and copies of the chosen
+weights (float32); at the end of each sampling run (ON_CLEANUP) it writes them to
+output/lorarar_testonly/<name>_<run>.safetensors (run 0, 1, … of this node's model), calls
+numbered in order. The callbacks take both of ComfyUI's call forms (`(patcher, timestep)` before
+May 2026, `(patcher, timestep, model_options)` after).
 """
 
 from __future__ import annotations
@@ -23,30 +33,51 @@ class Recorder:
         self.name, self.substring = name, substring
         self.calls: list[dict] = []
         self.runs = 0
+        self._modules: dict[int, str] = {}   # id(module) → weight key, for the cast wrapper
+        self._original_cast = None
 
-    def on_pre_run(self, patcher) -> None:
+    def on_pre_run(self, patcher, *_) -> None:
+        import comfy.ops
+        import comfy.utils
+
         self.calls = []
+        keys = set(patcher.patches) | set(getattr(patcher, "weight_wrapper_patches", {}))
+        self._modules = {id(comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0])): key
+                         for key in keys if self.substring in key and key.endswith(".weight")}
+        if self._original_cast is None:
+            original = self._original_cast = comfy.ops.cast_bias_weight
 
-    def on_prepare_state(self, patcher, timestep) -> None:
+            def recording_cast(s, *args, **kwargs):
+                result = original(s, *args, **kwargs)
+                key = self._modules.get(id(s))
+                if key is not None and self.calls and key not in self.calls[-1]["cast"]:
+                    self.calls[-1]["cast"][key] = result[0].detach().float().cpu().clone()
+                return result
+
+            comfy.ops.cast_bias_weight = recording_cast
+
+    def on_prepare_state(self, patcher, timestep, *_) -> None:
         import comfy.utils
 
         sigma = timestep.reshape(-1)[:1]
         model_sampling = patcher.get_model_object("model_sampling")
-        weights = {}
-        for key in patcher.patches:
-            if self.substring in key:
-                weights[key] = comfy.utils.get_attr(patcher.model, key).detach().float().cpu().clone()
+        stored = {key: comfy.utils.get_attr(patcher.model, key).detach().float().cpu().clone()
+                  for key in self._modules.values()}
         self.calls.append({"sigma": float(sigma[0]), "timestep": float(model_sampling.timestep(sigma)[0]),
-                           "weights": weights})
+                           "weights": stored, "cast": {}})
 
-    def on_cleanup(self, patcher) -> None:
+    def on_cleanup(self, patcher, *_) -> None:
+        import comfy.ops
         import comfy.utils
         import folder_paths
 
+        if self._original_cast is not None:
+            comfy.ops.cast_bias_weight = self._original_cast
+            self._original_cast = None
         tensors, index = {}, []
         for number, call in enumerate(self.calls):
-            index.append({"sigma": call["sigma"], "timestep": call["timestep"]})
-            for key, value in call["weights"].items():
+            index.append({"sigma": call["sigma"], "timestep": call["timestep"], "cast": sorted(call["cast"])})
+            for key, value in {**call["weights"], **call["cast"]}.items():
                 tensors[f"{number}/{key}"] = value
         folder = os.path.join(folder_paths.get_output_directory(), "lorarar_testonly")
         os.makedirs(folder, exist_ok=True)
@@ -79,9 +110,9 @@ class LoraRarTestRecordWeights(io.ComfyNode):
         from comfy.patcher_extension import CallbacksMP
 
         for callback in model.get_all_callbacks(CallbacksMP.ON_PREPARE_STATE):
-            switcher = getattr(callback, "__self__", None)
-            if hasattr(switcher, "update_in_place"):
-                switcher.update_in_place = bool(switch_in_place)
+            backend = getattr(getattr(callback, "__self__", None), "backend", None)
+            if hasattr(backend, "update_in_place"):
+                backend.update_in_place = bool(switch_in_place)
         recorder = Recorder(name, substring)
         out = model.clone()
         out.add_callback_with_key(CallbacksMP.ON_PRE_RUN, RECORD_KEY, recorder.on_pre_run)

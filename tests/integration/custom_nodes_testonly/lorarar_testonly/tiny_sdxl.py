@@ -92,15 +92,19 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Ten
     return out
 
 
-def build_model(seed: int) -> comfy.model_patcher.ModelPatcher:
-    config = comfy.supported_models.SDXL(dict(UNET_CONFIG))
-    # float32 so that patched weights can be compared with the library's ΔW to ~1e-6.
-    config.set_inference_dtype(torch.float32, None)
+def build_model(seed: int, channels: int = MODEL_CHANNELS, dtype: torch.dtype = torch.float32):
+    """The tiny UNet, float32 by default so that patched weights can be compared with the
+    library's ΔW to ~1e-6. `channels`/`dtype` serve the GPU check: under dynamic VRAM ComfyUI
+    loads modules of 16 KiB or less whole (no per-cast patches), so it uses wider layers, and
+    fp16 storage for the low-precision patch path. The patcher is the one ComfyUI's own loaders
+    use (`CoreModelPatcher`: the dynamic-VRAM one where that is on, 2026)."""
+    config = comfy.supported_models.SDXL(dict(UNET_CONFIG, model_channels=channels))
+    config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=comfy.model_management.unet_offload_device())
     model.load_model_weights(random_state_dict(model.diffusion_model, seed), "")
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
+    patcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return patcher(model, load_device=comfy.model_management.get_torch_device(),
+                   offload_device=comfy.model_management.unet_offload_device())
 
 
 def build_clip(seed: int) -> comfy.sd.CLIP:
