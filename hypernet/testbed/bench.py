@@ -230,7 +230,7 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
                                               settings.ziplora_steps, settings.seed + pi)
                         elif row in loaded:
                             merged = merge(content, style_lora, loaded[row], method="lorarar")
-                            record["diagnostics"].append(input_dependence(loaded[row], content, style_lora))
+                            record["diagnostics"].append(input_dependence(merged))
                         else:
                             method, params = VARIANTS.get(row, (row, None))
                             merged = merge(content, style_lora, None, method=method, params=params)
@@ -341,13 +341,13 @@ def markdown_table(report: dict) -> str:
     diag = [(r["method"], r["diagnostics"]) for r in report["rows"] if r.get("diagnostics")]
     if diag:
         lines += ["", "**H's input dependence** (mean over pairs; per attention width)", "",
-                  "| row | width | ‖W1·x‖/‖b1‖ | H(0) = (m_c, m_s) | m_c mean ± std | m_s mean ± std | mean abs(m − H(0)) | m_c < 0 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| row | width | ‖W1·x‖/‖b1‖ | H(0) = (m_c, m_s) | m_c mean ± std | m_s mean ± std | input effect ‖M − M0‖/‖S‖ | ‖M − S‖/‖S‖ | m_c < 0 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method, d in diag:
             for width, x in d.items():
                 lines.append(f"| {method} | {width} | {x['input_over_bias']:.3f} | ({x['h0_c']:+.2f}, {x['h0_s']:+.2f}) | "
                              f"{x['m_c_mean']:+.2f} ± {x['m_c_std']:.2f} | {x['m_s_mean']:+.2f} ± {x['m_s_std']:.2f} | "
-                             f"{x['distance_from_h0']:.3f} | {100 * x['negative_m_c']:.0f}% |")
+                             f"{x['input_effect']:.3f} | {x['distance_from_sum']:.3f} | {100 * x['negative_m_c']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,64 +1,38 @@
-"""How much a hypernetwork's output depends on its input (DESIGN §12), for one LoRA pair.
+"""How much a testbed hypernetwork's output depends on its input (DESIGN §12), per LoRA pair.
 
-H's first layer computes W1·x + b1 on a column x = [ΔW_c[:, j]; ΔW_s[:, j]] (divided by the
-layer's RMS per side when H normalises its inputs). When |W1·x| ≪ |b1| the output is nearly
-H(0) = W2·relu(b1) + b2 whatever the pair: the merge is a fixed recipe. Per attention width:
+Every `lorarar` merge already measures this (`MergedLora.contribution`, issue 17: the figures the
+node's report and the CLI's `note:` show); the benchmark keeps them per pair and averages them.
+Per attention width:
 
-- `input_over_bias`: mean over columns of ‖W1·x‖ / ‖b1‖;
-- `h0_c`, `h0_s`: H(0);
+- `input_over_bias`: mean over columns of ‖W1·x‖ / ‖b1‖ (x as H reads it: divided by the layer's
+  RMS per side when H normalises its inputs);
+- `h0_c`, `h0_s`: H(0) = W2·relu(b1) + b2, H's fixed recipe;
 - `m_c_mean/std`, `m_s_mean/std`: the coefficients over every column of every merged layer;
-- `distance_from_h0`: mean |m − H(0)| over columns and both sides (near 0: H is a constant);
+- `input_effect`: ‖M − M0‖ / ‖S‖, how much reacting to the pair changed the merged update against
+  the fixed recipe (M0 = H(0)'s constant coefficients), as a share of the plain sum S (near 0: H
+  is a constant recipe);
+- `distance_from_sum`: ‖M − S‖ / ‖S‖;
 - `negative_m_c`: share of content coefficients below zero.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..lora import LoraFile
-from ..methods.lorarar import is_hypernet_target
-from ..model import HyperNetwork, factored_rms
+from ..merged import MergedLora
 
 
-@torch.no_grad()
-def input_dependence(hypernet: HyperNetwork, content: LoraFile, style: LoraFile) -> dict[str, dict[str, float]]:
-    """Per attention width (as a string key): the figures of the module docstring."""
-    per_width: dict[int, dict[str, list]] = {}
-    targets = hypernet.config.targets
-    for name, c in content.layers.items():
-        s = style.layers.get(name)
-        if s is None or not is_hypernet_target(name, targets):
-            continue
-        width = c.shape[0]
-        if width not in hypernet.widths:
-            continue
-        up_c, down_c = c.up.float().reshape(width, -1) * c.scale, c.down.float().reshape(c.rank, -1)
-        up_s, down_s = s.up.float().reshape(width, -1) * s.scale, s.down.float().reshape(s.rank, -1)
-        if hypernet.input_normalisation == "layer_rms":
-            up_c, up_s = up_c / factored_rms(up_c, down_c), up_s / factored_rms(up_s, down_s)
-        first, head = hypernet.input_layer(width), hypernet.output[1]
-        w_c, w_s = first.weight[:, :width], first.weight[:, width:]
-        wx = (w_c @ up_c) @ down_c + (w_s @ up_s) @ down_s                     # (hidden, in)
-        m = head.weight @ torch.relu(wx + first.bias[:, None]) + head.bias[:, None]
-        h0 = head.weight @ torch.relu(first.bias) + head.bias
-        entry = per_width.setdefault(width, {"ratio": [], "m_c": [], "m_s": [], "h0": h0})
-        entry["ratio"].append((wx.norm(dim=0) / first.bias.norm()).numpy())
-        entry["m_c"].append(m[0].numpy())
-        entry["m_s"].append(m[1].numpy())
-    out = {}
-    for width, e in sorted(per_width.items()):
-        m_c, m_s, h0 = np.concatenate(e["m_c"]), np.concatenate(e["m_s"]), e["h0"].numpy()
-        distance = float(np.mean(np.abs(np.concatenate([m_c - h0[0], m_s - h0[1]]))))
-        out[str(width)] = {
-            "input_over_bias": float(np.mean(np.concatenate(e["ratio"]))),
-            "h0_c": float(h0[0]), "h0_s": float(h0[1]),
-            "m_c_mean": float(m_c.mean()), "m_c_std": float(m_c.std()),
-            "m_s_mean": float(m_s.mean()), "m_s_std": float(m_s.std()),
-            "distance_from_h0": distance,
-            "negative_m_c": float((m_c < 0).mean()),
-        }
-    return out
+def input_dependence(merged: MergedLora) -> dict[str, dict[str, float]]:
+    """Per attention width (as a string key): the figures of the module docstring, read from the
+    merge's own measurement (a `lorarar` merge; {} for one without it)."""
+    contribution = merged.contribution
+    if contribution is None:
+        return {}
+    return {str(width): {"input_over_bias": f.input_to_bias, "h0_c": f.h0[0], "h0_s": f.h0[1],
+                         "m_c_mean": f.mean[0], "m_c_std": f.spread[0], "m_s_mean": f.mean[1], "m_s_std": f.spread[1],
+                         "input_effect": f.input_effect, "distance_from_sum": f.distance_from_sum,
+                         "negative_m_c": f.negative[0]}
+            for width, f in sorted(contribution.widths.items())}
 
 
 def average(records: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
