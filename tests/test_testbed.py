@@ -331,7 +331,7 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
         assert x["input_over_bias"] > 0 and 0 <= x["input_effect"] and x["distance_from_sum"] < 0.5
     for name in ("bench.json", "bench.md", "table.png", "samples.png", "verdicts.json"):
         assert (tmp_path / "bench" / name).is_file()
-    assert "overlap styles" in (tmp_path / "bench" / "bench.md").read_text()
+    assert "overlap styles" in (tmp_path / "bench" / "bench.md").read_text() and report["pairs_kind"] == "held-out"
     readme = (tmp_path / "bench" / "readme_table.md").read_text()
     assert readme.count("\n") == len(rows) + 2 and "**both**, disjoint styles" in readme
     g4 = gates.headroom(report)   # gate 4 reads these rows of a benchmark (its own runs on the gate pairs)
@@ -342,6 +342,7 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
     own = run_bench(micro, BenchSettings(images=1, sampling_steps=1, bootstrap=20, methods=gates.HEADROOM_ROWS),
                     tmp_path / "headroom", untrained, pairs=micro.gate_pairs[:2])
     assert {r["method"] for r in own["rows"]} <= set(gates.HEADROOM_ROWS) and own["hypernets"] == {}
+    assert own["pairs_kind"] == "training-side" and "training-side pairs" in (tmp_path / "headroom" / "bench.md").read_text()
 
 
 def test_gate3_loras_under_other_settings_train_only_subjects_and_styles(micro):

@@ -185,7 +185,9 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
         hypernet_files = {row: path for row, path in hypernet_files.items() if row in settings.methods}
     loaded = {row: load_hypernet(path) for row, path in hypernet_files.items()}
     rows = [r for r in method_rows(tuple(loaded)) if not settings.methods or r in settings.methods]
-    pairs = list(pairs or world.test_pairs)
+    test_pairs = [tuple(p) for p in world.test_pairs]
+    pairs = list(pairs or test_pairs)
+    held_out = all(tuple(p) in test_pairs for p in pairs)
     regimes = [world.regime(style) for _, style in pairs]
     if "reference" in rows and not all(built.reference_path(*p).is_file() for p in pairs):
         rows.remove("reference")   # references are trained for the test and gate pairs only
@@ -254,6 +256,8 @@ def run_bench(built: BuiltWorld, settings: BenchSettings, out: Path, hypernets: 
     seconds = time.perf_counter() - start
     table = summarise(results, rows, regimes, settings)
     report = {"settings": asdict(settings), "world_seed": world.seed, "pairs": pairs, "regimes": regimes,
+              # what the tables call the pairs: the verdict's held-out pairs or pairs of training LoRAs
+              "pairs_kind": "held-out" if held_out else "training-side",
               "rows": table, "judges_thresholds": judges.thresholds,
               "hypernets": {row: str(path) for row, path in hypernet_files.items()},
               "hypernet_train_pairs": {row: len(json.loads(h.config.extra.get("train_pairs", "[]")))
@@ -320,7 +324,7 @@ def markdown_table(report: dict) -> str:
     regimes = [g for g in W.REGIMES if g in set(report["regimes"])]
     for regime in regimes:
         count = sum(r == regime for r in report["regimes"])
-        lines += [f"**{regime} styles** ({count} held-out pairs × {report['settings']['images']} images)", "",
+        lines += [f"**{regime} styles** ({count} {report.get('pairs_kind', 'held-out')} pairs × {report['settings']['images']} images)", "",
                   "| method | content % [95% CI] | style % [95% CI] | joint % [95% CI] |", "|---|---|---|---|"]
         for r in report["rows"]:
             g = r["by_regime"].get(regime)

@@ -51,7 +51,7 @@ def table_image(report: dict) -> Image.Image:
     widths = [max(_text_w(probe, ascii_text(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
     row_h = 26
     counts = ", ".join(f"{sum(x == g for x in report['regimes'])} {g}" for g in regimes)
-    title = (f"LoRA.rar testbed: held-out pairs ({counts}) x {report['settings']['images']} images "
+    title = (f"LoRA.rar testbed: {report.get('pairs_kind', 'held-out')} pairs ({counts}) x {report['settings']['images']} images "
              f"(world seed {report['world_seed']}); 95% bootstrap intervals over pairs")
     width = max(sum(widths) + 20, _text_w(probe, title, fb) + 20)
     image = Image.new("RGB", (width, 50 + row_h * (len(body) + 1) + 10), BG)
