@@ -333,7 +333,7 @@ def test_every_gate_and_the_bench_run_on_the_micro_world(micro, tmp_path):
         assert (tmp_path / "bench" / name).is_file()
     assert "overlap styles" in (tmp_path / "bench" / "bench.md").read_text() and report["pairs_kind"] == "held-out"
     readme = (tmp_path / "bench" / "readme_table.md").read_text()
-    assert readme.count("\n") == len(rows) + 2 and "**both**, disjoint styles" in readme
+    assert readme.count("\n") == len(rows) + 2 and "**both** % [95% CI], disjoint styles" in readme
     g4 = gates.headroom(report)   # gate 4 reads these rows of a benchmark (its own runs on the gate pairs)
     assert set(g4["regimes"]) == set(W.REGIMES) and "gate 4" in gates.print_gate_headroom(g4)
     assert all(0 <= x["sum_joint"] <= 1 for x in g4["regimes"].values())
@@ -370,6 +370,14 @@ def test_gate3_loras_under_other_settings_train_only_subjects_and_styles(micro):
     assert {p.name: p.stat().st_mtime_ns for p in micro.lora_dir.iterdir()} == before
     g3 = gates.gate_loras(other, images=1, steps=1)
     assert g3["lora_settings"]["steps"] == 3 and g3["loras"] == str(other.lora_dir)
+
+
+def test_sample_grid_spreads_its_pairs_over_each_regime():
+    from hypernet.testbed.figures import grid_indices
+
+    regimes = ["overlap", "disjoint"] * 25    # test pairs come subject by subject
+    assert grid_indices(regimes, 3) == [0, 24, 48, 1, 25, 49]
+    assert grid_indices(["disjoint", "overlap"], 3) == [1, 0] and grid_indices(["overlap"] * 4, 1) == [0]
 
 
 def test_demo_pair_is_picked_by_the_stated_rule():

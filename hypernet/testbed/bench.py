@@ -365,7 +365,7 @@ def readme_table(report: dict) -> str:
     """README's table: joint accuracy per style regime with its interval, subject/style kept over
     all pairs, merge time — every figure from `report` (one bench run)."""
     regimes = [g for g in W.REGIMES if g in set(report["regimes"])]
-    lines = ["| method | " + " | ".join(f"**both**, {g} styles" for g in regimes)
+    lines = ["| method | " + " | ".join(f"**both** % [95% CI], {g} styles" for g in regimes)
              + " | subject kept | style kept | merge time per pair |",
              "|---|" + "---|" * (len(regimes) + 3)]
     for r in report["rows"]:

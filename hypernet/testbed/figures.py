@@ -114,9 +114,16 @@ def sample_grid(samples: dict, rows: list[str], pairs: list[tuple[str, str]], n_
 
 
 def grid_indices(regimes: list[str], per_regime: int) -> list[int]:
-    """The pairs samples.png shows: the first `per_regime` of each style regime, in regime order."""
+    """The pairs samples.png shows: `per_regime` of each style regime, evenly spaced through its
+    pairs (pairs come subject by subject, so the first few would all share one subject), in regime
+    order."""
     order = list(dict.fromkeys(sorted(regimes, key=lambda g: (g != "overlap", g))))
-    return [i for g in order for i in [j for j, r in enumerate(regimes) if r == g][:per_regime]]
+    shown = []
+    for g in order:
+        members = [j for j, r in enumerate(regimes) if r == g]
+        k = min(per_regime, len(members))
+        shown += [members[round(i * (len(members) - 1) / (k - 1))] if k > 1 else members[0] for i in range(k)]
+    return shown
 
 
 def redraw(bench_dir, n_show: int = 2) -> None:

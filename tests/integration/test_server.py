@@ -587,8 +587,12 @@ def test_load_hypernetwork_lists_only_hypernetworks(merge_run, object_info):
     options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
     assert options[0] == "lorarar_sdxl_hypernet.pth" and merge_run["files"]["hypernet"] in options
     assert "not_a_hypernet.safetensors" not in options
-    assert not any(name.endswith(("base.safetensors", "judges.safetensors", "sks4.safetensors", "sty2.safetensors"))
-                   for name in options), options
+    from hypernet.catalog import PACK_WEIGHTS_DIR
+
+    not_hypernets = tuple(p.name for p in (PACK_WEIGHTS_DIR / "testbed").glob("*.safetensors")
+                          if p.name != "hypernet.safetensors")   # the base, judges, LoRAs of the demo
+    assert {"base.safetensors", "judges.safetensors"} <= set(not_hypernets)
+    assert not any(name.endswith(not_hypernets) for name in options), options
     assert "testbed/hypernet.safetensors" in options or any(o.endswith("hypernet.safetensors") for o in options)
 
 
