@@ -48,7 +48,9 @@ def table_image(report: dict) -> Image.Image:
         body.append(cells)
     f, fb = font(15), font(17)
     probe = ImageDraw.Draw(Image.new("RGB", (10, 10)))
-    widths = [max(_text_w(probe, ascii_text(row[c]), f) for row in [headers] + body) + 24 for c in range(len(headers))]
+    # headers are drawn in the larger bold font: measure them in it, or they run into each other
+    widths = [max([_text_w(probe, ascii_text(headers[c]), fb)] + [_text_w(probe, ascii_text(row[c]), f) for row in body]) + 24
+              for c in range(len(headers))]
     row_h = 26
     counts = ", ".join(f"{sum(x == g for x in report['regimes'])} {g}" for g in regimes)
     title = (f"LoRA.rar testbed: {report.get('pairs_kind', 'held-out')} pairs ({counts}) x {report['settings']['images']} images "
