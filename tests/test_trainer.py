@@ -161,6 +161,10 @@ def test_cli_train_tiny_and_errors(tmp_path, dataset, capsys, monkeypatch):
     assert (out / "hypernet.safetensors").is_file() and "validation objective" in capsys.readouterr().out
     assert main(argv) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+    normalised = tmp_path / "normalised.safetensors"   # the option is stored in the file the merge reads
+    assert main(argv + ["--input-normalisation", "layer_rms", "--output", str(normalised)]) == 0
+    assert load_hypernet(normalised).input_normalisation == "layer_rms"
+    assert load_hypernet(out / "hypernet.safetensors").input_normalisation == "none"
     assert main(["train", str(dataset), "--base", "tiny", "--out", str(tmp_path / "r1"), "--check-only"]) == 0
     assert not (tmp_path / "r1").exists()
     monkeypatch.delenv("COMFYUI_PATH", raising=False)

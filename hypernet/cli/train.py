@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: manifest/base)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--input-normalisation", choices=("none", "layer_rms"), default="none",
+                   help="how H reads its columns: raw (the paper's H, default) or divided by each side's layer RMS; "
+                        "stored in the hypernetwork and applied by every merge with it")
     p.add_argument("--name", default="", help="name stored in the hypernetwork's metadata")
     p.add_argument("--check-only", action="store_true", help="validate the manifest against the base and stop")
     p.set_defaults(func=run)
@@ -86,7 +89,7 @@ def run(args) -> int:
             seed=args.seed, pairs_per_step=args.pairs_per_step, checkpoint_every=args.checkpoint_every,
             validate_every=args.validate_every, validation_draws=args.validation_draws, hidden=args.hidden,
             targets=targets, amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
-            name=args.name or Path(args.output or "hypernet").stem)
+            input_normalisation=args.input_normalisation, name=args.name or Path(args.output or "hypernet").stem)
         out = Path(args.out)
         output = Path(args.output) if args.output else out / "hypernet.safetensors"
         if output.exists() and not args.force and args.resume is None:
