@@ -25,11 +25,11 @@ def _world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="cache folder (default: $LORARAR_CACHE/testbed or ~/.cache/lorarar/testbed)")
     p.add_argument("--lora-steps", type=int, default=None,
-                   help="training steps of each LoRA (default: the settings', 300); part of the LoRAs' cache key")
+                   help="training steps of each LoRA (default: the settings', 600); part of the LoRAs' cache key")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="rank of each LoRA (default: the settings', 4); part of the LoRAs' cache key")
     p.add_argument("--lora-lr", type=float, default=None,
-                   help="learning rate of each LoRA (default: the settings', 1e-2); part of the LoRAs' cache key")
+                   help="learning rate of each LoRA (default: the settings', 5e-3); part of the LoRAs' cache key")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine more threads are slower)")
 
