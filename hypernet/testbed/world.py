@@ -132,7 +132,9 @@ class Pose:
     dy: float = 0.0
     scale: float = 1.0
     rotation: float = 0.0            # radians
-    seed: int = 0                    # kept for decoys drawn with noise (no texture is random since render v3)
+    # read by nothing since render v3 (no texture is random any more); `random` still draws it, so
+    # the poses after it in a stream, and every world's cached training images, stay as they were
+    seed: int = 0
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> "Pose":
