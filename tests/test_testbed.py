@@ -372,6 +372,20 @@ def test_gate3_loras_under_other_settings_train_only_subjects_and_styles(micro):
     assert g3["lora_settings"]["steps"] == 3 and g3["loras"] == str(other.lora_dir)
 
 
+def test_cli_help_states_the_lora_settings_defaults():
+    """The CLI keeps torch out of `--help`, so its help text repeats StackSettings' defaults: they
+    must not drift apart (they did once: 300 steps / lr 1e-2 after the defaults became 600 / 5e-3)."""
+    from hypernet.cli import build_parser
+    from hypernet.testbed.loras import StackSettings
+
+    build = build_parser()._subparsers._group_actions[0].choices["testbed"]._subparsers._group_actions[0].choices["build"]
+    helps = {a.dest: a.help for a in build._actions}
+    defaults = StackSettings()
+    for dest, value in (("lora_steps", defaults.steps), ("lora_rank", defaults.rank), ("lora_lr", defaults.lr)):
+        stated = re.search(r"the settings', ([0-9.e+-]+)\)", helps[dest])
+        assert stated and float(stated.group(1)) == value, (dest, helps[dest])
+
+
 def test_sample_grid_spreads_its_pairs_over_each_regime():
     from hypernet.testbed.figures import grid_indices
 
