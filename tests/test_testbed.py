@@ -372,6 +372,27 @@ def test_gate3_loras_under_other_settings_train_only_subjects_and_styles(micro):
     assert g3["lora_settings"]["steps"] == 3 and g3["loras"] == str(other.lora_dir)
 
 
+def test_a_lora_on_disk_is_never_trained_again_and_the_group_size_is_not_in_the_key(micro):
+    """Gate 3 then gate 4 train what one build trains: a missing LoRA is trained (alone here), the
+    others are left as they are; the group size only sets the speed."""
+    from dataclasses import replace
+
+    from hypernet.testbed.build import build_loras
+
+    before = {p.name: p.stat().st_mtime_ns for p in micro.lora_dir.glob("*.safetensors")}
+    gone = sorted(before)[1]
+    (micro.lora_dir / gone).unlink()
+    said = []
+    build_loras(micro, micro.base(), lambda stage, done, total: said.append((done, total)))
+    after = {p.name: p.stat().st_mtime_ns for p in micro.lora_dir.glob("*.safetensors")}
+    assert set(after) == set(before) and after[gone] != before[gone]
+    assert {n: t for n, t in after.items() if n != gone} == {n: t for n, t in before.items() if n != gone}
+    assert said == [(len(before), len(before))]
+    s = micro.settings
+    assert replace(s, lora=replace(s.lora, group=3)).loras_key() == s.loras_key()
+    assert replace(s, lora=replace(s.lora, steps=s.lora.steps + 1)).loras_key() != s.loras_key()
+
+
 def test_cli_help_states_the_lora_settings_defaults():
     """The CLI keeps torch out of `--help`, so its help text repeats StackSettings' defaults: they
     must not drift apart (they did once: 300 steps / lr 1e-2 after the defaults became 600 / 5e-3)."""

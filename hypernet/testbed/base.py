@@ -360,7 +360,9 @@ def pretrain(model: TestbedBase, steps: int, batch: int = 64, lr: float = 2e-3, 
     enc.train().requires_grad_(True)
     params = list(unet.parameters()) + list(enc.parameters())
     averaged = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    # foreach: the same update (bitwise, checked over a whole pretraining by the clean build) in a quarter
+    # less time than the per-tensor loop CPU tensors get by default
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
     rng = np.random.default_rng(W._seed("pretrain3", seed))
     gen = torch.Generator().manual_seed(seed)

@@ -118,7 +118,9 @@ class WorldSettings:
         return cache.key(asdict(self.base_config), asdict(self.base))
 
     def loras_key(self) -> str:
-        return cache.key(self.base_key(), asdict(self.lora))
+        # not the group size: a LoRA does not depend on which others share its stacked batch
+        # (test_stacked_loras_do_not_depend_on_their_batch_mates), so it only sets the speed
+        return cache.key(self.base_key(), {k: v for k, v in asdict(self.lora).items() if k != "group"})
 
     def judges_key(self) -> str:
         return cache.key(asdict(self.judges))
@@ -282,21 +284,23 @@ def lora_jobs(built: "BuiltWorld") -> list[tuple[LoraJob, str]]:
 
 
 def build_loras(built: "BuiltWorld", model: TestbedBase, say, references: bool = True) -> None:
-    """Train (in stacked groups) every LoRA whose file is missing; `references=False`: only the subject
-    and style LoRAs (what gate 3 needs). A LoRA does not depend on which others share its batch."""
+    """Train every LoRA whose file is missing, in stacked groups of near-equal size (at most
+    `settings.lora.group`); `references=False`: only the subject and style LoRAs (what gate 3
+    needs). A LoRA does not depend on which others share its batch, so a LoRA already on disk is
+    never trained again, and a build in stages (gate 3, then gate 4) trains what one build does."""
     jobs = [(job, kind) for job, kind in lora_jobs(built) if references or kind != "reference"]
-    group = built.settings.lora.group
-    for start in range(0, len(jobs), group):
-        chunk = jobs[start:start + group]
-        if all(built.lora_path(job.name).is_file() for job, _ in chunk):
-            continue
+    missing = [(job, kind) for job, kind in jobs if not built.lora_path(job.name).is_file()]
+    done = len(jobs) - len(missing)
+    chunks = -(-len(missing) // max(1, built.settings.lora.group))
+    for chunk in (missing[i * len(missing) // chunks:(i + 1) * len(missing) // chunks] for i in range(chunks)):
         results = train_stacked(model, [job for job, _ in chunk], built.settings.lora)
         for (job, kind), (factors, loss) in zip(chunk, results):
             save_kohya(factors, built.lora_path(job.name), {
                 "lorarar_testbed.kind": kind, "lorarar_testbed.prompt": job.prompt,
                 "lorarar_testbed.world_seed": str(built.world.seed), "lorarar_testbed.final_loss": f"{loss:.4f}",
                 "lorarar_testbed.note": "LoRA for the LoRA.rar testbed base model, not SDXL"})
-        say("loras", min(start + group, len(jobs)), len(jobs))
+        done += len(chunk)
+        say("loras", done, len(jobs))
 
 
 def judges_path(root: Path, settings: JudgeSettings, base_path: Path | None = None) -> Path:

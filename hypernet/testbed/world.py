@@ -24,6 +24,7 @@ concepts are learned in order of the pixel change they cause.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -415,11 +416,44 @@ def _deep(c) -> np.ndarray:
     return 0.55 * np.asarray(c, np.float32)
 
 
-def _background(style: Style, n: int) -> np.ndarray:
-    kind = style.background
+@functools.lru_cache(maxsize=None)
+def _background(kind: str, scheme: str, n: int) -> np.ndarray:
+    """The style's background (read-only: cached, since every render of a style draws the same one —
+    the renders are a tenth of a pretraining step)."""
+    return _read_only(_draw_background(kind, scheme, n))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+@functools.lru_cache(maxsize=None)
+def _texture_mask(texture: str) -> np.ndarray:
+    """Where a texture darkens (grid, hatch) or lightens (dots) the object: (n, n, 1) booleans on the
+    supersampled frame. Render v3: every texture is a regular pattern fixed to the frame (render v2's
+    grain, random 2×2-px noise, was what a weak base draws anyway: gate 2 read texture right on 80%
+    of the base's samples, and gate 3's untextured styles were read as grainy whenever the object
+    came out speckled). Periods are even, so pixelation keeps the patterns."""
+    x, y = _GRID
+    if texture == "grid":  # dark lines 2 px wide every 6 px, both directions
+        period = 6 / SIZE * 2
+        on = (((x + 1) / period) % 1 < 1 / 3) | (((y + 1) / period) % 1 < 1 / 3)
+    elif texture == "hatch":  # dark diagonal lines, 3 px of every 6
+        on = np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0
+    elif texture == "dots":  # light dots, 4 px across, every 6 px
+        period = 6 / SIZE * 2
+        fx, fy = ((x + 1) / period) % 1 - 0.5, ((y + 1) / period) % 1 - 0.5
+        on = fx ** 2 + fy ** 2 < 0.1
+    else:
+        raise TestbedError(f"unknown texture {texture!r}")
+    return _read_only(on[..., None])
+
+
+def _draw_background(kind: str, scheme: str, n: int) -> np.ndarray:
     if kind == "white":
         return np.full((n, n, 3), 0.96, np.float32)
-    c = HUES[style.scheme]
+    c = HUES[scheme]
     light, deep = _pastel(c), _deep(c)
     x, y = _grid(n)
     if kind == "solid":
@@ -467,25 +501,15 @@ def render_parts(cls: str, marking: str, body_rgb, mark_rgb, style: Style = PLAI
     body, mark = masks(cls, marking, pose)
     if body_mask is not None:
         body, mark = body_mask, mark & body_mask
-    img = _background(style, SIZE * _SS).copy()
+    img = _background(style.background, style.scheme, SIZE * _SS).copy()
     obj = np.where(mark[..., None], np.array(mark_rgb, np.float32), np.array(body_rgb, np.float32))
     if style.texture != "none":
-        x, y = _GRID
-        # Render v3: every texture is a regular pattern fixed to the frame. Render v2's grain (random
-        # 2×2-px noise) was what a weak base draws anyway: gate 2 read texture right on 80% of the
-        # base's samples, and gate 3's untextured styles were read as grainy whenever the object came
-        # out speckled. Periods are even, so pixelation keeps the patterns.
-        if style.texture == "grid":  # dark lines 2 px wide every 6 px, both directions
-            period = 6 / SIZE * 2
-            on = ((((x + 1) / period) % 1 < 1 / 3) | (((y + 1) / period) % 1 < 1 / 3))[..., None]
+        on = _texture_mask(style.texture)
+        if style.texture == "grid":
             obj = np.where(on, obj * 0.45, obj)
-        elif style.texture == "hatch":  # dark diagonal lines, 3 px of every 6
-            on = (np.floor((x - y + 2) / (6 / SIZE * 2)) % 2 == 0)[..., None]
+        elif style.texture == "hatch":
             obj = np.where(on, obj * 0.5, obj)
-        else:  # light dots, 4 px across, every 6 px
-            period = 6 / SIZE * 2
-            fx, fy = ((x + 1) / period) % 1 - 0.5, ((y + 1) / period) % 1 - 0.5
-            on = (fx ** 2 + fy ** 2 < 0.1)[..., None]
+        else:
             obj = np.where(on, 1 - (1 - obj) * 0.25, obj)
     img = np.where(body[..., None], obj, img)
     if style.outline != "none":
